@@ -1,0 +1,1044 @@
+//! Configuration: serde structs that mirror the TOML file (unknown keys are an error), and one
+//! fallible function, [`Config::load`], that turns them into the validated runtime [`Config`]
+//! with every secret resolved. Every problem names the file, the line and column, the TOML key
+//! and what to do; all problems are reported at once.
+//!
+//! Nothing here opens a socket: `main` loads the whole config before binding anything.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use http::uri::{Authority, Scheme};
+use http::{HeaderName, HeaderValue, Uri};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::auth::KeySet;
+use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
+use crate::secrets::{Secret, SecretSource};
+
+/// Keys shorter than this are refused at start-up.
+pub const MIN_KEY_BYTES: usize = 16;
+
+// ---------------------------------------------------------------- the file, as written
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: ServerFile,
+    #[serde(default)]
+    upstream: UpstreamFile,
+    #[serde(default)]
+    auth: AuthFile,
+    #[serde(default)]
+    probe: ProbeFile,
+    #[serde(default)]
+    public: PublicFile,
+    #[serde(default)]
+    inject: Vec<Spanned<InjectFile>>,
+    admin: Option<Spanned<AdminFile>>,
+    cors: Option<Spanned<CorsFile>>,
+    #[serde(default)]
+    log: LogFile,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ServerFile {
+    listen: Spanned<String>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    redirect_http_listen: Option<Spanned<String>>,
+    header_read_timeout: Spanned<HumanDuration>,
+    trusted_proxies: Vec<Spanned<String>>,
+    max_request_body: ByteSize,
+    max_connections: Spanned<usize>,
+    shutdown_grace: HumanDuration,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        Self {
+            listen: unspanned("0.0.0.0:8080".into()),
+            tls_cert: None,
+            tls_key: None,
+            redirect_http_listen: None,
+            header_read_timeout: unspanned(HumanDuration(Duration::from_secs(10))),
+            trusted_proxies: Vec::new(),
+            max_request_body: ByteSize::mib(64),
+            max_connections: unspanned(10_000),
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct UpstreamFile {
+    url: Spanned<String>,
+    connect_timeout: Spanned<HumanDuration>,
+    response_timeout: Spanned<HumanDuration>,
+    idle_timeout: Spanned<HumanDuration>,
+    ca_file: Option<Spanned<String>>,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        Self {
+            url: unspanned("http://127.0.0.1:8000".into()),
+            connect_timeout: unspanned(HumanDuration(Duration::from_secs(5))),
+            response_timeout: unspanned(HumanDuration(Duration::from_secs(600))),
+            idle_timeout: unspanned(HumanDuration(Duration::from_secs(300))),
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct AuthFile {
+    keys: Vec<Spanned<KeyFile>>,
+    identity_header: Option<Spanned<String>>,
+    forward_authorization: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    name: String,
+    env: Option<String>,
+    file: Option<PathBuf>,
+    #[serde(default)]
+    optional: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ProbeFile {
+    path: Spanned<String>,
+}
+
+impl Default for ProbeFile {
+    fn default() -> Self {
+        Self {
+            path: unspanned("/health".into()),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct PublicFile {
+    paths: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectFile {
+    name: String,
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    #[allow(dead_code, reason = "parsed so the table is recognised, then refused")]
+    listen: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CorsFile {
+    #[serde(default)]
+    allow_origins: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LogFile {
+    format: LogFormat,
+    level: Spanned<String>,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: unspanned("info".into()),
+        }
+    }
+}
+
+/// A duration written the human way: "10s", "5m", "1h 30m".
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        humantime_serde::deserialize(d).map(HumanDuration)
+    }
+}
+
+fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(0..0, value)
+}
+
+// ---------------------------------------------------------------- the validated config
+
+/// The validated configuration the proxy runs with. Secrets are resolved; nothing here is
+/// read from the environment or disk again except on an explicit reload.
+#[derive(Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub server: Server,
+    pub upstream: Upstream,
+    pub auth: Auth,
+    pub probe_path: String,
+    pub public_paths: Vec<String>,
+    pub inject: Vec<Injected>,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub header_read_timeout: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_request_body: u64,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// The URL's path without its trailing `/`; empty when the URL has none.
+    pub path_prefix: String,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Auth {
+    pub keys: KeySet,
+    /// Names of `optional` keys whose secret was not set; they admit nobody.
+    pub absent_optional: Vec<String>,
+    pub identity_header: Option<HeaderName>,
+    pub forward_authorization: bool,
+}
+
+/// A header set on every forwarded request. The value is marked sensitive.
+#[derive(Debug, Clone)]
+pub struct Injected {
+    pub name: HeaderName,
+    pub value: HeaderValue,
+}
+
+#[derive(Debug)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Command-line values that replace what the file says.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// A human summary for `keygate check` and the start-up log: names and addresses only,
+    /// never a secret value.
+    pub fn summary(&self) -> String {
+        let list = |items: &mut dyn Iterator<Item = &str>| {
+            let joined = items.collect::<Vec<_>>().join(", ");
+            if joined.is_empty() {
+                "none".to_owned()
+            } else {
+                joined
+            }
+        };
+        let mut keys = list(&mut self.auth.keys.names());
+        for name in &self.auth.absent_optional {
+            keys.push_str(&format!(", {name} (optional, not set)"));
+        }
+        let u = &self.upstream;
+        format!(
+            "listen:          {}\n\
+             upstream:        {}://{}{}\n\
+             keys:            {keys}\n\
+             identity header: {}\n\
+             probe path:      {}\n\
+             public paths:    {}\n\
+             injected:        {}\n\
+             trusted proxies: {}",
+            self.server.listen,
+            u.scheme,
+            u.authority,
+            u.path_prefix,
+            self.auth
+                .identity_header
+                .as_ref()
+                .map_or("none", |h| h.as_str()),
+            self.probe_path,
+            list(&mut self.public_paths.iter().map(String::as_str)),
+            list(&mut self.inject.iter().map(|i| i.name.as_str())),
+            list(
+                &mut self
+                    .server
+                    .trusted_proxies
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .iter()
+                    .map(String::as_str)
+            ),
+        )
+    }
+}
+
+// ---------------------------------------------------------------- errors
+
+/// Everything wrong with one config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+/// One problem: where it is, which key, and what to do.
+#[derive(Debug)]
+pub struct Problem {
+    /// 1-based line and column in the file; `None` for a command-line flag or a missing file.
+    pub at: Option<(usize, usize)>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match p.at {
+                Some((line, col)) => write!(f, "{}:{line}:{col}: ", self.file.display())?,
+                None => write!(f, "{}: ", self.file.display())?,
+            }
+            write!(f, "{}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Collects problems with their positions in the source text.
+struct Problems<'a> {
+    source: &'a str,
+    list: Vec<Problem>,
+}
+
+impl Problems<'_> {
+    /// Records a problem at `span` (a byte range of the file); an empty span at 0 means the
+    /// value was not in the file (a default or a flag).
+    fn at(
+        &mut self,
+        span: std::ops::Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let at = (span != (0..0)).then(|| line_col(self.source, span.start));
+        self.list.push(Problem {
+            at,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+// ---------------------------------------------------------------- loading
+
+impl Config {
+    /// Reads and validates the file at `path`, applies `overrides`, and resolves every secret
+    /// through `secrets`.
+    pub fn load(
+        path: &Path,
+        overrides: &Overrides,
+        secrets: &dyn SecretSource,
+    ) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            problems: vec![Problem {
+                at: None,
+                key: "--config".into(),
+                message: format!("cannot read the config file: {e}"),
+            }],
+        })?;
+        Self::parse(path, &source, overrides, secrets)
+    }
+
+    /// Validates config text; `path` is used only to name the file in errors.
+    pub fn parse(
+        path: &Path,
+        source: &str,
+        overrides: &Overrides,
+        secrets: &dyn SecretSource,
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: path.to_owned(),
+            problems,
+        };
+        let mut file: FileConfig = toml::from_str(source).map_err(|e| {
+            // The error's own Display quotes the offending line; only its message is used,
+            // so a value typed into the file by mistake is not echoed into logs.
+            let at = e.span().map(|s| line_col(source, s.start));
+            fail(vec![Problem {
+                at,
+                key: "syntax".into(),
+                message: e.message().to_owned(),
+            }])
+        })?;
+        apply_overrides(&mut file, overrides);
+        let mut p = Problems {
+            source,
+            list: Vec::new(),
+        };
+        let config = validate(path, file, secrets, &mut p);
+        p.list.sort_by_key(|problem| problem.at);
+        match config {
+            Some(config) if p.list.is_empty() => Ok(config),
+            _ => Err(fail(p.list)),
+        }
+    }
+}
+
+fn apply_overrides(file: &mut FileConfig, o: &Overrides) {
+    if let Some(listen) = &o.listen {
+        file.server.listen = unspanned(listen.clone());
+    }
+    if let Some(url) = &o.upstream {
+        file.upstream.url = unspanned(url.clone());
+    }
+    if let Some(format) = o.log_format {
+        file.log.format = format;
+    }
+    if let Some(level) = &o.log_level {
+        file.log.level = unspanned(level.clone());
+    }
+}
+
+fn validate(
+    path: &Path,
+    f: FileConfig,
+    secrets: &dyn SecretSource,
+    p: &mut Problems<'_>,
+) -> Option<Config> {
+    refuse_unsupported(&f, p);
+    let server = server(f.server, p);
+    let upstream = upstream(f.upstream, p);
+    let inject = inject(&f.inject, secrets, p);
+    let auth = auth(f.auth, &inject, secrets, p);
+    let probe_path = route_path(&f.probe.path, "[probe] path", p);
+    let public_paths = f
+        .public
+        .paths
+        .iter()
+        .map(|path| route_path(path, "[public] paths", p))
+        .collect();
+    let level = f.log.level.get_ref();
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(level) {
+        p.at(
+            f.log.level.span(),
+            "[log] level",
+            format!("{e}; use a level such as \"info\" or a filter such as \"keygate=debug,warn\""),
+        );
+    }
+    Some(Config {
+        file: path.to_owned(),
+        server: server?,
+        upstream: upstream?,
+        auth: auth?,
+        probe_path,
+        public_paths,
+        inject,
+        log: Log {
+            format: f.log.format,
+            level: level.clone(),
+        },
+    })
+}
+
+/// Sections that parse but whose behaviour has not landed yet: refused, never ignored.
+fn refuse_unsupported(f: &FileConfig, p: &mut Problems<'_>) {
+    let later = "is not supported yet by this version of keygate; remove it";
+    for (value, key) in [
+        (&f.server.tls_cert, "[server] tls_cert"),
+        (&f.server.tls_key, "[server] tls_key"),
+        (
+            &f.server.redirect_http_listen,
+            "[server] redirect_http_listen",
+        ),
+        (&f.upstream.ca_file, "[upstream] ca_file"),
+    ] {
+        if let Some(v) = value {
+            p.at(v.span(), key, later);
+        }
+    }
+    if let Some(admin) = &f.admin {
+        p.at(admin.span(), "[admin]", later);
+    }
+    if let Some(cors) = &f.cors {
+        if !cors.get_ref().allow_origins.is_empty() {
+            p.at(cors.span(), "[cors] allow_origins", later);
+        }
+    }
+}
+
+fn server(s: ServerFile, p: &mut Problems<'_>) -> Option<Server> {
+    let listen = match s.listen.get_ref().parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            p.at(
+                s.listen.span(),
+                "[server] listen",
+                "is not an IP:port address; write e.g. \"0.0.0.0:8080\" or \"127.0.0.1:8080\"",
+            );
+            None
+        }
+    };
+    let header_read_timeout = positive(&s.header_read_timeout, "[server] header_read_timeout", p);
+    let trusted_proxies = s
+        .trusted_proxies
+        .iter()
+        .filter_map(|cidr| {
+            let text = cidr.get_ref();
+            let net = text
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from));
+            if net.is_none() {
+                p.at(
+                    cidr.span(),
+                    "[server] trusted_proxies",
+                    "is not a CIDR or IP address; write e.g. \"10.0.0.0/8\"",
+                );
+            }
+            net
+        })
+        .collect();
+    if *s.max_connections.get_ref() == 0 {
+        p.at(
+            s.max_connections.span(),
+            "[server] max_connections",
+            "must be at least 1",
+        );
+    }
+    Some(Server {
+        listen: listen?,
+        header_read_timeout,
+        trusted_proxies,
+        max_request_body: s.max_request_body.as_u64(),
+        max_connections: *s.max_connections.get_ref(),
+        shutdown_grace: s.shutdown_grace.0,
+    })
+}
+
+fn positive(d: &Spanned<HumanDuration>, key: &str, p: &mut Problems<'_>) -> Duration {
+    let value = d.get_ref().0;
+    if value.is_zero() {
+        p.at(d.span(), key, "must be longer than zero, e.g. \"10s\"");
+    }
+    value
+}
+
+fn upstream(u: UpstreamFile, p: &mut Problems<'_>) -> Option<Upstream> {
+    let connect_timeout = positive(&u.connect_timeout, "[upstream] connect_timeout", p);
+    let response_timeout = positive(&u.response_timeout, "[upstream] response_timeout", p);
+    let idle_timeout = positive(&u.idle_timeout, "[upstream] idle_timeout", p);
+    let key = "[upstream] url";
+    let uri = match u.url.get_ref().parse::<Uri>() {
+        Ok(uri) => uri,
+        Err(e) => {
+            p.at(
+                u.url.span(),
+                key,
+                format!("is not a URL ({e}); write e.g. \"http://127.0.0.1:8000\""),
+            );
+            return None;
+        }
+    };
+    let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+        p.at(
+            u.url.span(),
+            key,
+            "needs a scheme and host, e.g. \"http://127.0.0.1:8000\"",
+        );
+        return None;
+    };
+    if *scheme == Scheme::HTTPS {
+        p.at(
+            u.url.span(),
+            key,
+            "https upstreams are not supported yet by this version of keygate; use http:// (e.g. a sidecar on 127.0.0.1)",
+        );
+        return None;
+    }
+    if *scheme != Scheme::HTTP {
+        p.at(u.url.span(), key, "must start with http://");
+        return None;
+    }
+    if uri.query().is_some() || authority.as_str().contains('@') {
+        p.at(u.url.span(), key, "must not carry a query or user info; give scheme, host, port and an optional path prefix");
+        return None;
+    }
+    Some(Upstream {
+        scheme: scheme.clone(),
+        authority: authority.clone(),
+        path_prefix: uri.path().trim_end_matches('/').to_owned(),
+        connect_timeout,
+        response_timeout,
+        idle_timeout,
+    })
+}
+
+fn auth(
+    a: AuthFile,
+    inject: &[Injected],
+    secrets: &dyn SecretSource,
+    p: &mut Problems<'_>,
+) -> Option<Auth> {
+    let mut keys: Vec<(String, Secret)> = Vec::new();
+    let mut absent_optional = Vec::new();
+    for entry in &a.keys {
+        let k = entry.get_ref();
+        let key = format!("[auth] keys (name = \"{}\")", k.name);
+        if !valid_key_name(&k.name) {
+            p.at(
+                entry.span(),
+                &key,
+                "name must be 1-64 characters of A-Z a-z 0-9 . _ -",
+            );
+        } else if keys.iter().any(|(n, _)| *n == k.name) || absent_optional.contains(&k.name) {
+            p.at(
+                entry.span(),
+                &key,
+                "this name is used twice; every key needs its own name",
+            );
+        }
+        let (found, origin) = match (&k.env, &k.file) {
+            (Some(var), None) => (Ok(secrets.env(var)), format!("environment variable {var}")),
+            (None, Some(path)) => (
+                secrets.file(path).map(Some),
+                format!("file {}", path.display()),
+            ),
+            _ => {
+                p.at(
+                    entry.span(),
+                    &key,
+                    "give exactly one of env = \"VAR\" or file = \"/path\"",
+                );
+                continue;
+            }
+        };
+        // An empty variable or file counts as not set.
+        match found.map(|s| s.filter(|s| !s.expose().is_empty())) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && k.optional => {
+                absent_optional.push(k.name.clone())
+            }
+            Err(e) => p.at(entry.span(), &key, format!("cannot read the {origin}: {e}")),
+            Ok(None) if k.optional => absent_optional.push(k.name.clone()),
+            Ok(None) => p.at(
+                entry.span(),
+                &key,
+                format!(
+                    "the {origin} is not set or is empty; set it, or mark the key optional = true"
+                ),
+            ),
+            Ok(Some(secret)) => match key_problem(&secret) {
+                Some(why) => p.at(entry.span(), &key, format!("the key in the {origin} {why}")),
+                None => keys.push((k.name.clone(), secret)),
+            },
+        }
+    }
+    if a.keys.is_empty() {
+        p.at(0..0, "[auth] keys", "no keys are configured, so nobody could be admitted; add e.g. keys = [{ name = \"default\", env = \"API_KEY\" }]");
+    } else if keys.is_empty() && p.list.is_empty() {
+        p.at(
+            0..0,
+            "[auth] keys",
+            "every key is optional and none is set, so nobody could be admitted; set at least one",
+        );
+    }
+    let identity_header = a.identity_header.as_ref().and_then(|h| {
+        let key = "[auth] identity_header";
+        let name = header_name(h, key, p)?;
+        if inject.iter().any(|i| i.name == name) {
+            p.at(
+                h.span(),
+                key,
+                "is also an [[inject]] name; pick a different header",
+            );
+        }
+        Some(name)
+    });
+    Some(Auth {
+        keys: KeySet::new(keys),
+        absent_optional,
+        identity_header,
+        forward_authorization: a.forward_authorization,
+    })
+}
+
+fn valid_key_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Why a key value cannot be used, without revealing any of it.
+fn key_problem(secret: &Secret) -> Option<&'static str> {
+    let value = secret.expose();
+    if value.len() < MIN_KEY_BYTES {
+        Some("is shorter than 16 bytes; generate one with `keygate keygen`")
+    } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("contains spaces or control characters, which no client can send; generate one with `keygate keygen`")
+    } else {
+        None
+    }
+}
+
+fn header_name(h: &Spanned<String>, key: &str, p: &mut Problems<'_>) -> Option<HeaderName> {
+    match HeaderName::from_bytes(h.get_ref().to_ascii_lowercase().as_bytes()) {
+        Ok(name) => Some(name),
+        Err(_) => {
+            p.at(
+                h.span(),
+                key,
+                "is not a valid header name; use letters, digits and -",
+            );
+            None
+        }
+    }
+}
+
+fn inject(
+    entries: &[Spanned<InjectFile>],
+    secrets: &dyn SecretSource,
+    p: &mut Problems<'_>,
+) -> Vec<Injected> {
+    let mut out: Vec<Injected> = Vec::new();
+    for entry in entries {
+        let i = entry.get_ref();
+        let key = format!("[[inject]] (name = \"{}\")", i.name);
+        let Ok(name) = HeaderName::from_bytes(i.name.to_ascii_lowercase().as_bytes()) else {
+            p.at(
+                entry.span(),
+                &key,
+                "name is not a valid header name; use letters, digits and -",
+            );
+            continue;
+        };
+        let reserved = HOP_BY_HOP
+            .iter()
+            .chain(&REQUEST_REPLACED)
+            .chain(&FORWARDING)
+            .chain([&X_REQUEST_ID, &http::header::CONTENT_LENGTH])
+            .any(|r| *r == name);
+        if reserved {
+            p.at(
+                entry.span(),
+                &key,
+                "keygate manages this header itself and cannot inject it; pick another name",
+            );
+            continue;
+        }
+        if out.iter().any(|o| o.name == name) {
+            p.at(
+                entry.span(),
+                &key,
+                "this header is injected twice; keep one entry",
+            );
+            continue;
+        }
+        let value = match expand(&i.value, secrets) {
+            Ok(v) => v,
+            Err(why) => {
+                p.at(entry.span(), &key, why);
+                continue;
+            }
+        };
+        match HeaderValue::from_str(value.expose()) {
+            Ok(mut v) => {
+                v.set_sensitive(true);
+                out.push(Injected { name, value: v });
+            }
+            Err(_) => p.at(
+                entry.span(),
+                &key,
+                "the value (after ${...} expansion) contains characters not allowed in a header, such as a newline",
+            ),
+        }
+    }
+    out
+}
+
+/// Expands `${NAME}` from the environment; any other `$` is literal.
+fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "value has a \"${\" without a closing \"}\"".to_owned())?;
+        let var = &after[..end];
+        let valid = !var.is_empty()
+            && !var.starts_with(|c: char| c.is_ascii_digit())
+            && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(format!(
+                "\"${{{var}}}\" is not an environment variable name; use letters, digits and _"
+            ));
+        }
+        match secrets.env(var) {
+            Some(v) if !v.expose().is_empty() => out.push_str(v.expose()),
+            _ => return Err(format!("value uses ${{{var}}}, but the environment variable {var} is not set or empty; set it")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(Secret::new(out))
+}
+
+/// A probe or public path: compared exactly, so it must be an origin-form path.
+fn route_path(path: &Spanned<String>, key: &str, p: &mut Problems<'_>) -> String {
+    let value = path.get_ref();
+    let ok = value.starts_with('/')
+        && value
+            .parse::<http::uri::PathAndQuery>()
+            .is_ok_and(|pq| pq.query().is_none() && pq.path() == value);
+    if !ok {
+        p.at(
+            path.span(),
+            key,
+            "must be a path starting with / without a query, e.g. \"/health\"",
+        );
+    }
+    value.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::MapSecrets;
+
+    const KEY: &str = "0123456789abcdef0123";
+
+    fn parse(text: &str, secrets: &MapSecrets) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text, &Overrides::default(), secrets)
+    }
+
+    fn minimal() -> &'static str {
+        "[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\" }]\n"
+    }
+
+    fn errors(text: &str, secrets: &MapSecrets) -> String {
+        parse(text, secrets).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_fill_everything_the_file_leaves_out() {
+        let c = parse(minimal(), &MapSecrets::default().with_env("API_KEY", KEY)).unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.max_request_body, 64 * 1024 * 1024);
+        assert_eq!(c.upstream.authority.as_str(), "127.0.0.1:8000");
+        assert_eq!(c.upstream.response_timeout, Duration::from_secs(600));
+        assert_eq!(c.probe_path, "/health");
+        assert!(!c.auth.forward_authorization);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_line_and_column() {
+        let e = errors(
+            "[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n",
+            &MapSecrets::default(),
+        );
+        assert!(e.starts_with("test.toml:3:1: "), "{e}");
+        assert!(e.contains("unknown field `lisen`"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_variable_names_the_variable_and_the_line() {
+        let e = errors(minimal(), &MapSecrets::default());
+        assert!(e.starts_with("test.toml:2:"), "{e}");
+        assert!(
+            e.contains("API_KEY") && e.contains("name = \"default\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn short_key_is_refused_without_showing_it() {
+        let e = errors(
+            minimal(),
+            &MapSecrets::default().with_env("API_KEY", "short-key"),
+        );
+        assert!(e.contains("shorter than 16 bytes"), "{e}");
+        assert!(!e.contains("short-key"), "{e}");
+    }
+
+    #[test]
+    fn empty_required_key_is_refused_and_empty_optional_key_is_skipped() {
+        let text = "[auth]\nkeys = [{ name = \"a\", env = \"A\" }, { name = \"b\", env = \"B\", optional = true }]\n";
+        let e = errors(text, &MapSecrets::default().with_env("A", ""));
+        assert!(
+            e.contains("environment variable A is not set or is empty"),
+            "{e}"
+        );
+        let c = parse(
+            text,
+            &MapSecrets::default().with_env("A", KEY).with_env("B", ""),
+        )
+        .unwrap();
+        assert_eq!(c.auth.absent_optional, ["b"]);
+        assert_eq!(c.auth.keys.names().collect::<Vec<_>>(), ["a"]);
+    }
+
+    #[test]
+    fn key_file_is_read_and_a_missing_one_is_named() {
+        let text = "[auth]\nkeys = [{ name = \"ci\", file = \"/run/secrets/ci\" }]\n";
+        let c = parse(
+            text,
+            &MapSecrets::default().with_file("/run/secrets/ci", KEY),
+        )
+        .unwrap();
+        assert_eq!(c.auth.keys.names().collect::<Vec<_>>(), ["ci"]);
+        let e = errors(text, &MapSecrets::default());
+        assert!(e.contains("file /run/secrets/ci"), "{e}");
+    }
+
+    #[test]
+    fn inject_template_reads_the_environment_and_marks_the_value_sensitive() {
+        let text = format!(
+            "{}[[inject]]\nname = \"Authorization\"\nvalue = \"Bearer ${{UP}}\"\n",
+            minimal()
+        );
+        let secrets = MapSecrets::default()
+            .with_env("API_KEY", KEY)
+            .with_env("UP", "upstream-key");
+        let c = parse(&text, &secrets).unwrap();
+        assert_eq!(c.inject[0].name, "authorization");
+        assert_eq!(c.inject[0].value, "Bearer upstream-key");
+        assert!(c.inject[0].value.is_sensitive());
+        let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
+        assert!(e.starts_with("test.toml:3:1: [[inject]]"), "{e}");
+        assert!(e.contains("environment variable UP"), "{e}");
+    }
+
+    #[test]
+    fn config_debug_output_never_shows_a_secret() {
+        let text = format!(
+            "{}[[inject]]\nname = \"x-shared-secret\"\nvalue = \"${{S}}\"\n",
+            minimal()
+        );
+        let secrets = MapSecrets::default()
+            .with_env("API_KEY", KEY)
+            .with_env("S", "shared-secret-value");
+        let debug = format!("{:?}", parse(&text, &secrets).unwrap());
+        assert!(
+            !debug.contains(KEY) && !debug.contains("shared-secret-value"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = "[server]\nlisten = \"nowhere\"\nmax_connections = 0\n[upstream]\nurl = \"ftp://x\"\n[auth]\nkeys = []\n";
+        let e = parse(text, &MapSecrets::default()).unwrap_err();
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "[auth] keys",
+                "[server] listen",
+                "[server] max_connections",
+                "[upstream] url"
+            ]
+        );
+    }
+
+    #[test]
+    fn not_yet_supported_sections_are_refused_not_ignored() {
+        let text = format!("{}[admin]\nlisten = \"127.0.0.1:9090\"\n", minimal());
+        let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
+        assert!(
+            e.contains("[admin]") && e.contains("not supported yet"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn overrides_replace_file_values() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:9999".into()),
+            upstream: Some("http://10.0.0.1:81/v2/".into()),
+            ..Overrides::default()
+        };
+        let c = Config::parse(
+            Path::new("t"),
+            minimal(),
+            &o,
+            &MapSecrets::default().with_env("API_KEY", KEY),
+        )
+        .unwrap();
+        assert_eq!(c.server.listen.port(), 9999);
+        assert_eq!(c.upstream.authority.as_str(), "10.0.0.1:81");
+        assert_eq!(c.upstream.path_prefix, "/v2");
+    }
+
+    #[test]
+    fn reserved_and_duplicate_inject_names_are_refused() {
+        let text = format!("{}[[inject]]\nname = \"Host\"\nvalue = \"x\"\n[[inject]]\nname = \"a\"\nvalue = \"1\"\n[[inject]]\nname = \"A\"\nvalue = \"2\"\n", minimal());
+        let e = parse(&text, &MapSecrets::default().with_env("API_KEY", KEY)).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
+        assert!(e.problems[0].message.contains("manages this header"));
+        assert!(e.problems[1].message.contains("injected twice"));
+    }
+
+    #[test]
+    fn probe_path_must_be_a_plain_path() {
+        for bad in ["health", "/health?x=1", ""] {
+            let text = format!("{}[probe]\npath = \"{bad}\"\n", minimal());
+            let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
+            assert!(e.contains("[probe] path"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The one request-error enum. Every way a request can fail short of a proxied response is a
+//! variant here; `handler` turns it into exactly one response and one log line.
+//!
+//! Bodies are constant JSON in the shape OpenAI client libraries parse
+//! (`{"error":{"message","type","code"}}`), so no variant can ever echo client input or a secret.
+
+use std::fmt;
+
+use http::{HeaderValue, StatusCode};
+
+use crate::headers::{BEARER_CHALLENGE, BEARER_CHALLENGE_INVALID_TOKEN};
+
+/// Why a request was answered by keygate itself instead of the upstream, or why a proxied
+/// stream ended early.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// TRACE or CONNECT: refused on every path before authentication.
+    MethodNotAllowed,
+    /// No `Authorization` and no `x-api-key` header.
+    MissingCredentials,
+    /// A credential header that is not one well-formed Bearer token or API key, or two of them.
+    MalformedCredentials,
+    /// A well-formed token that matches no configured key.
+    InvalidCredentials,
+    /// The request target cannot be forwarded (e.g. asterisk-form `OPTIONS *`).
+    BadRequest,
+    /// The declared or streamed request body is over `max_request_body`.
+    BodyTooLarge,
+    /// keygate is draining after SIGTERM/SIGINT; the probe says so.
+    Draining,
+    /// The upstream refused the connection, could not be reached, or timed out connecting.
+    UpstreamUnreachable(hyper_util::client::legacy::Error),
+    /// The upstream connection failed after it was established, before response headers.
+    UpstreamFailed(hyper_util::client::legacy::Error),
+    /// No response headers from the upstream within `response_timeout`.
+    UpstreamTimeout,
+    /// A streamed upstream body went silent for longer than `idle_timeout`.
+    UpstreamIdle,
+    /// The upstream's body broke after its headers were forwarded (reset, bad framing).
+    UpstreamBody(hyper::Error),
+    /// The client's request body ended abnormally (client hung up or sent bad framing).
+    ClientBody(BoxError),
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MissingCredentials | Self::MalformedCredentials | Self::InvalidCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::BadRequest | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) | Self::UpstreamBody(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UpstreamTimeout | Self::UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A short, stable reason for logs and (later) metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::MissingCredentials => "missing_credentials",
+            Self::MalformedCredentials => "malformed_credentials",
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::BadRequest => "bad_request",
+            Self::BodyTooLarge => "body_too_large",
+            Self::Draining => "draining",
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamFailed(_) => "upstream_failed",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamIdle => "upstream_idle_timeout",
+            Self::UpstreamBody(_) => "upstream_stream_broken",
+            Self::ClientBody(_) => "client_body_error",
+        }
+    }
+
+    /// The JSON body, constant per variant.
+    pub fn body(&self) -> &'static str {
+        match self {
+            Self::MethodNotAllowed => json!(
+                "Method not allowed.",
+                "invalid_request_error",
+                "method_not_allowed"
+            ),
+            Self::MissingCredentials => json!(
+                "Missing API key. Send it as `Authorization: Bearer <key>` or `x-api-key: <key>`.",
+                "authentication_error",
+                "invalid_api_key"
+            ),
+            Self::MalformedCredentials => json!(
+                "Malformed credentials. Send exactly one `Authorization: Bearer <key>` or one `x-api-key: <key>` header.",
+                "authentication_error",
+                "invalid_api_key"
+            ),
+            Self::InvalidCredentials => json!(
+                "Invalid API key.",
+                "authentication_error",
+                "invalid_api_key"
+            ),
+            Self::BadRequest | Self::ClientBody(_) => {
+                json!("Bad request.", "invalid_request_error", "bad_request")
+            }
+            Self::BodyTooLarge => json!(
+                "Request body is larger than this server accepts.",
+                "invalid_request_error",
+                "request_too_large"
+            ),
+            Self::Draining => json!(
+                "Server is shutting down.",
+                "service_unavailable",
+                "draining"
+            ),
+            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) | Self::UpstreamBody(_) => json!(
+                "The upstream server could not be reached.",
+                "upstream_error",
+                "upstream_unavailable"
+            ),
+            Self::UpstreamTimeout | Self::UpstreamIdle => json!(
+                "The upstream server did not answer in time.",
+                "upstream_error",
+                "upstream_timeout"
+            ),
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 §3), if this is one.
+    pub fn challenge(&self) -> Option<HeaderValue> {
+        match self {
+            Self::MissingCredentials => Some(HeaderValue::from_static(BEARER_CHALLENGE)),
+            Self::MalformedCredentials | Self::InvalidCredentials => {
+                Some(HeaderValue::from_static(BEARER_CHALLENGE_INVALID_TOKEN))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Builds the constant OpenAI-shaped error body at compile time.
+macro_rules! json {
+    ($message:literal, $type:literal, $code:literal) => {
+        concat!(
+            r#"{"error":{"message":""#,
+            $message,
+            r#"","type":""#,
+            $type,
+            r#"","code":""#,
+            $code,
+            r#""}}"#
+        )
+    };
+}
+use json;
+
+impl fmt::Display for ProxyError {
+    /// Sources are included: upstream and client errors name sockets and protocol states,
+    /// never header values, so they cannot carry a secret.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UpstreamUnreachable(e) | Self::UpstreamFailed(e) => {
+                write!(f, "{}: {}", self.reason(), ErrorChain(e))
+            }
+            Self::UpstreamBody(e) => write!(f, "{}: {}", self.reason(), ErrorChain(e)),
+            Self::ClientBody(e) => write!(f, "{}: {}", self.reason(), ErrorChain(&**e)),
+            _ => f.write_str(self.reason()),
+        }
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// Displays an error and its `source()` chain on one line.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_body_is_json_with_the_openai_error_shape() {
+        let all = [
+            ProxyError::MethodNotAllowed,
+            ProxyError::MissingCredentials,
+            ProxyError::MalformedCredentials,
+            ProxyError::InvalidCredentials,
+            ProxyError::BadRequest,
+            ProxyError::BodyTooLarge,
+            ProxyError::Draining,
+            ProxyError::UpstreamTimeout,
+            ProxyError::UpstreamIdle,
+        ];
+        for e in all {
+            let body = e.body();
+            assert!(body.starts_with(r#"{"error":{"message":""#), "{body}");
+            assert!(
+                body.contains(r#""type":""#) && body.contains(r#""code":""#),
+                "{body}"
+            );
+            assert_eq!(body.matches('"').count() % 2, 0, "{body}");
+        }
+    }
+
+    #[test]
+    fn authentication_errors_carry_the_code_openai_clients_map() {
+        for e in [
+            ProxyError::MissingCredentials,
+            ProxyError::MalformedCredentials,
+            ProxyError::InvalidCredentials,
+        ] {
+            assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+            assert!(e.body().contains(r#""type":"authentication_error""#));
+            assert!(e.body().contains(r#""code":"invalid_api_key""#));
+            assert!(e.challenge().is_some());
+        }
+        assert_eq!(
+            ProxyError::MissingCredentials.challenge().unwrap(),
+            r#"Bearer realm="keygate""#
+        );
+        assert_eq!(
+            ProxyError::InvalidCredentials.challenge().unwrap(),
+            r#"Bearer realm="keygate", error="invalid_token""#
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! One request, start to finish: refuse TRACE/CONNECT, route, authenticate, rewrite, forward.
+//! This is the one place where a [`ProxyError`] becomes a response and an access log line.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response};
+use hyper::body::Incoming;
+
+use crate::access::{AccessLog, Outcome};
+use crate::auth::{self, Credential, KeySet};
+use crate::body::{Body, RequestBody};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::headers::X_REQUEST_ID;
+use crate::proxy::Upstream;
+use crate::rewrite::{self, Origin, Rules};
+use crate::route::{Route, Routes};
+
+/// Everything a request needs, built once at start-up and shared by all connections.
+pub struct Gateway {
+    routes: Routes,
+    keys: KeySet,
+    rules: Rules,
+    upstream: Upstream,
+    max_request_body: u64,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            routes: Routes::new(config.probe_path.clone(), config.public_paths.clone()),
+            keys: config.auth.keys.clone(),
+            rules: Rules::new(config),
+            upstream: Upstream::new(&config.upstream),
+            max_request_body: config.server.max_request_body,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on the probe answers 503, so load balancers stop sending traffic.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+        let request_id = rewrite::request_id(req.headers());
+        let mut log = AccessLog::new(&req, peer, Instant::now(), request_id.clone());
+        match self.forward(peer, req, &request_id, &mut log).await {
+            Ok(upstream) => {
+                let (mut parts, body) = upstream.into_parts();
+                self.rules.response(&mut parts.headers, &request_id);
+                log.status = parts.status;
+                Response::from_parts(parts, Body::upstream(body, self.upstream.idle_timeout, log))
+            }
+            Err(e) => {
+                log.status = e.status();
+                let response = error_response(&e, request_id);
+                log.finish(0, Outcome::Failed(&e));
+                response
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+        request_id: &HeaderValue,
+        log: &mut AccessLog,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        if req.method() == Method::TRACE || req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
+        }
+        let key = match self.routes.classify(req.method(), req.uri()) {
+            Route::Probe if self.draining.load(Ordering::Relaxed) => {
+                return Err(ProxyError::Draining)
+            }
+            Route::Probe | Route::Public => None,
+            Route::Protected => Some(self.authenticate(&req)?),
+        };
+        log.key = key.map(|id| id.name.clone());
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_request_body) {
+            return Err(ProxyError::BodyTooLarge);
+        }
+        let uri = self.upstream.uri(req.uri())?;
+        let (mut parts, body) = req.into_parts();
+        let host = parts.headers.remove(HOST).or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        self.rules.request(
+            &mut parts.headers,
+            Origin {
+                peer: peer.ip(),
+                host: host.as_ref(),
+                key,
+                request_id,
+            },
+        );
+        parts.uri = uri;
+        let upstream_req =
+            Request::from_parts(parts, RequestBody::new(body, self.max_request_body));
+        let sent = Instant::now();
+        let response = self.upstream.send(upstream_req).await?;
+        log.upstream_ttfb = Some(sent.elapsed());
+        Ok(response)
+    }
+
+    /// The matched key, or why the request is refused.
+    fn authenticate<B>(&self, req: &Request<B>) -> Result<auth::KeyId<'_>, ProxyError> {
+        match auth::credential(req.headers()) {
+            Credential::Missing => Err(ProxyError::MissingCredentials),
+            Credential::Malformed => Err(ProxyError::MalformedCredentials),
+            Credential::Token(token) => self
+                .keys
+                .verify(token)
+                .ok_or(ProxyError::InvalidCredentials),
+        }
+    }
+}
+
+fn error_response(e: &ProxyError, request_id: HeaderValue) -> Response<Body> {
+    let mut response = Response::new(Body::fixed(e.body()));
+    *response.status_mut() = e.status();
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(X_REQUEST_ID, request_id);
+    if let Some(challenge) = e.challenge() {
+        headers.insert(WWW_AUTHENTICATE, challenge);
+    }
+    response
+}

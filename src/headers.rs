@@ -1,0 +1,46 @@
+//! Header names and values used on every request, built once as constants, and the static
+//! hop-by-hop list of RFC 9110 §7.6.1.
+
+use http::header::{
+    HeaderName, CONNECTION, EXPECT, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
+};
+
+pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+pub const BEARER_CHALLENGE: &str = r#"Bearer realm="keygate""#;
+pub const BEARER_CHALLENGE_INVALID_TOKEN: &str = r#"Bearer realm="keygate", error="invalid_token""#;
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
+/// proxy-only authentication pair, which is meant for the hop it arrives on. A proxy removes
+/// them in both directions, together with every header the `Connection` header names.
+pub const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+];
+
+/// Request headers keygate sets itself or that must not pass to the upstream as the client sent
+/// them: `Host` is rewritten to the upstream authority, `Expect` is answered by keygate.
+pub const REQUEST_REPLACED: [HeaderName; 2] = [HOST, EXPECT];
+
+/// The client-supplied forwarding headers: replaced unless the peer is a trusted proxy.
+pub const FORWARDING: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    FORWARDED,
+];

@@ -1,0 +1,38 @@
+//! keygate: an authenticating reverse proxy for inference servers and other HTTP origins.
+//!
+//! The path of one request:
+//!
+//! 1. [`server`] accepts a connection under the connection limit, picks HTTP/1.1 or h2c
+//!    ([`preface`]) and hands each request to the handler.
+//! 2. [`handler`] refuses TRACE/CONNECT, asks [`route`] whether the path is key-less (exact
+//!    probe and public paths, GET/HEAD only), and otherwise asks [`auth`] for the credential
+//!    and checks it against every key in constant time.
+//! 3. [`rewrite`] applies the header rules: hop-by-hop and client credentials out, identity,
+//!    injected secret headers, forwarding headers and request id in.
+//! 4. [`proxy`] sends the request over a pooled upstream connection, bounded by the response
+//!    timeout; [`body`] streams both bodies frame by frame with the body limit and the idle
+//!    timeout, and [`access`] writes one log line when the response ends.
+//! 5. Any failure is a [`error::ProxyError`], turned into a JSON response in one place.
+//!
+//! [`config`] turns the TOML file and the secrets it names ([`secrets`]) into a validated
+//! [`Config`] before any socket is opened.
+
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod handler;
+pub mod headers;
+pub mod logging;
+pub mod preface;
+pub mod proxy;
+pub mod rewrite;
+pub mod route;
+pub mod secrets;
+pub mod server;
+
+pub use config::Config;
+pub use server::run;

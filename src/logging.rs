@@ -1,0 +1,23 @@
+//! Installs the tracing subscriber: JSON (one object per line) or text, on stdout, filtered
+//! by `[log] level` (a `RUST_LOG`-style filter).
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Log, LogFormat};
+
+/// Installs the global subscriber. A second call (tests) leaves the first in place.
+pub fn init(log: &Log) {
+    let filter = EnvFilter::builder().parse_lossy(&log.level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    let _already_set = match log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,0 +1,150 @@
+//! Protocol choice on a cleartext connection: HTTP/2 with prior knowledge (h2c) starts with a
+//! fixed 24-byte preface, anything else is HTTP/1.x. The bytes read to decide are replayed to
+//! the chosen protocol through [`Rewind`].
+//!
+//! The caller bounds [`sniff`] with `header_read_timeout`, so a client that connects and sends
+//! nothing (or a few bytes at a time) cannot hold a connection slot before hyper's own
+//! header timer takes over.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The bytes read so far and what they say. Reads only until the bytes stop matching the
+/// HTTP/2 preface, so an HTTP/1.1 request usually costs one read of its first bytes.
+pub async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<(Protocol, Vec<u8>)> {
+    let mut buf = vec![0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    loop {
+        let n = io.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        filled += n;
+        if buf[..filled] != H2_PREFACE[..filled] {
+            buf.truncate(filled);
+            return Ok((Protocol::Http1, buf));
+        }
+        if filled == H2_PREFACE.len() {
+            return Ok((Protocol::Http2, buf));
+        }
+    }
+}
+
+pin_project! {
+    /// An I/O stream that first yields `prefix`, then reads from `io`. Writes go to `io`.
+    pub struct Rewind<IO> {
+        prefix: Vec<u8>,
+        consumed: usize,
+        #[pin]
+        io: IO,
+    }
+}
+
+impl<IO> Rewind<IO> {
+    pub fn new(prefix: Vec<u8>, io: IO) -> Self {
+        Self {
+            prefix,
+            consumed: 0,
+            io,
+        }
+    }
+}
+
+impl<IO: AsyncRead> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let rest = &this.prefix[*this.consumed..];
+        if rest.is_empty() {
+            return this.io.poll_read(cx, buf);
+        }
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..n]);
+        *this.consumed += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<IO: AsyncWrite> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn http1_is_chosen_at_the_first_differing_byte_and_replayed() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let (protocol, prefix) = sniff(&mut server).await.unwrap();
+        assert_eq!(protocol, Protocol::Http1);
+        let mut replay = Rewind::new(prefix, server);
+        let mut head = [0u8; 16];
+        replay.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"GET / HTTP/1.1\r\n");
+    }
+
+    #[tokio::test]
+    async fn h2_preface_in_pieces_is_http2() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let sniffing =
+            tokio::spawn(async move { sniff(&mut server).await.map(|(p, b)| (p, b.len())) });
+        for piece in H2_PREFACE.chunks(5) {
+            tokio::io::AsyncWriteExt::write_all(&mut client, piece)
+                .await
+                .unwrap();
+        }
+        assert_eq!(sniffing.await.unwrap().unwrap(), (Protocol::Http2, 24));
+    }
+
+    #[tokio::test]
+    async fn closed_before_any_byte_is_an_error() {
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        assert!(sniff(&mut server).await.is_err());
+    }
+}

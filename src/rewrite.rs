@@ -1,0 +1,236 @@
+//! Header rules of SPEC §3.4, built once at start-up and applied to every request on its way
+//! upstream and every response on its way back.
+//!
+//! Request order: remove hop-by-hop headers and whatever `Connection` names; remove `Host`
+//! and `Expect`; remove the client's credentials and any header named like an identity or
+//! injected header (also when spelled with `_` for `-`, which WSGI servers merge); replace
+//! or extend the forwarding headers; then set the identity header, the injected headers and
+//! `X-Request-Id`. Whatever the client sent, the upstream sees keygate's values only.
+
+use std::net::IpAddr;
+
+use http::header::{AUTHORIZATION, CONNECTION};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+use crate::auth::KeyId;
+use crate::config::{Config, Injected};
+use crate::headers::{
+    FORWARDED, FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_API_KEY, X_FORWARDED_FOR,
+    X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
+};
+
+/// The rules, fixed at start-up.
+#[derive(Debug)]
+pub struct Rules {
+    /// Client headers removed before forwarding, because keygate owns their meaning.
+    owned: Vec<HeaderName>,
+    identity: Option<HeaderName>,
+    inject: Vec<Injected>,
+    trusted_proxies: Vec<IpNet>,
+}
+
+/// What the request looked like before the rewrite, needed to set the forwarding headers.
+pub struct Origin<'a> {
+    pub peer: IpAddr,
+    pub host: Option<&'a HeaderValue>,
+    pub key: Option<KeyId<'a>>,
+    pub request_id: &'a HeaderValue,
+}
+
+impl Rules {
+    pub fn new(config: &Config) -> Self {
+        let mut owned = vec![X_API_KEY, X_REQUEST_ID];
+        if !config.auth.forward_authorization {
+            owned.push(AUTHORIZATION);
+        }
+        owned.extend(config.auth.identity_header.clone());
+        owned.extend(config.inject.iter().map(|i| i.name.clone()));
+        Self {
+            owned,
+            identity: config.auth.identity_header.clone(),
+            inject: config.inject.clone(),
+            trusted_proxies: config.server.trusted_proxies.clone(),
+        }
+    }
+
+    /// Rewrites the headers of a request about to be forwarded. `Host` is taken out by the
+    /// caller first (it becomes `X-Forwarded-Host`).
+    pub fn request(&self, headers: &mut HeaderMap, origin: Origin<'_>) {
+        remove_hop_by_hop(headers);
+        for name in REQUEST_REPLACED.iter().chain(&self.owned) {
+            headers.remove(name);
+        }
+        let trusted = self
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&origin.peer));
+        remove_underscore_aliases(headers, |name| {
+            self.owned.contains(name) || (!trusted && FORWARDING.contains(name))
+        });
+        self.forwarding(headers, &origin, trusted);
+        if let (Some(name), Some(key)) = (&self.identity, origin.key) {
+            headers.insert(name.clone(), key.header.clone());
+        }
+        for i in &self.inject {
+            headers.insert(i.name.clone(), i.value.clone());
+        }
+        headers.insert(X_REQUEST_ID, origin.request_id.clone());
+    }
+
+    /// `X-Forwarded-For` gets the peer's address: appended to the chain from a trusted proxy,
+    /// replacing whatever an untrusted client claimed. The other forwarding headers are kept
+    /// from a trusted proxy and set by keygate otherwise.
+    fn forwarding(&self, headers: &mut HeaderMap, origin: &Origin<'_>, trusted: bool) {
+        let peer = origin.peer.to_string();
+        let chain = if trusted {
+            let earlier: Vec<&str> = headers
+                .get_all(&X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            (!earlier.is_empty()).then(|| format!("{}, {peer}", earlier.join(", ")))
+        } else {
+            for name in &FORWARDING {
+                headers.remove(name);
+            }
+            None
+        };
+        let chain = HeaderValue::try_from(chain.unwrap_or(peer))
+            .expect("addresses and ', ' are valid header text");
+        headers.insert(X_FORWARDED_FOR, chain);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            if let Some(host) = origin.host {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+            }
+        }
+        if !trusted {
+            headers.remove(FORWARDED);
+        }
+    }
+
+    /// Rewrites the headers of an upstream response about to be sent to the client: no
+    /// hop-by-hop header, and no header carrying an injected name, so an origin that reflects
+    /// request headers cannot hand the shared secret to a client.
+    pub fn response(&self, headers: &mut HeaderMap, request_id: &HeaderValue) {
+        remove_hop_by_hop(headers);
+        for i in &self.inject {
+            headers.remove(&i.name);
+        }
+        remove_underscore_aliases(headers, |name| self.inject.iter().any(|i| i.name == name));
+        headers.insert(X_REQUEST_ID, request_id.clone());
+    }
+}
+
+/// Removes the static hop-by-hop list and every header the `Connection` header names.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+}
+
+/// Removes headers whose name, with `_` read as `-`, is one `matches` accepts. Headers with
+/// an underscore are rare, so the common case is one scan without allocating.
+fn remove_underscore_aliases(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) {
+    let aliases: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| {
+            HeaderName::from_bytes(name.as_str().replace('_', "-").as_bytes())
+                .is_ok_and(|dashed| matches(&dashed))
+        })
+        .cloned()
+        .collect();
+    for name in aliases {
+        headers.remove(name);
+    }
+}
+
+/// The client's `X-Request-Id` if there is exactly one and it is sane (1–128 characters of
+/// letters, digits and `-_.:+/=`), else a new one: 32 hex digits, a per-process random
+/// prefix and a counter, unique across replicas without a lock or a syscall per request.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let mut sent = headers.get_all(X_REQUEST_ID).iter();
+    if let (Some(id), None) = (sent.next(), sent.next()) {
+        let bytes = id.as_bytes();
+        let sane = (1..=128).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:+/=".contains(b));
+        if sane {
+            return id.clone();
+        }
+    }
+    generate_request_id()
+}
+
+fn generate_request_id() -> HeaderValue {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut seed = [0u8; 8];
+        // Without OS randomness, fall back to the time: ids stay unique per process.
+        if getrandom::fill(&mut seed).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            seed = (nanos ^ u64::from(std::process::id())).to_le_bytes();
+        }
+        u64::from_le_bytes(seed)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::try_from(format!("{prefix:016x}{n:016x}"))
+        .expect("hex digits are valid header text")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sane_request_id_is_kept_and_others_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
+        assert_eq!(request_id(&h), "abc-123_x.y:z");
+        for bad in ["", "has space", "quote\"", &"x".repeat(129)] {
+            h.insert(X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            let id = request_id(&h);
+            assert_ne!(id, bad);
+            assert_eq!(id.len(), 32);
+        }
+        h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
+        assert_eq!(request_id(&h).len(), 32);
+    }
+
+    #[test]
+    fn generated_request_ids_differ() {
+        let h = HeaderMap::new();
+        assert_ne!(request_id(&h), request_id(&h));
+    }
+
+    #[test]
+    fn connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop ,close"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+}

@@ -1,0 +1,159 @@
+//! The listener: accept under a connection limit, choose HTTP/1.1 or h2c, serve each
+//! connection with hyper, and drain gracefully when the shutdown future completes.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::config::{self, Config};
+use crate::handler::Gateway;
+use crate::preface::{self, Protocol, Rewind};
+
+/// Largest request head (request line and headers) accepted; over it, 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most headers in one HTTP/1.1 request; over it, 431.
+const MAX_HEADERS: usize = 128;
+/// Concurrent streams per HTTP/2 connection.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams a client may reset before we accept them (rapid-reset protection).
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams keygate may reset for a client's protocol errors before closing the connection.
+const H2_MAX_LOCAL_RESETS: usize = 256;
+/// HTTP/2 keep-alive ping: detects dead peers on idle connections.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs the proxy on `listener` until `shutdown` completes, then stops accepting, answers the
+/// probe with 503, and lets open requests finish for up to `shutdown_grace`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let settings = config.server.clone();
+    let server = Arc::new(Connections::new(&config));
+    let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    info!(listen = %listener.local_addr()?, "accepting connections");
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept failed; retrying shortly");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let server = server.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            server.serve(stream, peer, watcher).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    server.gateway.start_draining();
+    info!(
+        connections = graceful.count(),
+        grace_s = settings.shutdown_grace.as_secs_f64(),
+        "shutting down: draining open connections"
+    );
+    match tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await {
+        Ok(()) => info!("all connections drained"),
+        Err(_) => warn!("shutdown grace expired; closing the remaining connections"),
+    }
+    Ok(())
+}
+
+/// What every connection shares: the request handler and the protocol builders.
+struct Connections {
+    gateway: Arc<Gateway>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+}
+
+impl Connections {
+    fn new(config: &Config) -> Self {
+        let s: &config::Server = &config.server;
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(s.header_read_timeout)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_headers(MAX_HEADERS);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+            .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
+        Self {
+            gateway: Arc::new(Gateway::new(config)),
+            http1: h1,
+            http2: h2,
+            header_read_timeout: s.header_read_timeout,
+        }
+    }
+
+    async fn serve(&self, mut stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+        // Small SSE events must leave at once, never corked behind Nagle's algorithm.
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(%peer, error = %e, "could not set TCP_NODELAY");
+        }
+        let sniffed = tokio::time::timeout(self.header_read_timeout, preface::sniff(&mut stream));
+        let (protocol, prefix) = match sniffed.await {
+            Ok(Ok(sniffed)) => sniffed,
+            Ok(Err(e)) => return debug!(%peer, error = %e, "connection closed before a request"),
+            Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
+        };
+        let io = TokioIo::new(Rewind::new(prefix, stream));
+        let gateway = self.gateway.clone();
+        let service = service_fn(move |req| {
+            let gateway = gateway.clone();
+            async move { Ok::<_, Infallible>(gateway.handle(peer, req).await) }
+        });
+        let served = match protocol {
+            Protocol::Http1 => {
+                watcher
+                    .watch(self.http1.serve_connection(io, service))
+                    .await
+            }
+            Protocol::Http2 => {
+                watcher
+                    .watch(self.http2.serve_connection(io, service))
+                    .await
+            }
+        };
+        if let Err(e) = served {
+            debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
+}
