@@ -1,0 +1,164 @@
+//! Authentication through the whole proxy (SPEC §3.3): which credentials admit a request,
+//! and what a refused client sees.
+
+mod support;
+
+use http::{Method, StatusCode};
+use support::*;
+
+fn assert_refused(reply: &Reply, token_presented: bool) {
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let challenge = reply.headers["www-authenticate"].to_str().unwrap();
+    if token_presented {
+        assert_eq!(
+            challenge,
+            r#"Bearer realm="keygate", error="invalid_token""#
+        );
+    } else {
+        assert_eq!(challenge, r#"Bearer realm="keygate""#);
+    }
+    assert_eq!(reply.headers["content-type"], "application/json");
+    let error = &reply.json()["error"];
+    assert_eq!(error["type"], "authentication_error");
+    assert_eq!(error["code"], "invalid_api_key");
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+}
+
+#[tokio::test]
+async fn valid_bearer_key_is_admitted_in_any_scheme_case() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth = format!("{scheme} {KEY}");
+        let reply = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
+        assert_eq!(reply.status, StatusCode::OK, "{scheme}");
+        assert_eq!(reply.text(), "ok");
+    }
+    assert_eq!(upstream.requests().len(), 3);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn x_api_key_header_is_admitted() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let reply = send(proxy.addr, get("/v1/models", &[("x-api-key", CI_KEY)])).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let seen = upstream.wait_for_requests(1).await;
+    assert_eq!(seen[0].headers["x-keygate-key"], "ci");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn missing_key_is_401_with_challenge_and_openai_error() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let reply = send(proxy.addr, get("/v1/models", &[])).await;
+    assert_refused(&reply, false);
+    assert!(reply.headers.contains_key("x-request-id"));
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_keys_are_401_invalid_token() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let shorter = &KEY[..KEY.len() - 1];
+    let longer = format!("{KEY}x");
+    for wrong in [
+        "kg-random-wrong-key-000000000",
+        shorter,
+        &longer,
+        &KEY.to_uppercase(),
+    ] {
+        let reply = send(
+            proxy.addr,
+            get("/v1/models", &[("authorization", &bearer(wrong))]),
+        )
+        .await;
+        assert_refused(&reply, true);
+        let reply = send(proxy.addr, get("/v1/models", &[("x-api-key", wrong)])).await;
+        assert_refused(&reply, true);
+    }
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_doubled_credentials_are_401() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let good = bearer(KEY);
+    let extra = format!("Bearer {KEY} extra");
+    let cases: Vec<Vec<(&str, &str)>> = vec![
+        vec![("authorization", "Basic a2V5OnNlY3JldA==")],
+        vec![("authorization", "Bearer")],
+        vec![("authorization", &extra)],
+        vec![("authorization", &good), ("authorization", &good)],
+        vec![("authorization", &good), ("x-api-key", KEY)],
+        vec![("x-api-key", KEY), ("x-api-key", KEY)],
+    ];
+    for headers in &cases {
+        let reply = send(proxy.addr, get("/v1/models", headers)).await;
+        assert_refused(&reply, true);
+    }
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn trace_and_connect_are_405_on_every_path_even_with_a_key() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let good = bearer(KEY);
+    for path in ["/health", "/v1/models", "/docs"] {
+        let reply = send(
+            proxy.addr,
+            request(Method::TRACE, path, &[("authorization", &good)], ""),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        assert_eq!(reply.json()["error"]["code"], "method_not_allowed");
+    }
+    let (status, _) = raw(
+        proxy.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 405);
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn expect_continue_without_a_key_is_refused_before_the_body() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let (status, text) = raw(
+        proxy.addr,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 401, "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_requests_are_authenticated_too() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let reply = send_h2(proxy.addr, get("/v1/models", &[])).await;
+    assert_refused(&reply, false);
+    let reply = send_h2(
+        proxy.addr,
+        get("/v1/models", &[("authorization", &bearer(KEY))]),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let seen = upstream.wait_for_requests(1).await;
+    assert_eq!(seen[0].headers["x-keygate-key"], "default");
+    proxy.stop().await;
+}

@@ -1,0 +1,401 @@
+//! Shared harness for the integration tests: a recording upstream, a keygate on an ephemeral
+//! port with its own shutdown, and clients (hyper for well-formed requests, raw TCP for
+//! requests a well-behaved client would never send). Every wait has a deadline.
+
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the harness"
+)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use keygate::config::Overrides;
+use keygate::secrets::MapSecrets;
+use keygate::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+
+pub const KEY: &str = "kg-test-default-key-0123456789";
+pub const CI_KEY: &str = "kg-test-ci-key-abcdefghijklmn";
+pub const SHARED_SECRET: &str = "shared-secret-value-4242";
+pub const UPSTREAM_TOKEN: &str = "upstream-api-key-77";
+
+/// Longest any test waits for something to happen.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type BodySender =
+    http_body_util::channel::Sender<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The environment the test configs read their secrets from.
+pub fn secrets() -> MapSecrets {
+    MapSecrets::default()
+        .with_env("API_KEY", KEY)
+        .with_env("CI_KEY", CI_KEY)
+        .with_env("SHARED_SECRET", SHARED_SECRET)
+        .with_env("UPSTREAM_API_KEY", UPSTREAM_TOKEN)
+}
+
+/// A config in front of `upstream`: two keys, identity header, two injected headers, one
+/// public path. `extra` is appended (more tables).
+pub fn config_text(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+header_read_timeout = "2s"
+max_request_body = "1MiB"
+shutdown_grace = "5s"
+
+[upstream]
+url = "http://{upstream}"
+connect_timeout = "1s"
+response_timeout = "3s"
+idle_timeout = "2s"
+
+[auth]
+keys = [{{ name = "default", env = "API_KEY" }}, {{ name = "ci", env = "CI_KEY" }}]
+identity_header = "x-keygate-key"
+
+[probe]
+path = "/health"
+
+[public]
+paths = ["/docs"]
+
+[[inject]]
+name = "x-shared-secret"
+value = "${{SHARED_SECRET}}"
+
+[[inject]]
+name = "x-upstream-token"
+value = "Bearer ${{UPSTREAM_API_KEY}}"
+
+[log]
+level = "warn"
+{extra}"#
+    )
+}
+
+/// A keygate running in this process on 127.0.0.1:0.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+pub async fn start_proxy(upstream: SocketAddr) -> Proxy {
+    start_proxy_with(&config_text(upstream, "")).await
+}
+
+pub async fn start_proxy_with(toml: &str) -> Proxy {
+    let config = Config::parse(
+        Path::new("test.toml"),
+        toml,
+        &Overrides::default(),
+        &secrets(),
+    )
+    .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(keygate::run(config, listener, async {
+        let _ = rx.await;
+    }));
+    Proxy {
+        addr,
+        shutdown: Some(tx),
+        task,
+    }
+}
+
+impl Proxy {
+    /// Starts the graceful shutdown and returns the task, to await when the test wants.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.begin_shutdown();
+        tokio::time::timeout(DEADLINE, &mut self.task)
+            .await
+            .expect("proxy stops within the deadline")
+            .unwrap()
+            .unwrap();
+    }
+
+    pub async fn finished(&mut self) -> bool {
+        tokio::time::timeout(DEADLINE, &mut self.task).await.is_ok()
+    }
+}
+
+// ---------------------------------------------------------------- the recording upstream
+
+/// What the upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct Record {
+    requests: Mutex<Vec<Seen>>,
+    connections_closed: AtomicUsize,
+    changed: Notify,
+}
+
+/// An HTTP/1.1 origin on 127.0.0.1 that records every request and every closed connection.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    record: Arc<Record>,
+}
+
+type Respond = Arc<dyn Fn(&Seen) -> Response<UpBody> + Send + Sync>;
+
+/// Answers every request with 200 and the body `ok`.
+pub async fn start_upstream() -> Upstream {
+    start_upstream_with(|_| fixed(StatusCode::OK, "ok")).await
+}
+
+pub async fn start_upstream_with(
+    respond: impl Fn(&Seen) -> Response<UpBody> + Send + Sync + 'static,
+) -> Upstream {
+    let respond: Respond = Arc::new(respond);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = Arc::new(Record::default());
+    let shared = record.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = shared.clone();
+            let respond = respond.clone();
+            tokio::spawn(async move {
+                let service_record = record.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let record = service_record.clone();
+                    let respond = respond.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let seen = Seen {
+                            method: parts.method,
+                            uri: parts.uri.to_string(),
+                            headers: parts.headers,
+                            body,
+                        };
+                        let response = respond(&seen);
+                        record.requests.lock().unwrap().push(seen);
+                        record.changed.notify_waiters();
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                record.connections_closed.fetch_add(1, Ordering::SeqCst);
+                record.changed.notify_waiters();
+            });
+        }
+    });
+    Upstream { addr, record }
+}
+
+impl Upstream {
+    pub fn requests(&self) -> Vec<Seen> {
+        self.record.requests.lock().unwrap().clone()
+    }
+
+    pub fn connections_closed(&self) -> usize {
+        self.record.connections_closed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `check` holds, or panics at the deadline.
+    pub async fn wait_until(&self, what: &str, check: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let changed = self.record.changed.notified();
+            if check(self) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("upstream: timed out waiting for {what}");
+            }
+        }
+    }
+
+    pub async fn wait_for_requests(&self, n: usize) -> Vec<Seen> {
+        self.wait_until(&format!("{n} requests"), |u| u.requests().len() >= n)
+            .await;
+        self.requests()
+    }
+}
+
+pub fn fixed(status: StatusCode, body: &'static str) -> Response<UpBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+}
+
+/// A response whose body the test writes chunk by chunk through the returned sender.
+pub fn streamed(content_type: &'static str) -> (Response<UpBody>, BodySender) {
+    let (tx, body) = http_body_util::channel::Channel::new(16);
+    let mut response = Response::new(body.boxed());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    (response, tx)
+}
+
+/// An upstream whose every response is an SSE stream fed by the test: each request's body
+/// sender arrives on the returned channel.
+pub async fn start_streaming_upstream() -> (Upstream, mpsc::UnboundedReceiver<BodySender>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let upstream = start_upstream_with(move |_| {
+        let (response, sender) = streamed("text/event-stream");
+        let _ = tx.send(sender);
+        response
+    })
+    .await;
+    (upstream, rx)
+}
+
+// ---------------------------------------------------------------- clients
+
+/// A fully read response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A GET with the given headers.
+pub fn get(path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    request(Method::GET, path, headers, "")
+}
+
+pub fn request(
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "keygate.test");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+pub fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// Sends one request over a new HTTP/1.1 connection and reads the whole response.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
+    tokio::time::timeout(DEADLINE, async {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let response = sender.send_request(req).await.unwrap();
+        read_reply(response).await
+    })
+    .await
+    .expect("response within the deadline")
+}
+
+/// Sends one request over a new HTTP/2 prior-knowledge (h2c) connection.
+pub async fn send_h2(addr: SocketAddr, mut req: Request<Full<Bytes>>) -> Reply {
+    tokio::time::timeout(DEADLINE, async {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        *req.uri_mut() = format!("http://keygate.test{}", req.uri()).parse().unwrap();
+        req.headers_mut().remove("host");
+        let response = sender.send_request(req).await.unwrap();
+        read_reply(response).await
+    })
+    .await
+    .expect("response within the deadline")
+}
+
+async fn read_reply(response: Response<Incoming>) -> Reply {
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+/// A raw exchange: writes `request` as is, reads until the proxy closes the connection.
+/// Returns the status code (0 when no status line came back) and the whole text.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut out))
+        .await
+        .expect("proxy closes the connection within the deadline");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
