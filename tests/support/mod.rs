@@ -194,11 +194,10 @@ pub async fn start_upstream_with(
                     let respond = respond.clone();
                     async move {
                         let (parts, body) = req.into_parts();
-                        let body = body
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
+                        // A request whose body broke off is not a request the origin received.
+                        let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+                            return Ok(fixed(StatusCode::BAD_REQUEST, "incomplete body"));
+                        };
                         let seen = Seen {
                             method: parts.method,
                             uri: parts.uri.to_string(),
@@ -398,4 +397,76 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
     (status, text)
+}
+
+/// Opens an HTTP/1.1 connection and sends `req`; returns the response with its body unread,
+/// so a test can read it frame by frame or drop it mid-stream.
+pub async fn open(addr: SocketAddr, req: Request<Full<Bytes>>) -> Response<Incoming> {
+    tokio::time::timeout(DEADLINE, async {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender.send_request(req).await.unwrap()
+    })
+    .await
+    .expect("response headers within the deadline")
+}
+
+/// The next body frame, waiting at most the deadline: `None` at a clean end, `Some(Err)` at
+/// an abnormal one.
+pub async fn next_frame(
+    body: &mut Incoming,
+) -> Option<Result<http_body::Frame<Bytes>, hyper::Error>> {
+    tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("a frame within the deadline")
+}
+
+/// What a silent upstream observed on one connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Silent {
+    /// Bytes arrived (a request, or part of one).
+    Received,
+    /// The other side closed the connection.
+    Closed,
+}
+
+/// An upstream that accepts connections, reads whatever comes, never answers, and reports
+/// what it sees on the returned channel.
+pub async fn start_silent_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<Silent>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let events = events_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                    let _ = events.send(Silent::Received);
+                }
+                let _ = events.send(Silent::Closed);
+            });
+        }
+    });
+    (addr, events_rx)
+}
+
+/// Waits for the next event from a silent upstream that is not `Received`.
+pub async fn wait_for_close(events: &mut mpsc::UnboundedReceiver<Silent>) {
+    tokio::time::timeout(DEADLINE, async {
+        while events.recv().await != Some(Silent::Closed) {}
+    })
+    .await
+    .expect("the upstream connection is closed within the deadline");
+}
+
+/// An address on which nothing listens.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr
 }

@@ -1,0 +1,176 @@
+//! Upstream and client faults answered with the right status and JSON error (SPEC §3.6):
+//! refused → 502, no response headers in time → 504, body over the limit → 413.
+
+mod support;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::*;
+
+fn assert_upstream_error(reply: &Reply, status: StatusCode) {
+    assert_eq!(reply.status, status);
+    assert_eq!(reply.headers["content-type"], "application/json");
+    assert_eq!(reply.json()["error"]["type"], "upstream_error");
+}
+
+#[tokio::test]
+async fn refused_upstream_is_502_json() {
+    let proxy = start_proxy(closed_port().await).await;
+    let reply = send(
+        proxy.addr,
+        get("/v1/models", &[("authorization", &bearer(KEY))]),
+    )
+    .await;
+    assert_upstream_error(&reply, StatusCode::BAD_GATEWAY);
+    let probe = send(proxy.addr, get("/health", &[])).await;
+    assert_upstream_error(&probe, StatusCode::BAD_GATEWAY);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_without_response_headers_in_time_is_504_json_and_closed() {
+    let (silent, mut events) = start_silent_upstream().await;
+    let text = config_text(silent, "")
+        .replace("response_timeout = \"3s\"", "response_timeout = \"300ms\"");
+    let proxy = start_proxy_with(&text).await;
+    let reply = send(
+        proxy.addr,
+        get("/v1/models", &[("authorization", &bearer(KEY))]),
+    )
+    .await;
+    assert_upstream_error(&reply, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    wait_for_close(&mut events).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn declared_body_over_the_limit_is_413_before_anything_is_forwarded() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        2 * 1024 * 1024
+    );
+    let (status, text) = raw(proxy.addr, request.as_bytes()).await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("request_too_large"), "{text}");
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_body_without_a_key_is_401_not_413() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let (status, _) = raw(proxy.addr, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(status, 401);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn streamed_body_growing_past_the_limit_is_cut_and_answered_413() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let (mut tx, body) =
+        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut client, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/v1/files")
+        .header("host", "x")
+        .header("authorization", bearer(KEY))
+        .body(body)
+        .unwrap();
+    tokio::spawn(async move {
+        for _ in 0..40 {
+            if tx
+                .send_data(Bytes::from(vec![b'x'; 64 * 1024]))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let response = tokio::time::timeout(DEADLINE, client.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        upstream.requests().is_empty(),
+        "the upstream never sees a complete oversized body"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_request_head_is_431() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let request = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let (status, text) = raw(proxy.addr, request.as_bytes()).await;
+    assert_eq!(status, 431, "{}", &text[..text.len().min(200)]);
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn slow_header_client_is_disconnected_after_header_read_timeout() {
+    let upstream = start_upstream().await;
+    let text = config_text(upstream.addr, "").replace(
+        "header_read_timeout = \"2s\"",
+        "header_read_timeout = \"300ms\"",
+    );
+    let proxy = start_proxy_with(&text).await;
+    for partial in [
+        &b""[..],
+        b"GE",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\n",
+        b"PRI * HTTP/2.0\r\n",
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stream, partial)
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(
+            DEADLINE,
+            tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
+        )
+        .await;
+        assert!(
+            read.is_ok(),
+            "connection after {partial:?} is closed by keygate within the deadline"
+        );
+    }
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn smuggling_attempts_never_deliver_a_second_request_upstream() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: x\r\n\r\n";
+    let attempts = [
+        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello{smuggled}"),
+        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nTransfer-Encoding: xchunked\r\nContent-Length: 5\r\n\r\nhello{smuggled}"),
+        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+    ];
+    for attempt in &attempts {
+        let _ = raw(proxy.addr, attempt.as_bytes()).await;
+    }
+    let seen = upstream.requests();
+    assert!(seen.iter().all(|s| s.uri != "/admin"), "{seen:?}");
+    assert!(seen.iter().all(|s| s.method == Method::POST));
+    proxy.stop().await;
+}

@@ -1,0 +1,202 @@
+//! Streaming (SPEC §3.5–3.6): bodies pass frame by frame in both directions, every SSE event
+//! reaches the client before the upstream sends the next, a client that hangs up cancels the
+//! upstream request, and a stream that breaks ends abnormally, never cleanly.
+
+mod support;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::*;
+
+fn chat_request() -> http::Request<http_body_util::Full<Bytes>> {
+    let auth = bearer(KEY);
+    request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        r#"{"model":"m","stream":true,"messages":[]}"#,
+    )
+}
+
+#[tokio::test]
+async fn every_sse_event_reaches_the_client_before_the_next_is_sent() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let response = open(proxy.addr, chat_request()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    for i in 0..20 {
+        let event = format!("data: {{\"token\":{i}}}\n\n");
+        sender.send_data(Bytes::from(event.clone())).await.unwrap();
+        let frame = next_frame(&mut body).await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), event);
+    }
+    sender
+        .send_data(Bytes::from_static(b"data: [DONE]\n\n"))
+        .await
+        .unwrap();
+    drop(sender);
+    assert_eq!(
+        next_frame(&mut body)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap(),
+        "data: [DONE]\n\n"
+    );
+    assert!(
+        next_frame(&mut body).await.is_none(),
+        "clean end after the upstream's clean end"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn client_hangup_mid_stream_closes_the_upstream_connection() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let response = open(proxy.addr, chat_request()).await;
+    let mut body = response.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    next_frame(&mut body).await.unwrap().unwrap();
+    assert_eq!(upstream.connections_closed(), 0);
+    drop(body);
+    upstream
+        .wait_until("the upstream connection to close", |u| {
+            u.connections_closed() == 1
+        })
+        .await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn client_hangup_before_response_headers_closes_the_upstream_connection() {
+    let (silent, mut events) = start_silent_upstream().await;
+    let proxy = start_proxy(silent).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request =
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(DEADLINE, events.recv()).await.unwrap();
+    assert_eq!(first, Some(Silent::Received));
+    drop(stream);
+    wait_for_close(&mut events).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upload_streams_through_in_many_chunks() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let (mut tx, body) =
+        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut client, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/v1/files")
+        .header("host", "x")
+        .header("authorization", bearer(KEY))
+        .body(body)
+        .unwrap();
+    let sending = tokio::spawn(async move {
+        for i in 0..64u8 {
+            tx.send_data(Bytes::from(vec![i; 8192])).await.unwrap();
+        }
+    });
+    let response = tokio::time::timeout(DEADLINE, client.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    sending.await.unwrap();
+    let seen = upstream.wait_for_requests(1).await;
+    assert_eq!(seen[0].body.len(), 64 * 8192);
+    assert!(seen[0]
+        .body
+        .chunks(8192)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_reset_mid_stream_ends_the_client_stream_abnormally() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let mut body = open(proxy.addr, chat_request()).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    next_frame(&mut body).await.unwrap().unwrap();
+    sender.abort("upstream crashed".into());
+    let end = next_frame(&mut body).await;
+    assert!(
+        matches!(end, Some(Err(_))),
+        "a broken stream must not end cleanly: {end:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn silent_stream_past_idle_timeout_ends_abnormally() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let text =
+        config_text(upstream.addr, "").replace("idle_timeout = \"2s\"", "idle_timeout = \"300ms\"");
+    let proxy = start_proxy_with(&text).await;
+    let mut body = open(proxy.addr, chat_request()).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    next_frame(&mut body).await.unwrap().unwrap();
+    let end = next_frame(&mut body).await;
+    assert!(
+        matches!(end, Some(Err(_))),
+        "an idle stream must not end cleanly: {end:?}"
+    );
+    drop(sender);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn steady_stream_longer_than_idle_timeout_is_never_cut() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let text =
+        config_text(upstream.addr, "").replace("idle_timeout = \"2s\"", "idle_timeout = \"300ms\"");
+    let proxy = start_proxy_with(&text).await;
+    let mut body = open(proxy.addr, chat_request()).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut events = 0;
+    while started.elapsed() < std::time::Duration::from_millis(900) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        sender
+            .send_data(Bytes::from_static(b"data: t\n\n"))
+            .await
+            .unwrap();
+        next_frame(&mut body).await.unwrap().unwrap();
+        events += 1;
+    }
+    drop(sender);
+    assert!(next_frame(&mut body).await.is_none());
+    assert!(events >= 5);
+    proxy.stop().await;
+}
