@@ -470,3 +470,4 @@ pub async fn closed_port() -> SocketAddr {
     drop(listener);
     addr
 }
+pub mod process;

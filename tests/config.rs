@@ -1,0 +1,161 @@
+//! The command line and config loading (SPEC §1–§2), through the real binary: a bad config
+//! stops start-up with exit 2 and a message naming file, line, key and fix, before any socket
+//! is bound; `check` and `keygen`; SIGTERM exits 0.
+
+mod support;
+
+use support::process::{run_to_end, Running, TempDir};
+use support::*;
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[auth]
+keys = [{ name = "default", env = "API_KEY" }, { name = "next", env = "API_KEY_NEXT", optional = true }]
+[[inject]]
+name = "x-shared-secret"
+value = "${SHARED_SECRET}"
+"#;
+
+fn env() -> [(&'static str, &'static str); 2] {
+    [("API_KEY", KEY), ("SHARED_SECRET", SHARED_SECRET)]
+}
+
+#[test]
+fn check_prints_names_never_values_and_exits_0() {
+    let dir = TempDir::new("check");
+    let path = dir.write("keygate.toml", GOOD);
+    let (status, stdout, stderr) =
+        run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("keys:            default, next (optional, not set)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("injected:        x-shared-secret"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(KEY) && !stdout.contains(SHARED_SECRET),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn unknown_key_exits_2_naming_file_line_and_key() {
+    let dir = TempDir::new("unknown");
+    let path = dir.write(
+        "keygate.toml",
+        &GOOD.replace("[server]\n", "[server]\nlisten_addr = \"x\"\n"),
+    );
+    let (status, _, stderr) = run_to_end(&["--config", path.to_str().unwrap()], &env());
+    assert_eq!(status.code(), Some(2));
+    let expected = format!(
+        "{}:3:1: syntax: unknown field `listen_addr`",
+        path.display()
+    );
+    assert!(stderr.starts_with(&expected), "{stderr}");
+}
+
+#[test]
+fn missing_secret_exits_2_naming_the_variable_and_the_config_line() {
+    let dir = TempDir::new("missing");
+    let path = dir.write("keygate.toml", GOOD);
+    let (status, _, stderr) =
+        run_to_end(&["--config", path.to_str().unwrap()], &[("API_KEY", KEY)]);
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        stderr.contains(&format!("{}:6:1: [[inject]]", path.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("SHARED_SECRET"), "{stderr}");
+    let (status, _, stderr) = run_to_end(
+        &["--config", path.to_str().unwrap()],
+        &[("SHARED_SECRET", SHARED_SECRET)],
+    );
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("API_KEY is not set"), "{stderr}");
+}
+
+#[test]
+fn bad_config_binds_no_socket() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = TempDir::new("nobind");
+    let path = dir.write("keygate.toml", GOOD);
+    let listen = format!("127.0.0.1:{port}");
+    let (status, _, _) = run_to_end(
+        &["--config", path.to_str().unwrap(), "--listen", &listen],
+        &[("API_KEY", "too-short")],
+    );
+    assert_eq!(status.code(), Some(2));
+    std::net::TcpListener::bind(&listen).expect("the port is still free");
+}
+
+#[test]
+fn missing_config_file_exits_2_and_says_so() {
+    let (status, _, stderr) = run_to_end(&["--config", "/nonexistent/keygate.toml"], &env());
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        stderr.contains("/nonexistent/keygate.toml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn shipped_default_config_passes_check() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml");
+    let (status, stdout, stderr) = run_to_end(&["check", "--config", path], &env());
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("listen:          0.0.0.0:8080"), "{stdout}");
+}
+
+#[test]
+fn example_configs_pass_check() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let env = [
+        ("API_KEY", KEY),
+        ("SHARED_SECRET", SHARED_SECRET),
+        ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
+    ];
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (status, _, stderr) =
+                run_to_end(&["check", "--config", path.to_str().unwrap()], &env);
+            assert!(status.success(), "{}: {stderr}", path.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "examples found: {checked}");
+}
+
+#[test]
+fn keygen_prints_a_new_256_bit_url_safe_key() {
+    let (status, first, _) = run_to_end(&["keygen"], &[]);
+    let (_, second, _) = run_to_end(&["keygen"], &[]);
+    assert!(status.success());
+    let key = first.trim_end();
+    assert_eq!(key.len(), 43);
+    assert!(key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    assert_ne!(first, second);
+}
+
+#[test]
+fn sigterm_exits_0_and_sighup_does_not_kill() {
+    let dir = TempDir::new("sigterm");
+    let path = dir.write("keygate.toml", GOOD);
+    let mut keygate = Running::start(&path, &env());
+    keygate.signal("HUP");
+    keygate.wait_for_line("SIGHUP received");
+    let (status, output) = keygate.terminate();
+    assert!(status.success(), "{output}");
+    assert!(output.contains("all connections drained"), "{output}");
+}
