@@ -73,10 +73,11 @@ impl AccessLog {
     /// logged here and nowhere else, with its cause in `error`.
     pub fn finish(self, bytes: u64, outcome: Outcome<'_>) {
         let error = match outcome {
-            Outcome::Failed(e) => Some(tracing::field::display(e)),
+            Outcome::Failed(e) if e.has_cause() => Some(tracing::field::display(e)),
             _ => None,
         };
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        // Milliseconds with microsecond resolution.
+        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
         tracing::info!(
             target: TARGET,
             method = %self.method,

@@ -80,6 +80,17 @@ impl ProxyError {
         }
     }
 
+    /// Whether the error wraps a lower-level cause worth logging beside [`Self::reason`].
+    pub fn has_cause(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamUnreachable(_)
+                | Self::UpstreamFailed(_)
+                | Self::UpstreamBody(_)
+                | Self::ClientBody(_)
+        )
+    }
+
     /// The JSON body, constant per variant.
     pub fn body(&self) -> &'static str {
         match self {

@@ -59,7 +59,7 @@ impl Gateway {
             Err(e) => {
                 log.status = e.status();
                 let response = error_response(&e, request_id);
-                log.finish(0, Outcome::Failed(&e));
+                log.finish(e.body().len() as u64, Outcome::Failed(&e));
                 response
             }
         }

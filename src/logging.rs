@@ -10,7 +10,8 @@ pub fn init(log: &Log) {
     let filter = EnvFilter::builder().parse_lossy(&log.level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let _already_set = match log.format {
         LogFormat::Json => builder
             .json()
