@@ -22,8 +22,6 @@ use crate::preface::{self, Protocol, Rewind};
 
 /// Largest request head (request line and headers) accepted; over it, 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most headers in one HTTP/1.1 request; over it, 431.
-const MAX_HEADERS: usize = 128;
 /// Concurrent streams per HTTP/2 connection.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Streams a client may reset before we accept them (rapid-reset protection).
@@ -105,8 +103,7 @@ impl Connections {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(s.header_read_timeout)
-            .max_buf_size(MAX_HEADER_BYTES)
-            .max_headers(MAX_HEADERS);
+            .max_buf_size(MAX_HEADER_BYTES);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
