@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
 
 use crate::config::LogFormat;
 use crate::error::ProxyError;
@@ -52,7 +52,8 @@ impl Outcome<'_> {
 pub struct AccessLog {
     started: Instant,
     method: Method,
-    path: String,
+    /// The request target as received (a reference-counted copy); only its path is logged.
+    uri: Uri,
     peer: SocketAddr,
     request_id: HeaderValue,
     pub key: Option<Arc<str>>,
@@ -74,7 +75,7 @@ impl AccessLog {
         Self {
             started,
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            uri: req.uri().clone(),
             peer,
             request_id,
             key: None,
@@ -130,20 +131,19 @@ impl Fields<'_> {
         );
         json_str(out, l.method.as_str());
         out.push_str(r#","path":"#);
-        json_str(out, &l.path);
-        let _ = write!(
-            out,
-            r#","status":{},"duration_ms":{},"#,
-            l.status.as_u16(),
-            millis(l.started.elapsed())
-        );
+        json_str(out, l.uri.path());
+        out.push_str(r#","status":"#);
+        push_int(out, l.status.as_u16());
+        out.push_str(r#","duration_ms":"#);
+        push_millis(out, l.started.elapsed());
+        out.push_str(r#","upstream_ttfb_ms":"#);
         match l.upstream_ttfb {
-            Some(ttfb) => {
-                let _ = write!(out, r#""upstream_ttfb_ms":{},"#, millis(ttfb));
-            }
-            None => out.push_str(r#""upstream_ttfb_ms":null,"#),
+            Some(ttfb) => push_millis(out, ttfb),
+            None => out.push_str("null"),
         }
-        let _ = write!(out, r#""bytes":{},"key":"#, self.bytes);
+        out.push_str(r#","bytes":"#);
+        push_int(out, self.bytes);
+        out.push_str(r#","key":"#);
         json_str(out, l.key.as_deref().unwrap_or("-"));
         out.push_str(r#","request_id":"#);
         json_str(out, l.request_id.to_str().unwrap_or("-"));
@@ -164,15 +164,16 @@ impl Fields<'_> {
         let l = self.log;
         let _ = write!(
             out,
-            "{}  INFO {TARGET}: request method={} path={} status={} duration_ms={}",
+            "{}  INFO {TARGET}: request method={} path={} status={} duration_ms=",
             humantime::format_rfc3339_micros(SystemTime::now()),
             l.method,
-            l.path,
+            l.uri.path(),
             l.status.as_u16(),
-            millis(l.started.elapsed())
         );
+        push_millis(out, l.started.elapsed());
         if let Some(ttfb) = l.upstream_ttfb {
-            let _ = write!(out, " upstream_ttfb_ms={}", millis(ttfb));
+            out.push_str(" upstream_ttfb_ms=");
+            push_millis(out, ttfb);
         }
         let _ = write!(
             out,
@@ -190,24 +191,39 @@ impl Fields<'_> {
     }
 }
 
-/// Milliseconds with microsecond resolution.
-fn millis(d: Duration) -> f64 {
-    d.as_micros() as f64 / 1000.0
+/// Appends milliseconds with three decimals (microsecond resolution), without floats.
+fn push_millis(out: &mut String, d: Duration) {
+    let micros = d.as_micros();
+    push_int(out, micros / 1000);
+    let fraction = (micros % 1000) as u16;
+    out.push('.');
+    for digit in [fraction / 100, fraction / 10 % 10, fraction % 10] {
+        out.push(char::from(b'0' + digit as u8));
+    }
 }
 
-/// Appends `s` as a JSON string literal.
+fn push_int(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// Appends `s` as a JSON string literal. Logged values are nearly always plain ASCII, so
+/// runs with nothing to escape are copied whole.
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c < ' ' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+    let mut rest = s;
+    while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+        out.push_str(&rest[..at]);
+        let escaped = rest.as_bytes()[at];
+        match escaped {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            control => {
+                let _ = write!(out, "\\u{control:04x}");
             }
-            c => out.push(c),
         }
+        rest = &rest[at + 1..];
     }
+    out.push_str(rest);
     out.push('"');
 }
 
@@ -271,6 +287,13 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("outcome=client_closed\n"), "{text}");
+    }
+
+    #[test]
+    fn millis_have_three_decimals() {
+        let mut out = String::new();
+        push_millis(&mut out, Duration::from_micros(1_234_005));
+        assert_eq!(out, "1234.005");
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! One request, start to finish: refuse TRACE/CONNECT, route, authenticate, rewrite, forward.
 //! This is the one place where a [`ProxyError`] becomes a response and an access log line.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -16,7 +15,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers::X_REQUEST_ID;
 use crate::proxy::Upstream;
-use crate::rewrite::{self, Origin, Rules};
+use crate::rewrite::{self, Origin, Peer, Rules};
 use crate::route::{Route, Routes};
 
 /// Everything a request needs, built once at start-up and shared by all connections.
@@ -46,9 +45,9 @@ impl Gateway {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    pub async fn handle(&self, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
         let request_id = rewrite::request_id(req.headers());
-        let mut log = AccessLog::new(&req, peer, Instant::now(), request_id.clone());
+        let mut log = AccessLog::new(&req, peer.addr, Instant::now(), request_id.clone());
         match self.forward(peer, req, &request_id, &mut log).await {
             Ok(upstream) => {
                 let (mut parts, body) = upstream.into_parts();
@@ -67,7 +66,7 @@ impl Gateway {
 
     async fn forward(
         &self,
-        peer: SocketAddr,
+        peer: &Peer,
         req: Request<Incoming>,
         request_id: &HeaderValue,
         log: &mut AccessLog,
@@ -101,7 +100,7 @@ impl Gateway {
         self.rules.request(
             &mut parts.headers,
             Origin {
-                peer: peer.ip(),
+                peer,
                 host: host.as_ref(),
                 key,
                 request_id,

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::config::{self, Config};
 use crate::handler::Gateway;
 use crate::preface::{self, Protocol, Rewind};
+use crate::rewrite::Peer;
 
 /// Largest request head (request line and headers) accepted; over it, 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -133,9 +134,11 @@ impl Connections {
         };
         let io = TokioIo::new(Rewind::new(prefix, stream));
         let gateway = self.gateway.clone();
+        let client = Arc::new(Peer::new(peer));
         let service = service_fn(move |req| {
             let gateway = gateway.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(peer, req).await) }
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(gateway.handle(&client, req).await) }
         });
         let served = match protocol {
             Protocol::Http1 => {
