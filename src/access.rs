@@ -14,7 +14,6 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,6 +21,7 @@ use http::{HeaderValue, Method, Request, StatusCode, Uri};
 
 use crate::config::LogFormat;
 use crate::error::ProxyError;
+use crate::rewrite::Peer;
 
 /// The target of access lines, so a filter can keep or drop them apart from diagnostics.
 pub const TARGET: &str = "keygate::access";
@@ -54,7 +54,8 @@ pub struct AccessLog {
     method: Method,
     /// The request target as received (a reference-counted copy); only its path is logged.
     uri: Uri,
-    peer: SocketAddr,
+    /// The client's IP address as text.
+    client: HeaderValue,
     request_id: HeaderValue,
     pub key: Option<Arc<str>>,
     pub status: StatusCode,
@@ -68,7 +69,7 @@ thread_local! {
 impl AccessLog {
     pub fn new<B>(
         req: &Request<B>,
-        peer: SocketAddr,
+        peer: &Peer,
         started: Instant,
         request_id: HeaderValue,
     ) -> Self {
@@ -76,7 +77,7 @@ impl AccessLog {
             started,
             method: req.method().clone(),
             uri: req.uri().clone(),
-            peer,
+            client: peer.ip.clone(),
             request_id,
             key: None,
             status: StatusCode::OK,
@@ -124,10 +125,10 @@ impl Fields<'_> {
 
     fn json(&self, out: &mut String) {
         let l = self.log;
-        let _ = write!(
-            out,
-            r#"{{"timestamp":"{}","level":"INFO","message":"request","target":"{TARGET}","method":"#,
-            humantime::format_rfc3339_micros(SystemTime::now())
+        out.push_str(r#"{"timestamp":""#);
+        push_timestamp(out);
+        out.push_str(
+            r#"","level":"INFO","message":"request","target":"keygate::access","method":"#,
         );
         json_str(out, l.method.as_str());
         out.push_str(r#","path":"#);
@@ -147,12 +148,11 @@ impl Fields<'_> {
         json_str(out, l.key.as_deref().unwrap_or("-"));
         out.push_str(r#","request_id":"#);
         json_str(out, l.request_id.to_str().unwrap_or("-"));
-        let _ = write!(
-            out,
-            r#","client":"{}","outcome":"{}""#,
-            l.peer.ip(),
-            self.outcome.as_str()
-        );
+        out.push_str(r#","client":"#);
+        json_str(out, l.client.to_str().unwrap_or("-"));
+        out.push_str(r#","outcome":""#);
+        out.push_str(self.outcome.as_str());
+        out.push('"');
         if let Some(e) = self.error() {
             out.push_str(r#","error":"#);
             json_str(out, &e.to_string());
@@ -162,10 +162,10 @@ impl Fields<'_> {
 
     fn text(&self, out: &mut String) {
         let l = self.log;
+        push_timestamp(out);
         let _ = write!(
             out,
-            "{}  INFO {TARGET}: request method={} path={} status={} duration_ms=",
-            humantime::format_rfc3339_micros(SystemTime::now()),
+            "  INFO {TARGET}: request method={} path={} status={} duration_ms=",
             l.method,
             l.uri.path(),
             l.status.as_u16(),
@@ -181,7 +181,7 @@ impl Fields<'_> {
             self.bytes,
             l.key.as_deref().unwrap_or("-"),
             l.request_id.to_str().unwrap_or("-"),
-            l.peer.ip(),
+            l.client.to_str().unwrap_or("-"),
             self.outcome.as_str()
         );
         if let Some(e) = self.error() {
@@ -189,6 +189,34 @@ impl Fields<'_> {
         }
         out.push('\n');
     }
+}
+
+/// Appends the time as RFC 3339 UTC with microseconds, `2026-11-23T10:15:00.391200Z`. The
+/// part up to the seconds changes once a second, so each thread keeps it ready.
+fn push_timestamp(out: &mut String) {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let since_epoch = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let second = since_epoch.as_secs();
+    SECOND.with_borrow_mut(|(cached, prefix)| {
+        if *cached != second {
+            *cached = second;
+            prefix.clear();
+            let _ = write!(prefix, "{}", humantime::format_rfc3339_seconds(now));
+            prefix.pop();
+        }
+        out.push_str(prefix);
+    });
+    let micros = since_epoch.subsec_micros();
+    out.push('.');
+    let digits = itoa::Buffer::new().format(micros).len();
+    out.extend(std::iter::repeat_n('0', 6 - digits));
+    push_int(out, micros);
+    out.push('Z');
 }
 
 /// Appends milliseconds with three decimals (microsecond resolution), without floats.
@@ -233,9 +261,10 @@ mod tests {
 
     fn line(format: LogFormat, outcome: Outcome<'_>) -> String {
         let req = Request::get("/v1/x?secret=1").body(()).unwrap();
+        let peer = Peer::new("10.0.0.7:5000".parse().unwrap());
         let mut log = AccessLog::new(
             &req,
-            "10.0.0.7:5000".parse().unwrap(),
+            &peer,
             Instant::now(),
             HeaderValue::from_static("id-1"),
         );
@@ -287,6 +316,20 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("outcome=client_closed\n"), "{text}");
+    }
+
+    #[test]
+    fn timestamp_is_rfc3339_with_microseconds() {
+        let mut out = String::new();
+        push_timestamp(&mut out);
+        push_timestamp(&mut out);
+        assert_eq!(out.len(), 2 * 27, "{out}");
+        let first = &out[..27];
+        assert!(
+            first.ends_with('Z') && first.as_bytes()[10] == b'T' && first.as_bytes()[19] == b'.',
+            "{out}"
+        );
+        assert!(humantime::parse_rfc3339(first).is_ok(), "{out}");
     }
 
     #[test]

@@ -47,7 +47,7 @@ impl Gateway {
 
     pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
         let request_id = rewrite::request_id(req.headers());
-        let mut log = AccessLog::new(&req, peer.addr, Instant::now(), request_id.clone());
+        let mut log = AccessLog::new(&req, peer, Instant::now(), request_id.clone());
         match self.forward(peer, req, &request_id, &mut log).await {
             Ok(upstream) => {
                 let (mut parts, body) = upstream.into_parts();

@@ -30,22 +30,19 @@ pub struct Rules {
     trusted_proxies: Vec<IpNet>,
 }
 
-/// The client end of a connection, with its address already in header form: formatted once
-/// per connection instead of once per request.
+/// The client end of a connection, with its IP address already as text: formatted once per
+/// connection instead of once per request.
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
-    forwarded_for: HeaderValue,
+    pub ip: HeaderValue,
 }
 
 impl Peer {
     pub fn new(addr: SocketAddr) -> Self {
-        let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
+        let ip = HeaderValue::try_from(addr.ip().to_string())
             .expect("an IP address is valid header text");
-        Self {
-            addr,
-            forwarded_for,
-        }
+        Self { addr, ip }
     }
 }
 
@@ -109,7 +106,7 @@ impl Rules {
         } else {
             None
         };
-        let chain = chain.unwrap_or_else(|| origin.peer.forwarded_for.clone());
+        let chain = chain.unwrap_or_else(|| origin.peer.ip.clone());
         headers.insert(X_FORWARDED_FOR, chain);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
@@ -194,8 +191,13 @@ fn generate_request_id() -> HeaderValue {
         u64::from_le_bytes(seed)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::try_from(format!("{prefix:016x}{n:016x}"))
-        .expect("hex digits are valid header text")
+    let mut hex = [0u8; 32];
+    for (i, digit) in hex.iter_mut().enumerate() {
+        let word = if i < 16 { prefix } else { n };
+        let nibble = (word >> (60 - 4 * (i % 16))) & 0xf;
+        *digit = b"0123456789abcdef"[nibble as usize];
+    }
+    HeaderValue::from_bytes(&hex).expect("hex digits are valid header text")
 }
 
 #[cfg(test)]
