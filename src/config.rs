@@ -59,6 +59,7 @@ struct ServerFile {
     max_request_body: ByteSize,
     max_connections: Spanned<usize>,
     shutdown_grace: HumanDuration,
+    workers: Option<Spanned<usize>>,
 }
 
 impl Default for ServerFile {
@@ -73,6 +74,7 @@ impl Default for ServerFile {
             max_request_body: ByteSize::mib(64),
             max_connections: unspanned(10_000),
             shutdown_grace: HumanDuration(Duration::from_secs(30)),
+            workers: None,
         }
     }
 }
@@ -211,6 +213,8 @@ pub struct Server {
     pub max_request_body: u64,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// Runtime worker threads; 1 runs everything on the main thread.
+    pub workers: usize,
 }
 
 #[derive(Debug)]
@@ -557,8 +561,21 @@ fn server(s: ServerFile, p: &mut Problems<'_>) -> Option<Server> {
             "must be at least 1",
         );
     }
+    let workers = match s.workers {
+        Some(w) if *w.get_ref() == 0 => {
+            p.at(
+                w.span(),
+                "[server] workers",
+                "must be at least 1; leave it out for one per available core",
+            );
+            1
+        }
+        Some(w) => *w.get_ref(),
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
     Some(Server {
         listen: listen?,
+        workers,
         header_read_timeout,
         trusted_proxies,
         max_request_body: s.max_request_body.as_u64(),
@@ -878,6 +895,10 @@ mod tests {
         assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.server.max_request_body, 64 * 1024 * 1024);
+        assert_eq!(
+            c.server.workers,
+            std::thread::available_parallelism().map_or(1, usize::from)
+        );
         assert_eq!(c.upstream.authority.as_str(), "127.0.0.1:8000");
         assert_eq!(c.upstream.response_timeout, Duration::from_secs(600));
         assert_eq!(c.probe_path, "/health");

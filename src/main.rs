@@ -86,7 +86,7 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     keygate::logging::init(&config.log);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(config.server.workers) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keygate: cannot start the async runtime: {e}");
@@ -121,6 +121,19 @@ fn serve(config: Config) -> ExitCode {
             }
         }
     })
+}
+
+/// One worker runs everything on the main thread (tokio's current-thread scheduler), the
+/// cheapest form for a sidecar pinned to one core; more use the work-stealing scheduler.
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    builder.enable_all().build()
 }
 
 /// SIGTERM and SIGINT start a graceful shutdown; a second one exits at once. SIGHUP is

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 
-use http::header::{AUTHORIZATION, CONNECTION};
+use http::header::{AUTHORIZATION, CONNECTION, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
@@ -28,6 +28,8 @@ pub struct Rules {
     identity: Option<HeaderName>,
     inject: Vec<Injected>,
     trusted_proxies: Vec<IpNet>,
+    /// `Host` for the upstream: its authority, built once (hyper would format it per request).
+    upstream_host: HeaderValue,
 }
 
 /// The client end of a connection, with its IP address already as text: formatted once per
@@ -67,6 +69,8 @@ impl Rules {
             identity: config.auth.identity_header.clone(),
             inject: config.inject.clone(),
             trusted_proxies: config.server.trusted_proxies.clone(),
+            upstream_host: HeaderValue::from_str(config.upstream.authority.as_str())
+                .expect("a URI authority is valid header text"),
         }
     }
 
@@ -88,6 +92,7 @@ impl Rules {
             headers.insert(i.name.clone(), i.value.clone());
         }
         headers.insert(X_REQUEST_ID, origin.request_id.clone());
+        headers.insert(HOST, self.upstream_host.clone());
     }
 
     /// `X-Forwarded-For` gets the peer's address: appended to the chain from a trusted proxy,
