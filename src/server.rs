@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use crate::access;
 use crate::config::{self, Config};
 use crate::handler::Gateway;
 use crate::preface::{self, Protocol, Rewind};
@@ -47,6 +48,13 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    let log_flusher = tokio::spawn(async {
+        let mut every = tokio::time::interval(access::FLUSH_EVERY);
+        loop {
+            every.tick().await;
+            access::flush();
+        }
+    });
     info!(listen = %listener.local_addr()?, "accepting connections");
     loop {
         let permit = tokio::select! {
@@ -87,6 +95,8 @@ pub async fn run(
         Ok(()) => info!("all connections drained"),
         Err(_) => warn!("shutdown grace expired; closing the remaining connections"),
     }
+    log_flusher.abort();
+    access::flush();
     Ok(())
 }
 
