@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::access;
@@ -56,10 +57,14 @@ pub async fn run(
         }
     });
     info!(listen = %listener.local_addr()?, "accepting connections");
+    // Every connection task lives in this set: finished ones are reaped as the loop goes, and
+    // those still open when the grace expires are aborted, so nothing outlives `run`.
+    let mut connections = JoinSet::new();
     loop {
         let permit = tokio::select! {
             biased;
             () = &mut shutdown => break,
+            Some(_) = connections.join_next() => continue,
             permit = limit.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
@@ -79,7 +84,7 @@ pub async fn run(
         };
         let server = server.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             server.serve(stream, peer, watcher).await;
             drop(permit);
         });
@@ -93,7 +98,13 @@ pub async fn run(
     );
     match tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await {
         Ok(()) => info!("all connections drained"),
-        Err(_) => warn!("shutdown grace expired; closing the remaining connections"),
+        Err(_) => {
+            warn!(
+                connections = connections.len(),
+                "shutdown grace expired; closing the remaining connections"
+            );
+            connections.shutdown().await;
+        }
     }
     log_flusher.abort();
     access::flush();

@@ -1,0 +1,205 @@
+//! Micro-benchmarks of keygate's per-request work outside the network: checking a key
+//! against 1, 8 and 64 configured keys, reading the credential header, matching the key-less
+//! routes, rewriting request and response headers, and picking the request id.
+//!
+//! Run from the repository root with `cargo bench --bench micro`; a quicker pass (about a
+//! minute on two cores, once built) is
+//! `cargo bench --bench micro -- --warm-up-time 1 --measurement-time 3`.
+//! A name filter runs a subset: `cargo bench --bench micro -- rewrite`.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use http::header::HOST;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use keygate::auth::{self, KeySet};
+use keygate::config::Overrides;
+use keygate::rewrite::{self, Origin, Peer, Rules};
+use keygate::route::Routes;
+use keygate::secrets::{MapSecrets, Secret};
+use keygate::Config;
+
+const KEY: &str = "bench-api-key-0123456789abcdef";
+const SECRET: &str = "bench-shared-secret-0123456789";
+
+const CONFIG: &str = r#"
+[auth]
+keys = [{ name = "default", env = "API_KEY" }]
+identity_header = "x-keygate-key"
+
+[[inject]]
+name = "x-shared-secret"
+value = "${SHARED_SECRET}"
+"#;
+
+fn header_map(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    pairs
+        .iter()
+        .map(|&(name, value)| {
+            (
+                HeaderName::from_static(name),
+                HeaderValue::from_str(value).expect("valid header text"),
+            )
+        })
+        .collect()
+}
+
+/// The headers of a chat completion sent by the OpenAI Python client, `Host` included.
+fn client_request(key: &str) -> HeaderMap {
+    header_map(&[
+        ("host", "127.0.0.1:8080"),
+        ("authorization", &format!("Bearer {key}")),
+        ("content-type", "application/json"),
+        ("content-length", "187"),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip, deflate"),
+        ("connection", "keep-alive"),
+        ("user-agent", "OpenAI/Python 1.54.0"),
+        ("x-stainless-lang", "python"),
+        ("x-stainless-package-version", "1.54.0"),
+        ("x-stainless-runtime", "CPython"),
+        ("x-stainless-retry-count", "0"),
+    ])
+}
+
+/// The headers of a non-streamed completion as an inference server answers it.
+fn upstream_response() -> HeaderMap {
+    header_map(&[
+        ("date", "Sun, 23 Nov 2025 10:00:00 GMT"),
+        ("server", "uvicorn"),
+        ("content-type", "application/json"),
+        ("content-length", "612"),
+        ("connection", "keep-alive"),
+        ("x-request-id", "chatcmpl-5f0c1b2e9a7d4c3b8e6f"),
+    ])
+}
+
+fn auth_verify(c: &mut Criterion) {
+    let mut group = c.benchmark_group("auth_verify");
+    for n in [1, 8, 64] {
+        let keys: Vec<String> = (0..n)
+            .map(|_| auth::generate_key().expect("OS randomness"))
+            .collect();
+        let last = keys.last().expect("at least one key").clone();
+        let set = KeySet::new(
+            keys.into_iter()
+                .enumerate()
+                .map(|(i, key)| (format!("key-{i}"), Secret::new(key)))
+                .collect(),
+        );
+        let wrong = auth::generate_key().expect("OS randomness");
+        group.bench_with_input(BenchmarkId::new("last_key", n), &last, |b, token| {
+            b.iter(|| set.verify(black_box(token.as_bytes())))
+        });
+        group.bench_with_input(BenchmarkId::new("wrong_token", n), &wrong, |b, token| {
+            b.iter(|| set.verify(black_box(token.as_bytes())))
+        });
+    }
+    group.finish();
+}
+
+fn auth_credential(c: &mut Criterion) {
+    let headers = client_request(KEY);
+    c.bench_function("auth_credential/bearer", |b| {
+        b.iter(|| auth::credential(black_box(&headers)))
+    });
+}
+
+fn route_classify(c: &mut Criterion) {
+    let routes = Routes::new(
+        "/health".into(),
+        vec!["/docs".into(), "/redoc".into(), "/openapi.json".into()],
+    );
+    let mut group = c.benchmark_group("route_classify");
+    for (name, target) in [
+        ("probe", "/health"),
+        ("protected", "/v1/chat/completions"),
+        ("dot_segments", "/health/../v1/models"),
+    ] {
+        let uri: Uri = target.parse().expect("valid request target");
+        group.bench_function(name, |b| {
+            b.iter(|| routes.classify(black_box(&Method::GET), black_box(&uri)))
+        });
+    }
+    group.finish();
+}
+
+fn rewrite_headers(c: &mut Criterion) {
+    let secrets = MapSecrets::default()
+        .with_env("API_KEY", KEY)
+        .with_env("SHARED_SECRET", SECRET);
+    let config = Config::parse(
+        Path::new("bench.toml"),
+        CONFIG,
+        &Overrides::default(),
+        &secrets,
+    )
+    .expect("valid bench config");
+    let rules = Rules::new(&config);
+    let key = config.auth.keys.verify(KEY.as_bytes());
+    assert!(key.is_some(), "the bench key verifies");
+    let peer = Peer::new(SocketAddr::from(([127, 0, 0, 1], 51234)));
+    // The handler takes `Host` out before the rewrite and hands it over as the origin's host.
+    let mut request = client_request(KEY);
+    let host = request.remove(HOST);
+    let request_id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
+    let response = upstream_response();
+
+    let mut group = c.benchmark_group("rewrite");
+    group.bench_function("request", |b| {
+        b.iter_batched(
+            || request.clone(),
+            |mut headers| {
+                let origin = Origin {
+                    peer: &peer,
+                    host: host.as_ref(),
+                    key,
+                    request_id: &request_id,
+                };
+                rules.request(black_box(&mut headers), origin);
+                headers
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("response", |b| {
+        b.iter_batched(
+            || response.clone(),
+            |mut headers| {
+                rules.response(black_box(&mut headers), &request_id);
+                headers
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn request_id(c: &mut Criterion) {
+    let generated = client_request(KEY);
+    let mut client_sent = generated.clone();
+    client_sent.insert(
+        "x-request-id",
+        HeaderValue::from_static("req-7f3a9c2e-41d8-4b6a-9e0f-2c5d8a1b3e47"),
+    );
+    let mut group = c.benchmark_group("request_id");
+    group.bench_function("client_sent", |b| {
+        b.iter(|| rewrite::request_id(black_box(&client_sent)))
+    });
+    group.bench_function("generated", |b| {
+        b.iter(|| rewrite::request_id(black_box(&generated)))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    auth_verify,
+    auth_credential,
+    route_classify,
+    rewrite_headers,
+    request_id
+);
+criterion_main!(benches);

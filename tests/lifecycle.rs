@@ -1,0 +1,173 @@
+//! Lifecycle (SPEC §4): on shutdown keygate stops accepting, lets open requests and streams
+//! finish within `shutdown_grace`, answers the probe 503 meanwhile, and cuts what is still
+//! open when the grace expires.
+
+mod support;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn chat_request() -> http::Request<http_body_util::Full<Bytes>> {
+    let auth = bearer(KEY);
+    request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        "{}",
+    )
+}
+
+/// Waits until nothing accepts connections on `addr` any more.
+async fn wait_until_refusing(addr: std::net::SocketAddr) {
+    tokio::time::timeout(DEADLINE, async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the listener closes after shutdown begins");
+}
+
+#[tokio::test]
+async fn drain_lets_an_inflight_stream_finish_and_refuses_new_connections() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let mut proxy = start_proxy(upstream.addr).await;
+    let mut body = open(proxy.addr, chat_request()).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    next_frame(&mut body).await.unwrap().unwrap();
+
+    proxy.begin_shutdown();
+    wait_until_refusing(proxy.addr).await;
+
+    for i in 2..5 {
+        let event = format!("data: {i}\n\n");
+        sender.send_data(Bytes::from(event.clone())).await.unwrap();
+        assert_eq!(
+            next_frame(&mut body)
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap(),
+            event
+        );
+    }
+    drop(sender);
+    assert!(
+        next_frame(&mut body).await.is_none(),
+        "the drained stream ends cleanly"
+    );
+    assert!(
+        proxy.finished().await,
+        "keygate stops once the last stream is done"
+    );
+}
+
+#[tokio::test]
+async fn grace_expiry_cuts_an_unfinished_stream_abnormally() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let text = config_text(upstream.addr, "")
+        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"200ms\"");
+    let mut proxy = start_proxy_with(&text).await;
+    let mut body = open(proxy.addr, chat_request()).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    next_frame(&mut body).await.unwrap().unwrap();
+
+    proxy.begin_shutdown();
+    assert!(
+        proxy.finished().await,
+        "keygate stops when the grace expires"
+    );
+    let end = next_frame(&mut body).await;
+    assert!(
+        matches!(end, Some(Err(_))),
+        "a cut stream must not end cleanly: {end:?}"
+    );
+    drop(sender);
+}
+
+#[tokio::test]
+async fn probe_answers_503_once_draining_has_begun() {
+    // Once the listener is closed, only a request already being read reaches the handler, so
+    // the handler is driven directly over an in-memory connection.
+    let upstream = start_upstream().await;
+    let config = keygate::Config::parse(
+        std::path::Path::new("t.toml"),
+        &config_text(upstream.addr, ""),
+        &keygate::config::Overrides::default(),
+        &secrets(),
+    )
+    .unwrap();
+    let gateway = std::sync::Arc::new(keygate::handler::Gateway::new(&config));
+    let peer = std::sync::Arc::new(keygate::rewrite::Peer::new("127.0.0.1:1".parse().unwrap()));
+    let (client_io, server_io) = tokio::io::duplex(4096);
+    let service_gateway = gateway.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (gateway, peer) = (service_gateway.clone(), peer.clone());
+        async move { Ok::<_, std::convert::Infallible>(gateway.handle(&peer, req).await) }
+    });
+    tokio::spawn(
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(server_io), service),
+    );
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client_io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+
+    let before = sender.send_request(get("/health", &[])).await.unwrap();
+    assert_eq!(before.status(), StatusCode::OK);
+    gateway.start_draining();
+    let during = sender.send_request(get("/health", &[])).await.unwrap();
+    assert_eq!(during.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = http_body_util::BodyExt::collect(during.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains(r#""code":"draining""#));
+    let other = sender
+        .send_request(get("/v1/models", &[("authorization", &bearer(KEY))]))
+        .await
+        .unwrap();
+    assert_eq!(
+        other.status(),
+        StatusCode::OK,
+        "only the probe changes while draining"
+    );
+    assert_eq!(
+        upstream.requests().len(),
+        2,
+        "the draining probe is not forwarded"
+    );
+}
+
+#[tokio::test]
+async fn idle_keepalive_connections_are_closed_at_shutdown() {
+    let upstream = start_upstream().await;
+    let mut proxy = start_proxy(upstream.addr).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request =
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    proxy.begin_shutdown();
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .expect("keygate closes the idle keep-alive connection")
+        .unwrap();
+    assert!(proxy.finished().await);
+}
