@@ -17,6 +17,7 @@ use crate::headers::X_REQUEST_ID;
 use crate::proxy::Upstream;
 use crate::rewrite::{self, Origin, Peer, Rules};
 use crate::route::{Route, Routes};
+use crate::throttle::FailedAuth;
 
 /// Everything a request needs, built once at start-up and shared by all connections.
 pub struct Gateway {
@@ -26,6 +27,7 @@ pub struct Gateway {
     upstream: Upstream,
     max_request_body: u64,
     draining: AtomicBool,
+    failed_auth: FailedAuth,
 }
 
 impl Gateway {
@@ -37,7 +39,13 @@ impl Gateway {
             upstream: Upstream::new(&config.upstream),
             max_request_body: config.server.max_request_body,
             draining: AtomicBool::new(false),
+            failed_auth: FailedAuth::default(),
         }
+    }
+
+    /// Logs the failed-authentication summary; `server` calls it every `REPORT_EVERY`.
+    pub fn report_failed_auth(&self) {
+        self.failed_auth.report();
     }
 
     /// From now on the probe answers 503, so load balancers stop sending traffic.
@@ -79,7 +87,16 @@ impl Gateway {
                 return Err(ProxyError::Draining)
             }
             Route::Probe | Route::Public => None,
-            Route::Protected => Some(self.authenticate(&req)?),
+            Route::Protected => match self.authenticate(&req) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    let client = self.rules.client_ip(peer, req.headers());
+                    if let Some(hold) = self.failed_auth.record(client, &e) {
+                        tokio::time::sleep(hold).await;
+                    }
+                    return Err(e);
+                }
+            },
         };
         log.key = key.map(|id| id.name.clone());
         let declared = req

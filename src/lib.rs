@@ -12,7 +12,8 @@
 //! 4. [`proxy`] sends the request over a pooled upstream connection, bounded by the response
 //!    timeout; [`body`] streams both bodies frame by frame with the body limit and the idle
 //!    timeout, and [`access`] writes one log line when the response ends.
-//! 5. Any failure is a [`error::ProxyError`], turned into a JSON response in one place.
+//! 5. Any failure is a [`error::ProxyError`], turned into a JSON response in one place;
+//!    failed authentication is also counted and, per client address, slowed ([`throttle`]).
 //!
 //! [`config`] turns the TOML file and the secrets it names ([`secrets`]) into a validated
 //! [`Config`] before any socket is opened.
@@ -33,6 +34,7 @@ pub mod rewrite;
 pub mod route;
 pub mod secrets;
 pub mod server;
+pub mod throttle;
 
 pub use config::Config;
 pub use server::run;

@@ -7,7 +7,7 @@
 //! or extend the forwarding headers; then set the identity header, the injected headers and
 //! `X-Request-Id`. Whatever the client sent, the upstream sees keygate's values only.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{AUTHORIZATION, CONNECTION, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -93,6 +93,25 @@ impl Rules {
         }
         headers.insert(X_REQUEST_ID, origin.request_id.clone());
         headers.insert(HOST, self.upstream_host.clone());
+    }
+
+    /// The address of the client behind the connection: the peer itself, or, when the peer
+    /// is a trusted proxy, the address it appended last to `X-Forwarded-For`.
+    pub fn client_ip(&self, peer: &Peer, headers: &HeaderMap) -> IpAddr {
+        let peer_ip = peer.addr.ip();
+        if !self
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer_ip))
+        {
+            return peer_ip;
+        }
+        headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok()?.rsplit(',').next()?.trim().parse().ok())
+            .unwrap_or(peer_ip)
     }
 
     /// `X-Forwarded-For` gets the peer's address: appended to the chain from a trusted proxy,

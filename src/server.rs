@@ -22,6 +22,7 @@ use crate::config::{self, Config};
 use crate::handler::Gateway;
 use crate::preface::{self, Protocol, Rewind};
 use crate::rewrite::Peer;
+use crate::throttle;
 
 /// Largest request head (request line and headers) accepted; over it, 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -49,13 +50,7 @@ pub async fn run(
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    let log_flusher = tokio::spawn(async {
-        let mut every = tokio::time::interval(access::FLUSH_EVERY);
-        loop {
-            every.tick().await;
-            access::flush();
-        }
-    });
+    let housekeeping = tokio::spawn(housekeeping(server.gateway.clone()));
     info!(listen = %listener.local_addr()?, "accepting connections");
     // Every connection task lives in this set: finished ones are reaped as the loop goes, and
     // those still open when the grace expires are aborted, so nothing outlives `run`.
@@ -106,9 +101,21 @@ pub async fn run(
             connections.shutdown().await;
         }
     }
-    log_flusher.abort();
+    housekeeping.abort();
     access::flush();
     Ok(())
+}
+
+/// Periodic chores: writing pending access lines and the failed-authentication summary.
+async fn housekeeping(gateway: Arc<Gateway>) {
+    let mut flush = tokio::time::interval(access::FLUSH_EVERY);
+    let mut report = tokio::time::interval(throttle::REPORT_EVERY);
+    loop {
+        tokio::select! {
+            _ = flush.tick() => access::flush(),
+            _ = report.tick() => gateway.report_failed_auth(),
+        }
+    }
 }
 
 /// What every connection shares: the request handler and the protocol builders.

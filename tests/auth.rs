@@ -162,3 +162,74 @@ async fn http2_prior_knowledge_requests_are_authenticated_too() {
     assert_eq!(seen[0].headers["x-keygate-key"], "default");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn repeated_failures_from_one_client_are_slowed_without_affecting_others() {
+    let upstream = start_upstream().await;
+    // Behind a trusted load balancer, clients are told apart by X-Forwarded-For.
+    let text = config_text(upstream.addr, "").replace(
+        "max_request_body",
+        "trusted_proxies = [\"127.0.0.1\"]\nmax_request_body",
+    );
+    let proxy = start_proxy_with(&text).await;
+    let wrong = bearer("kg-guessed-key-000000000000000");
+    for _ in 0..keygate::throttle::FAILURE_BURST {
+        let reply = send(
+            proxy.addr,
+            get(
+                "/v1/models",
+                &[
+                    ("authorization", &wrong),
+                    ("x-forwarded-for", "203.0.113.66"),
+                ],
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    let addr = proxy.addr;
+    let slowed = tokio::spawn(async move {
+        send(
+            addr,
+            get(
+                "/v1/models",
+                &[
+                    ("authorization", &wrong),
+                    ("x-forwarded-for", "203.0.113.66"),
+                ],
+            ),
+        )
+        .await
+    });
+    let good = bearer(KEY);
+    let other = send(
+        proxy.addr,
+        get(
+            "/v1/models",
+            &[
+                ("authorization", &good),
+                ("x-forwarded-for", "198.51.100.7"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::OK);
+    let other_wrong = send(
+        proxy.addr,
+        get(
+            "/v1/models",
+            &[
+                ("x-api-key", "kg-other-wrong-key-0000000"),
+                ("x-forwarded-for", "198.51.100.7"),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(other_wrong.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        !slowed.is_finished(),
+        "the noisy client's refusal is held while others are answered"
+    );
+    assert_eq!(slowed.await.unwrap().status, StatusCode::UNAUTHORIZED);
+    proxy.stop().await;
+}
