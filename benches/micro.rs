@@ -140,7 +140,7 @@ fn rewrite_headers(c: &mut Criterion) {
     let rules = Rules::new(&config);
     let key = config.auth.keys.verify(KEY.as_bytes());
     assert!(key.is_some(), "the bench key verifies");
-    let peer = Peer::new(SocketAddr::from(([127, 0, 0, 1], 51234)));
+    let peer = Peer::new(SocketAddr::from(([127, 0, 0, 1], 51234)), false);
     // The handler takes `Host` out before the rewrite and hands it over as the origin's host.
     let mut request = client_request(KEY);
     let host = request.remove(HOST);

@@ -282,7 +282,7 @@ mod tests {
 
     fn line(format: LogFormat, outcome: Outcome<'_>) -> String {
         let req = Request::get("/v1/x?secret=1").body(()).unwrap();
-        let peer = Peer::new("10.0.0.7:5000".parse().unwrap());
+        let peer = Peer::new("10.0.0.7:5000".parse().unwrap(), false);
         let mut log = AccessLog::new(
             &req,
             &peer,

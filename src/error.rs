@@ -28,6 +28,8 @@ pub enum ProxyError {
     BodyTooLarge,
     /// keygate is draining after SIGTERM/SIGINT; the probe says so.
     Draining,
+    /// The connection was accepted beyond `max_connections`: only the probe is served.
+    OverCapacity,
     /// The upstream refused the connection, could not be reached, or timed out connecting.
     UpstreamUnreachable(hyper_util::client::legacy::Error),
     /// The upstream connection failed after it was established, before response headers.
@@ -53,7 +55,7 @@ impl ProxyError {
             }
             Self::BadRequest | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Draining | Self::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) | Self::UpstreamBody(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -71,6 +73,7 @@ impl ProxyError {
             Self::BadRequest => "bad_request",
             Self::BodyTooLarge => "body_too_large",
             Self::Draining => "draining",
+            Self::OverCapacity => "over_capacity",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -122,6 +125,11 @@ impl ProxyError {
                 "invalid_request_error",
                 "request_too_large"
             ),
+            Self::OverCapacity => json!(
+                "Server is at its connection limit; retry shortly.",
+                "service_unavailable",
+                "over_capacity"
+            ),
             Self::Draining => json!(
                 "Server is shutting down.",
                 "service_unavailable",
@@ -138,6 +146,11 @@ impl ProxyError {
                 "upstream_timeout"
             ),
         }
+    }
+
+    /// `Retry-After` for a refusal that clears by itself.
+    pub fn retry_after(&self) -> Option<HeaderValue> {
+        matches!(self, Self::OverCapacity).then(|| HeaderValue::from_static("1"))
     }
 
     /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 §3), if this is one.
@@ -214,6 +227,7 @@ mod tests {
             ProxyError::BadRequest,
             ProxyError::BodyTooLarge,
             ProxyError::Draining,
+            ProxyError::OverCapacity,
             ProxyError::UpstreamTimeout,
             ProxyError::UpstreamIdle,
         ];

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
 
@@ -82,7 +82,11 @@ impl Gateway {
         if req.method() == Method::TRACE || req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
-        let key = match self.routes.classify(req.method(), req.uri()) {
+        let route = self.routes.classify(req.method(), req.uri());
+        if peer.over_capacity && route != Route::Probe {
+            return Err(ProxyError::OverCapacity);
+        }
+        let key = match route {
             Route::Probe if self.draining.load(Ordering::Relaxed) => {
                 return Err(ProxyError::Draining)
             }
@@ -153,6 +157,9 @@ fn error_response(e: &ProxyError, request_id: HeaderValue) -> Response<Body> {
     headers.insert(X_REQUEST_ID, request_id);
     if let Some(challenge) = e.challenge() {
         headers.insert(WWW_AUTHENTICATE, challenge);
+    }
+    if let Some(after) = e.retry_after() {
+        headers.insert(RETRY_AFTER, after);
     }
     response
 }

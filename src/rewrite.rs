@@ -38,13 +38,19 @@ pub struct Rules {
 pub struct Peer {
     pub addr: SocketAddr,
     pub ip: HeaderValue,
+    /// Accepted beyond `max_connections`: only the probe is served on this connection.
+    pub over_capacity: bool,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, over_capacity: bool) -> Self {
         let ip = HeaderValue::try_from(addr.ip().to_string())
             .expect("an IP address is valid header text");
-        Self { addr, ip }
+        Self {
+            addr,
+            ip,
+            over_capacity,
+        }
     }
 }
 

@@ -35,6 +35,10 @@ const H2_MAX_LOCAL_RESETS: usize = 256;
 /// HTTP/2 keep-alive ping: detects dead peers on idle connections.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Connections accepted beyond `max_connections`, one request each, so that the probe stays
+/// answerable and other clients get a clear 503 instead of waiting in the listen backlog.
+/// Beyond these, new connections wait in the backlog.
+pub const OVERFLOW_CONNECTIONS: usize = 256;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -48,6 +52,7 @@ pub async fn run(
     let settings = config.server.clone();
     let server = Arc::new(Connections::new(&config));
     let limit = Arc::new(Semaphore::new(settings.max_connections));
+    let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     let housekeeping = tokio::spawn(housekeeping(server.gateway.clone()));
@@ -56,15 +61,14 @@ pub async fn run(
     // those still open when the grace expires are aborted, so nothing outlives `run`.
     let mut connections = JoinSet::new();
     loop {
-        let permit = tokio::select! {
+        while connections.try_join_next().is_some() {}
+        let (permit, over_capacity) = tokio::select! {
             biased;
             () = &mut shutdown => break,
-            Some(_) = connections.join_next() => continue,
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
+            permit = limit.clone().acquire_owned() => (permit, false),
+            permit = overflow.clone().acquire_owned() => (permit, true),
         };
+        let Ok(permit) = permit else { break };
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -77,10 +81,15 @@ pub async fn run(
                 }
             },
         };
+        if over_capacity {
+            debug!(%peer, "at max_connections: serving only the probe on this connection");
+        }
         let server = server.clone();
         let watcher = graceful.watcher();
         connections.spawn(async move {
-            server.serve(stream, peer, watcher).await;
+            server
+                .serve(stream, Peer::new(peer, over_capacity), watcher)
+                .await;
             drop(permit);
         });
     }
@@ -122,6 +131,8 @@ async fn housekeeping(gateway: Arc<Gateway>) {
 struct Connections {
     gateway: Arc<Gateway>,
     http1: http1::Builder,
+    /// For connections over `max_connections`: one request, then close.
+    http1_over_capacity: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
 }
@@ -141,15 +152,19 @@ impl Connections {
             .max_local_error_reset_streams(H2_MAX_LOCAL_RESETS)
             .keep_alive_interval(H2_PING_INTERVAL)
             .keep_alive_timeout(H2_PING_TIMEOUT);
+        let mut h1_over_capacity = h1.clone();
+        h1_over_capacity.keep_alive(false);
         Self {
             gateway: Arc::new(Gateway::new(config)),
             http1: h1,
+            http1_over_capacity: h1_over_capacity,
             http2: h2,
             header_read_timeout: s.header_read_timeout,
         }
     }
 
-    async fn serve(&self, mut stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    async fn serve(&self, mut stream: TcpStream, client: Peer, watcher: Watcher) {
+        let peer = client.addr;
         // Small SSE events must leave at once, never corked behind Nagle's algorithm.
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "could not set TCP_NODELAY");
@@ -162,18 +177,19 @@ impl Connections {
         };
         let io = TokioIo::new(Rewind::new(prefix, stream));
         let gateway = self.gateway.clone();
-        let client = Arc::new(Peer::new(peer));
+        let http1 = if client.over_capacity {
+            &self.http1_over_capacity
+        } else {
+            &self.http1
+        };
+        let client = Arc::new(client);
         let service = service_fn(move |req| {
             let gateway = gateway.clone();
             let client = client.clone();
             async move { Ok::<_, Infallible>(gateway.handle(&client, req).await) }
         });
         let served = match protocol {
-            Protocol::Http1 => {
-                watcher
-                    .watch(self.http1.serve_connection(io, service))
-                    .await
-            }
+            Protocol::Http1 => watcher.watch(http1.serve_connection(io, service)).await,
             Protocol::Http2 => {
                 watcher
                     .watch(self.http2.serve_connection(io, service))

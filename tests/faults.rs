@@ -174,3 +174,52 @@ async fn smuggling_attempts_never_deliver_a_second_request_upstream() {
     assert!(seen.iter().all(|s| s.method == Method::POST));
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn over_max_connections_the_probe_is_answered_and_other_requests_get_503() {
+    let upstream = start_upstream().await;
+    let text = config_text(upstream.addr, "")
+        .replace("max_request_body", "max_connections = 2\nmax_request_body");
+    let proxy = start_proxy_with(&text).await;
+    let auth = bearer(KEY);
+    // Two keep-alive connections, each served once and held open, fill the limit.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let reply = sender
+            .send_request(get("/v1/models", &[("authorization", &auth)]))
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+        held.push(sender);
+    }
+    let full = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
+    assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(full.headers["retry-after"], "1");
+    assert_eq!(full.json()["error"]["code"], "over_capacity");
+    assert_eq!(
+        send(proxy.addr, get("/health", &[])).await.status,
+        StatusCode::OK,
+        "the probe stays answerable"
+    );
+
+    held.pop();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let reply = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a freed slot is used again"
+        );
+        tokio::task::yield_now().await;
+    }
+    proxy.stop().await;
+}

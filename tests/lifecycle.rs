@@ -109,7 +109,10 @@ async fn probe_answers_503_once_draining_has_begun() {
     )
     .unwrap();
     let gateway = std::sync::Arc::new(keygate::handler::Gateway::new(&config));
-    let peer = std::sync::Arc::new(keygate::rewrite::Peer::new("127.0.0.1:1".parse().unwrap()));
+    let peer = std::sync::Arc::new(keygate::rewrite::Peer::new(
+        "127.0.0.1:1".parse().unwrap(),
+        false,
+    ));
     let (client_io, server_io) = tokio::io::duplex(4096);
     let service_gateway = gateway.clone();
     let service = hyper::service::service_fn(move |req| {

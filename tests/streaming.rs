@@ -200,3 +200,34 @@ async fn steady_stream_longer_than_idle_timeout_is_never_cut() {
     assert!(events >= 5);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn upstream_reset_mid_stream_resets_the_http2_stream() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut client, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut req = chat_request();
+    *req.uri_mut() = "http://keygate.test/v1/chat/completions".parse().unwrap();
+    req.headers_mut().remove("host");
+    let mut body = client.send_request(req).await.unwrap().into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    next_frame(&mut body).await.unwrap().unwrap();
+    sender.abort("upstream crashed".into());
+    let end = next_frame(&mut body).await;
+    assert!(
+        matches!(end, Some(Err(_))),
+        "an h2 stream that broke upstream must be reset: {end:?}"
+    );
+    proxy.stop().await;
+}
