@@ -5,6 +5,7 @@ mod support;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
+use support::process::{Running, TempDir};
 use support::*;
 
 fn assert_upstream_error(reply: &Reply, status: StatusCode) {
@@ -222,4 +223,116 @@ async fn over_max_connections_the_probe_is_answered_and_other_requests_get_503()
         tokio::task::yield_now().await;
     }
     proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_that_never_completes_the_connect_is_502_after_connect_timeout() {
+    // A listener that never accepts, with its accept queue full: the kernel drops further
+    // SYNs, so keygate's connect hangs until connect_timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(stream);
+        }
+    }
+    let text =
+        config_text(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"300ms\"");
+    let proxy = start_proxy_with(&text).await;
+    let reply = send(
+        proxy.addr,
+        get("/v1/models", &[("authorization", &bearer(KEY))]),
+    )
+    .await;
+    assert_upstream_error(&reply, StatusCode::BAD_GATEWAY);
+    drop(listener);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn download_larger_than_the_client_reads_is_held_back_not_buffered() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let response = open(
+        proxy.addr,
+        get("/v1/files/big", &[("authorization", &bearer(KEY))]),
+    )
+    .await;
+    let mut sender = senders.recv().await.unwrap();
+    let chunk = Bytes::from(vec![b'x'; 256 * 1024]);
+    // The client reads nothing: once the socket buffers on both sides are full, keygate stops
+    // reading from the upstream and the upstream's writes stall.
+    let mut sent = 0usize;
+    loop {
+        let send = sender.send_data(chunk.clone());
+        match tokio::time::timeout(std::time::Duration::from_millis(500), send).await {
+            Ok(result) => {
+                result.unwrap();
+                sent += chunk.len();
+                assert!(
+                    sent < 64 * 1024 * 1024,
+                    "keygate buffered {sent} bytes for a client that reads nothing"
+                );
+            }
+            Err(_) => break,
+        }
+    }
+    // Reading resumes the flow.
+    let mut body = response.into_body();
+    let mut received = 0usize;
+    while received < sent {
+        received += next_frame(&mut body)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap()
+            .len();
+    }
+    drop(sender);
+    proxy.stop().await;
+}
+
+#[test]
+fn accept_errors_back_off_and_serving_resumes() {
+    // With few file descriptors, accepting more connections than fit fails with EMFILE;
+    // keygate logs it, backs off, and serves again once connections close.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(start_upstream());
+    let dir = TempDir::new("emfile");
+    let config = config_text(upstream.addr, "").replace("level = \"warn\"", "level = \"info\"");
+    let path = dir.write("keygate.toml", &config);
+    let env = [
+        ("API_KEY", KEY),
+        ("CI_KEY", CI_KEY),
+        ("SHARED_SECRET", SHARED_SECRET),
+        ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
+    ];
+    let mut keygate = Running::start_with_fd_limit(&path, &env, 64);
+    let addr = keygate.addr;
+    let held: Vec<_> = (0..80)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    keygate.wait_for_line("accept failed");
+    drop(held);
+    let reply = runtime.block_on(async {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let reply = send(addr, get("/v1/models", &[("authorization", &bearer(KEY))])).await;
+            if reply.status == StatusCode::OK || tokio::time::Instant::now() > deadline {
+                return reply;
+            }
+        }
+    });
+    assert_eq!(reply.status, StatusCode::OK);
+    let (status, output) = keygate.terminate();
+    assert!(status.success(), "{output}");
 }

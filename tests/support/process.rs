@@ -69,7 +69,23 @@ impl Running {
     /// Starts `keygate --config CONFIG --listen 127.0.0.1:0` and waits for the log line that
     /// tells which port it got.
     pub fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Self {
-        let mut child = keygate()
+        Self::spawn(keygate(), config, env)
+    }
+
+    /// Like [`Running::start`], with at most `fds` open file descriptors (`ulimit -n`).
+    pub fn start_with_fd_limit(config: &std::path::Path, env: &[(&str, &str)], fds: u32) -> Self {
+        let mut command = Command::new("bash");
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .arg("-c")
+            .arg(format!("ulimit -n {fds} && exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_keygate"));
+        Self::spawn(command, config, env)
+    }
+
+    fn spawn(mut command: Command, config: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let mut child = command
             .arg("--config")
             .arg(config)
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
