@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::access::{AccessLog, Outcome};
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 
 pin_project! {
     /// The client's request body, forwarded upstream.
@@ -28,14 +30,16 @@ pin_project! {
         #[pin]
         inner: Incoming,
         remaining: u64,
+        metrics: Arc<Metrics>,
     }
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64) -> Self {
+    pub fn new(inner: Incoming, limit: u64, metrics: Arc<Metrics>) -> Self {
         Self {
             inner,
             remaining: limit,
+            metrics,
         }
     }
 }
@@ -64,6 +68,7 @@ impl http_body::Body for RequestBody {
                 return Poll::Ready(Some(Err(ProxyError::BodyTooLarge)));
             }
             *this.remaining -= len;
+            this.metrics.body_bytes_in(len);
             return Poll::Ready(Some(Ok(frame)));
         }
     }

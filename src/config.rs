@@ -149,8 +149,7 @@ struct InjectFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AdminFile {
-    #[allow(dead_code, reason = "parsed so the table is recognised, then refused")]
-    listen: String,
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +201,8 @@ pub struct Config {
     pub probe_path: String,
     pub public_paths: Vec<String>,
     pub inject: Vec<Injected>,
+    /// The admin listener (`/metrics`, `/livez`, `/readyz`), if configured.
+    pub admin: Option<SocketAddr>,
     pub log: Log,
 }
 
@@ -481,8 +482,23 @@ fn validate(
             format!("{e}; use a level such as \"info\" or a filter such as \"keygate=debug,warn\""),
         );
     }
+    let admin = f.admin.as_ref().and_then(|a| {
+        let listen = &a.get_ref().listen;
+        let addr = listen.get_ref().parse::<SocketAddr>().ok();
+        match addr {
+            None => p.at(listen.span(), "[admin] listen", "is not an IP:port address; write e.g. \"127.0.0.1:9090\""),
+            Some(addr) if Some(addr) == server.as_ref().map(|s| s.listen) => p.at(
+                listen.span(),
+                "[admin] listen",
+                "is the proxy's own address; the admin listener must be separate, e.g. \"127.0.0.1:9090\"",
+            ),
+            Some(_) => {}
+        }
+        addr
+    });
     Some(Config {
         file: path.to_owned(),
+        admin,
         server: server?,
         upstream: upstream?,
         auth: auth?,
@@ -511,9 +527,6 @@ fn refuse_unsupported(f: &FileConfig, p: &mut Problems<'_>) {
         if let Some(v) = value {
             p.at(v.span(), key, later);
         }
-    }
-    if let Some(admin) = &f.admin {
-        p.at(admin.span(), "[admin]", later);
     }
     if let Some(cors) = &f.cors {
         if !cors.get_ref().allow_origins.is_empty() {
@@ -1018,10 +1031,23 @@ mod tests {
 
     #[test]
     fn not_yet_supported_sections_are_refused_not_ignored() {
-        let text = format!("{}[admin]\nlisten = \"127.0.0.1:9090\"\n", minimal());
+        let text = format!("{}[server]\ntls_cert = \"/c.pem\"\n", minimal());
         let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
         assert!(
-            e.contains("[admin]") && e.contains("not supported yet"),
+            e.contains("tls_cert") && e.contains("not supported yet"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn admin_listener_must_differ_from_the_proxy_listener() {
+        let text = format!(
+            "{}[server]\nlisten = \"127.0.0.1:9090\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n",
+            minimal()
+        );
+        let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
+        assert!(
+            e.contains("[admin] listen") && e.contains("must be separate"),
             "{e}"
         );
     }

@@ -2,6 +2,7 @@
 //! This is the one place where a [`ProxyError`] becomes a response and an access log line.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -14,6 +15,7 @@ use crate::body::{Body, RequestBody};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers::X_REQUEST_ID;
+use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::rewrite::{self, Origin, Peer, Rules};
 use crate::route::{Route, Routes};
@@ -28,6 +30,7 @@ pub struct Gateway {
     max_request_body: u64,
     draining: AtomicBool,
     failed_auth: FailedAuth,
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
@@ -40,12 +43,22 @@ impl Gateway {
             max_request_body: config.server.max_request_body,
             draining: AtomicBool::new(false),
             failed_auth: FailedAuth::default(),
+            metrics: Arc::new(Metrics::default()),
         }
     }
 
     /// Logs the failed-authentication summary; `server` calls it every `REPORT_EVERY`.
     pub fn report_failed_auth(&self) {
         self.failed_auth.report();
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Ready: not draining, and the upstream answered the last time it was asked.
+    pub fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.metrics.upstream_ok()
     }
 
     /// From now on the probe answers 503, so load balancers stop sending traffic.
@@ -55,7 +68,13 @@ impl Gateway {
 
     pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
         let request_id = rewrite::request_id(req.headers());
-        let mut log = AccessLog::new(&req, peer, Instant::now(), request_id.clone());
+        let mut log = AccessLog::new(
+            &req,
+            peer,
+            Instant::now(),
+            request_id.clone(),
+            self.metrics.clone(),
+        );
         match self.forward(peer, req, &request_id, &mut log).await {
             Ok(upstream) => {
                 let (mut parts, body) = upstream.into_parts();
@@ -128,8 +147,10 @@ impl Gateway {
             },
         );
         parts.uri = uri;
-        let upstream_req =
-            Request::from_parts(parts, RequestBody::new(body, self.max_request_body));
+        let upstream_req = Request::from_parts(
+            parts,
+            RequestBody::new(body, self.max_request_body, self.metrics.clone()),
+        );
         let sent = Instant::now();
         let response = self.upstream.send(upstream_req).await?;
         log.upstream_ttfb = Some(sent.elapsed());

@@ -15,12 +15,15 @@
 //! 5. Any failure is a [`error::ProxyError`], turned into a JSON response in one place;
 //!    failed authentication is also counted and, per client address, slowed ([`throttle`]).
 //!
+//! Beside the proxy, [`admin`] serves [`metrics`], liveness and readiness on its own listener.
+//!
 //! [`config`] turns the TOML file and the secrets it names ([`secrets`]) into a validated
 //! [`Config`] before any socket is opened.
 
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
@@ -28,6 +31,7 @@ pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod logging;
+pub mod metrics;
 pub mod preface;
 pub mod proxy;
 pub mod rewrite;
@@ -37,4 +41,4 @@ pub mod server;
 pub mod throttle;
 
 pub use config::Config;
-pub use server::run;
+pub use server::{run, Listeners};

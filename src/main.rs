@@ -94,10 +94,13 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-            Ok(listener) => listener,
+        let listeners = match keygate::Listeners::bind(&config).await {
+            Ok(listeners) => listeners,
             Err(e) => {
-                eprintln!("keygate: cannot listen on {}: {e}", config.server.listen);
+                eprintln!(
+                    "keygate: cannot listen on {} (or the [admin] address): {e}",
+                    config.server.listen
+                );
                 return ExitCode::FAILURE;
             }
         };
@@ -113,7 +116,7 @@ fn serve(config: Config) -> ExitCode {
             summary = %config.summary().replace('\n', "; "),
             "keygate starting"
         );
-        match keygate::run(config, listener, signals.shutdown()).await {
+        match keygate::run(config, listeners, signals.shutdown()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");

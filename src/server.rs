@@ -16,12 +16,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::access;
 use crate::config::{self, Config};
 use crate::handler::Gateway;
+use crate::metrics::Metrics;
 use crate::preface::{self, Protocol, Rewind};
 use crate::rewrite::Peer;
 use crate::throttle;
+use crate::{access, admin};
 
 /// Largest request head (request line and headers) accepted; over it, 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -41,13 +42,33 @@ pub const OVERFLOW_CONNECTIONS: usize = 256;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Runs the proxy on `listener` until `shutdown` completes, then stops accepting, answers the
-/// probe with 503, and lets open requests finish for up to `shutdown_grace`.
+/// The sockets keygate serves on, bound before `run` so that a caller (or a test) can bind
+/// ephemeral ports and learn them.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses the config names.
+    pub async fn bind(config: &Config) -> io::Result<Self> {
+        let proxy = TcpListener::bind(config.server.listen).await?;
+        let admin = match config.admin {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Self { proxy, admin })
+    }
+}
+
+/// Runs the proxy until `shutdown` completes, then stops accepting, answers the probe with
+/// 503, and lets open requests finish for up to `shutdown_grace`.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let listener = listeners.proxy;
     let settings = config.server.clone();
     let server = Arc::new(Connections::new(&config));
     let limit = Arc::new(Semaphore::new(settings.max_connections));
@@ -55,6 +76,9 @@ pub async fn run(
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     let housekeeping = tokio::spawn(housekeeping(server.gateway.clone()));
+    let admin = listeners
+        .admin
+        .map(|admin| tokio::spawn(admin::serve(admin, server.gateway.clone())));
     info!(listen = %listener.local_addr()?, "accepting connections");
     // Every connection task lives in this set: finished ones are reaped as the loop goes, and
     // those still open when the grace expires are aborted, so nothing outlives `run`.
@@ -110,8 +134,28 @@ pub async fn run(
         }
     }
     housekeeping.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     access::flush();
     Ok(())
+}
+
+/// Counts a connection in the `connections` gauge for as long as it lives, also when its task
+/// is aborted.
+struct OpenConnection<'a>(&'a Metrics);
+
+impl<'a> OpenConnection<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.connection_opened();
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
 }
 
 /// Periodic chores: writing pending access lines and the failed-authentication summary.
@@ -164,6 +208,7 @@ impl Connections {
 
     async fn serve(&self, mut stream: TcpStream, client: Peer, watcher: Watcher) {
         let peer = client.addr;
+        let _open = OpenConnection::new(self.gateway.metrics());
         // Small SSE events must leave at once, never corked behind Nagle's algorithm.
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "could not set TCP_NODELAY");

@@ -322,3 +322,53 @@ async fn never_a_keyless_request_reaches_a_path_other_than_the_probe_and_public_
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn never_a_secret_value_in_a_metric_label() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy_with(&config_text(
+        upstream.addr,
+        "\n[admin]\nlisten = \"127.0.0.1:9090\"\n",
+    ))
+    .await;
+    let near_miss = &KEY[..KEY.len() - 1];
+    send(
+        proxy.addr,
+        get("/v1/models", &[("authorization", &bearer(KEY))]),
+    )
+    .await;
+    send(proxy.addr, get("/v1/models", &[("x-api-key", CI_KEY)])).await;
+    send(
+        proxy.addr,
+        get("/v1/models", &[("authorization", &bearer(WRONG_TOKEN))]),
+    )
+    .await;
+    send(proxy.addr, get("/v1/models", &[("x-api-key", near_miss)])).await;
+    send(
+        proxy.addr,
+        get(
+            &format!("/v1/models?key={QUERY_SECRET}"),
+            &[("authorization", &bearer(KEY))],
+        ),
+    )
+    .await;
+    send(
+        proxy.addr,
+        get(
+            &format!("/{QUERY_SECRET}"),
+            &[("authorization", &bearer(KEY))],
+        ),
+    )
+    .await;
+    let text = send(proxy.admin.unwrap(), get("/metrics", &[]))
+        .await
+        .text();
+    assert!(text.contains(r#"key="default""#), "{text}");
+    for secret in secret_values().iter().chain([&near_miss]) {
+        assert!(
+            !text.contains(secret),
+            "a secret value in the metrics:\n{text}"
+        );
+    }
+    proxy.stop().await;
+}

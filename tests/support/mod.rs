@@ -93,6 +93,8 @@ level = "warn"
 /// A keygate running in this process on 127.0.0.1:0.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `[admin]` (bound on an ephemeral port).
+    pub admin: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -109,14 +111,21 @@ pub async fn start_proxy_with(toml: &str) -> Proxy {
         &secrets(),
     )
     .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = proxy.local_addr().unwrap();
+    let admin = match config.admin {
+        Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|a| a.local_addr().unwrap());
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(keygate::run(config, listener, async {
+    let listeners = keygate::Listeners { proxy, admin };
+    let task = tokio::spawn(keygate::run(config, listeners, async {
         let _ = rx.await;
     }));
     Proxy {
         addr,
+        admin: admin_addr,
         shutdown: Some(tx),
         task,
     }

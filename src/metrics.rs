@@ -1,0 +1,312 @@
+//! Prometheus metrics, served by `admin` on its own listener. Every label takes a bounded set
+//! of values: key names from the config, method classes, status codes and fixed reason words.
+//! No path, token or header value ever becomes a label.
+//!
+//! Requests are counted where their access line is written (`access`), so a metric and a log
+//! line always agree.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::error::ProxyError;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    key: Arc<str>,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    auth_failures: Family<ReasonLabels, Counter>,
+    upstream_errors: Family<KindLabels, Counter>,
+    reloads: Family<OutcomeLabels, Counter>,
+    upstream_ttfb: Histogram,
+    duration: Histogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    connections: Gauge,
+    in_flight: Gauge,
+    /// Whether the last upstream exchange got a response; `/readyz` reports it.
+    upstream_ok: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("keygate");
+        let requests = Family::default();
+        let auth_failures = Family::default();
+        let upstream_errors = Family::default();
+        let reloads = Family::default();
+        // 1 ms to about 9 minutes: from a cached answer to a long time to first token.
+        let upstream_ttfb = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        let duration = Histogram::new(exponential_buckets(0.001, 2.0, 22));
+        let bytes_in = Counter::default();
+        let bytes_out = Counter::default();
+        let connections = Gauge::default();
+        let in_flight = Gauge::default();
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "requests",
+            "Requests answered, by key name, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused for their credentials, by reason",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures, by kind",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Key reloads on SIGHUP, by outcome",
+            reloads.clone(),
+        );
+        registry.register(
+            "upstream_ttfb_seconds",
+            "Time from forwarding a request to the upstream's response headers",
+            upstream_ttfb.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to the end of its response body",
+            duration.clone(),
+        );
+        registry.register(
+            "request_body_bytes",
+            "Request body bytes forwarded upstream",
+            bytes_in.clone(),
+        );
+        registry.register(
+            "response_body_bytes",
+            "Response body bytes sent to clients",
+            bytes_out.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open client connections",
+            connections.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests and streams not yet finished",
+            in_flight.clone(),
+        );
+        registry.register("build_info", "keygate's version", build);
+        Self {
+            registry,
+            requests,
+            auth_failures,
+            upstream_errors,
+            reloads,
+            upstream_ttfb,
+            duration,
+            bytes_in,
+            bytes_out,
+            connections,
+            in_flight,
+            upstream_ok: AtomicBool::new(true),
+        }
+    }
+}
+
+/// What one finished request contributes.
+pub struct Finished<'a> {
+    pub key: Option<&'a Arc<str>>,
+    pub method: &'a Method,
+    pub status: u16,
+    pub duration: Duration,
+    pub upstream_ttfb: Option<Duration>,
+    pub bytes_out: u64,
+    pub error: Option<&'a ProxyError>,
+}
+
+impl Metrics {
+    pub fn request_started(&self) {
+        self.in_flight.inc();
+    }
+
+    pub fn request_finished(&self, r: Finished<'_>) {
+        self.in_flight.dec();
+        static NO_KEY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+        let key = r
+            .key
+            .unwrap_or_else(|| NO_KEY.get_or_init(|| Arc::from("-")));
+        self.requests
+            .get_or_create(&RequestLabels {
+                key: key.clone(),
+                method: method_class(r.method),
+                status: r.status,
+            })
+            .inc();
+        self.duration.observe(r.duration.as_secs_f64());
+        if let Some(ttfb) = r.upstream_ttfb {
+            self.upstream_ttfb.observe(ttfb.as_secs_f64());
+            self.upstream_ok.store(true, Ordering::Relaxed);
+        }
+        self.bytes_out.inc_by(r.bytes_out);
+        let Some(e) = r.error else { return };
+        match e {
+            ProxyError::MissingCredentials => self.auth_failure("missing"),
+            ProxyError::MalformedCredentials => self.auth_failure("malformed"),
+            ProxyError::InvalidCredentials => self.auth_failure("invalid"),
+            ProxyError::UpstreamUnreachable(_) => self.upstream_error("refused", false),
+            ProxyError::UpstreamFailed(_) | ProxyError::UpstreamBody(_) => {
+                self.upstream_error("reset", false)
+            }
+            ProxyError::UpstreamTimeout => self.upstream_error("timeout", false),
+            ProxyError::UpstreamIdle => self.upstream_error("idle_timeout", true),
+            _ => {}
+        }
+    }
+
+    fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// `reachable`: the upstream answered before failing (an idle stream), so readiness holds.
+    fn upstream_error(&self, kind: &'static str, reachable: bool) {
+        self.upstream_errors
+            .get_or_create(&KindLabels { kind })
+            .inc();
+        if !reachable {
+            self.upstream_ok.store(false, Ordering::Relaxed);
+        }
+    }
+
+    pub fn body_bytes_in(&self, n: u64) {
+        self.bytes_in.inc_by(n);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        let outcome = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn upstream_ok(&self) -> bool {
+        self.upstream_ok.load(Ordering::Relaxed)
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+fn method_class(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finished_request_is_counted_with_bounded_labels() {
+        let m = Metrics::default();
+        m.request_started();
+        let key: Arc<str> = Arc::from("ci");
+        m.request_finished(Finished {
+            key: Some(&key),
+            method: &Method::from_bytes(b"BREW").unwrap(),
+            status: 200,
+            duration: Duration::from_millis(3),
+            upstream_ttfb: Some(Duration::from_millis(2)),
+            bytes_out: 10,
+            error: None,
+        });
+        let text = m.encode();
+        assert!(
+            text.contains(r#"keygate_requests_total{key="ci",method="other",status="200"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("keygate_requests_in_flight 0"), "{text}");
+        assert!(
+            text.contains("keygate_response_body_bytes_total 10"),
+            "{text}"
+        );
+        assert!(text.contains(r#"keygate_build_info{version=""#), "{text}");
+    }
+
+    #[test]
+    fn refused_upstream_marks_it_unready_until_the_next_response() {
+        let m = Metrics::default();
+        m.request_started();
+        m.request_finished(Finished {
+            key: None,
+            method: &Method::GET,
+            status: 504,
+            duration: Duration::ZERO,
+            upstream_ttfb: None,
+            bytes_out: 0,
+            error: Some(&ProxyError::UpstreamTimeout),
+        });
+        assert!(!m.upstream_ok());
+        assert!(m
+            .encode()
+            .contains(r#"keygate_upstream_errors_total{kind="timeout"} 1"#));
+    }
+}
