@@ -91,9 +91,21 @@ impl KeySet {
         Self { keys }
     }
 
+    /// This set with the keys `replaced` accepts swapped for `fresh` ones.
+    pub fn replacing(&self, replaced: impl Fn(&str) -> bool, fresh: Vec<(String, Secret)>) -> Self {
+        let mut keys: Vec<Key> = self
+            .keys
+            .iter()
+            .filter(|k| !replaced(&k.name))
+            .cloned()
+            .collect();
+        keys.extend(Self::new(fresh).keys);
+        Self { keys }
+    }
+
     /// The name of the key `token` matches, if any. Runs in time independent of which key
     /// matched, of where it sits in the list, and of the keys' lengths.
-    pub fn verify(&self, token: &[u8]) -> Option<KeyId<'_>> {
+    pub fn verify(&self, token: &[u8]) -> Option<KeyId> {
         let presented: [u8; 32] = Sha256::digest(token).into();
         let mut found = 0u32;
         for (i, key) in self.keys.iter().enumerate() {
@@ -104,8 +116,8 @@ impl KeySet {
             .keys
             .get(usize::try_from(found).ok()?.checked_sub(1)?)?;
         Some(KeyId {
-            name: &key.name,
-            header: &key.header,
+            name: key.name.clone(),
+            header: key.header.clone(),
         })
     }
 
@@ -128,7 +140,6 @@ impl fmt::Debug for KeySet {
     }
 }
 
-/// The key a request was admitted with: its name, never its value.
 /// One new random API key: 256 bits from the OS CSPRNG, base64url without padding
 /// (43 characters).
 pub fn generate_key() -> Result<String, getrandom::Error> {
@@ -138,10 +149,12 @@ pub fn generate_key() -> Result<String, getrandom::Error> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct KeyId<'a> {
-    pub name: &'a Arc<str>,
-    pub header: &'a HeaderValue,
+/// The key a request was admitted with: its name, never its value. Shares its text with the
+/// key set, so it stays valid after a reload swapped the set.
+#[derive(Debug, Clone)]
+pub struct KeyId {
+    pub name: Arc<str>,
+    pub header: HeaderValue,
 }
 
 #[cfg(test)]
@@ -237,9 +250,9 @@ mod tests {
             ("second", "key-two-0123456789"),
             ("third", "key-three-0123456789"),
         ]);
-        assert_eq!(&**keys.verify(b"key-one-0123456789").unwrap().name, "first");
+        assert_eq!(&*keys.verify(b"key-one-0123456789").unwrap().name, "first");
         assert_eq!(
-            &**keys.verify(b"key-three-0123456789").unwrap().name,
+            &*keys.verify(b"key-three-0123456789").unwrap().name,
             "third"
         );
         assert!(keys.verify(b"key-two-012345678").is_none());

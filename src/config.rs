@@ -232,6 +232,8 @@ pub struct Upstream {
 #[derive(Debug)]
 pub struct Auth {
     pub keys: KeySet,
+    /// The keys read from files, re-read on SIGHUP.
+    pub file_keys: Vec<FileKey>,
     /// Names of `optional` keys whose secret was not set; they admit nobody.
     pub absent_optional: Vec<String>,
     pub identity_header: Option<HeaderName>,
@@ -663,6 +665,7 @@ fn auth(
 ) -> Option<Auth> {
     let mut keys: Vec<(String, Secret)> = Vec::new();
     let mut absent_optional = Vec::new();
+    let mut file_keys = Vec::new();
     for entry in &a.keys {
         let k = entry.get_ref();
         let key = format!("[auth] keys (name = \"{}\")", k.name);
@@ -679,12 +682,16 @@ fn auth(
                 "this name is used twice; every key needs its own name",
             );
         }
-        let (found, origin) = match (&k.env, &k.file) {
-            (Some(var), None) => (Ok(secrets.env(var)), format!("environment variable {var}")),
-            (None, Some(path)) => (
-                secrets.file(path).map(Some),
-                format!("file {}", path.display()),
-            ),
+        let source = match (&k.env, &k.file) {
+            (Some(var), None) => KeySource::Env(var.clone()),
+            (None, Some(path)) => {
+                file_keys.push(FileKey {
+                    name: k.name.clone(),
+                    path: path.clone(),
+                    optional: k.optional,
+                });
+                KeySource::File(path.clone())
+            }
             _ => {
                 p.at(
                     entry.span(),
@@ -694,24 +701,10 @@ fn auth(
                 continue;
             }
         };
-        // An empty variable or file counts as not set.
-        match found.map(|s| s.filter(|s| !s.expose().is_empty())) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && k.optional => {
-                absent_optional.push(k.name.clone())
-            }
-            Err(e) => p.at(entry.span(), &key, format!("cannot read the {origin}: {e}")),
-            Ok(None) if k.optional => absent_optional.push(k.name.clone()),
-            Ok(None) => p.at(
-                entry.span(),
-                &key,
-                format!(
-                    "the {origin} is not set or is empty; set it, or mark the key optional = true"
-                ),
-            ),
-            Ok(Some(secret)) => match key_problem(&secret) {
-                Some(why) => p.at(entry.span(), &key, format!("the key in the {origin} {why}")),
-                None => keys.push((k.name.clone(), secret)),
-            },
+        match resolve_key(&source, k.optional, secrets) {
+            Ok(Some(secret)) => keys.push((k.name.clone(), secret)),
+            Ok(None) => absent_optional.push(k.name.clone()),
+            Err(why) => p.at(entry.span(), &key, why),
         }
     }
     if a.keys.is_empty() {
@@ -737,6 +730,7 @@ fn auth(
     });
     Some(Auth {
         keys: KeySet::new(keys),
+        file_keys,
         absent_optional,
         identity_header,
         forward_authorization: a.forward_authorization,
@@ -748,6 +742,73 @@ fn valid_key_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A key whose value lives in a file.
+#[derive(Debug, Clone)]
+pub struct FileKey {
+    pub name: String,
+    pub path: PathBuf,
+    pub optional: bool,
+}
+
+enum KeySource {
+    Env(String),
+    File(PathBuf),
+}
+
+/// A key's value: `Ok(None)` for an optional key that is not set (an empty variable or file
+/// counts as not set), `Err` with what is wrong and what to do.
+fn resolve_key(
+    source: &KeySource,
+    optional: bool,
+    secrets: &dyn SecretSource,
+) -> Result<Option<Secret>, String> {
+    let (found, origin) = match source {
+        KeySource::Env(var) => (Ok(secrets.env(var)), format!("environment variable {var}")),
+        KeySource::File(path) => (
+            secrets.file(path).map(Some),
+            format!("file {}", path.display()),
+        ),
+    };
+    match found.map(|s| s.filter(|s| !s.expose().is_empty())) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && optional => Ok(None),
+        Err(e) => Err(format!("cannot read the {origin}: {e}")),
+        Ok(None) if optional => Ok(None),
+        Ok(None) => Err(format!(
+            "the {origin} is not set or is empty; set it, or mark the key optional = true"
+        )),
+        Ok(Some(secret)) => match key_problem(&secret) {
+            Some(why) => Err(format!("the key in the {origin} {why}")),
+            None => Ok(Some(secret)),
+        },
+    }
+}
+
+/// The key set after re-reading the key files (SIGHUP): environment keys stay as loaded at
+/// start-up, file keys take the files' current values. Any problem leaves `current` in force.
+pub fn reload_file_keys(
+    current: &KeySet,
+    file_keys: &[FileKey],
+    secrets: &dyn SecretSource,
+) -> Result<KeySet, String> {
+    let mut fresh = Vec::new();
+    let mut problems = Vec::new();
+    for k in file_keys {
+        match resolve_key(&KeySource::File(k.path.clone()), k.optional, secrets) {
+            Ok(Some(secret)) => fresh.push((k.name.clone(), secret)),
+            Ok(None) => {}
+            Err(why) => problems.push(format!("key \"{}\": {why}", k.name)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let keys = current.replacing(|name| file_keys.iter().any(|k| k.name == name), fresh);
+    if keys.is_empty() {
+        return Err("no key would be left to admit anyone".into());
+    }
+    Ok(keys)
 }
 
 /// Why a key value cannot be used, without revealing any of it.
@@ -977,6 +1038,32 @@ mod tests {
         assert_eq!(c.auth.keys.names().collect::<Vec<_>>(), ["ci"]);
         let e = errors(text, &MapSecrets::default());
         assert!(e.contains("file /run/secrets/ci"), "{e}");
+    }
+
+    #[test]
+    fn reload_rereads_file_keys_and_keeps_environment_keys() {
+        let text = "[auth]\nkeys = [{ name = \"env\", env = \"A\" }, { name = \"ci\", file = \"/k\" }, { name = \"new\", file = \"/n\", optional = true }]\n";
+        let start = MapSecrets::default()
+            .with_env("A", KEY)
+            .with_file("/k", "old-file-key-0123456789");
+        let c = parse(text, &start).unwrap();
+        let later = MapSecrets::default()
+            .with_file("/k", "new-file-key-0123456789")
+            .with_file("/n", "added-key-0123456789");
+        let keys = reload_file_keys(&c.auth.keys, &c.auth.file_keys, &later).unwrap();
+        assert!(keys.verify(KEY.as_bytes()).is_some(), "env key kept");
+        assert!(keys.verify(b"old-file-key-0123456789").is_none());
+        assert_eq!(
+            &*keys.verify(b"new-file-key-0123456789").unwrap().name,
+            "ci"
+        );
+        assert_eq!(&*keys.verify(b"added-key-0123456789").unwrap().name, "new");
+        let broken = MapSecrets::default().with_file("/k", "short");
+        let e = reload_file_keys(&c.auth.keys, &c.auth.file_keys, &broken).unwrap_err();
+        assert!(
+            e.contains("\"ci\"") && e.contains("shorter than 16 bytes") && !e.contains("short\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -5,26 +5,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
+use tracing::{info, warn};
 
 use crate::access::{AccessLog, Outcome};
 use crate::auth::{self, Credential, KeySet};
 use crate::body::{Body, RequestBody};
-use crate::config::Config;
+use crate::config::{reload_file_keys, Config, FileKey};
 use crate::error::ProxyError;
 use crate::headers::X_REQUEST_ID;
 use crate::metrics::Metrics;
 use crate::proxy::Upstream;
 use crate::rewrite::{self, Origin, Peer, Rules};
 use crate::route::{Route, Routes};
+use crate::secrets::SecretSource;
 use crate::throttle::FailedAuth;
 
 /// Everything a request needs, built once at start-up and shared by all connections.
 pub struct Gateway {
     routes: Routes,
-    keys: KeySet,
+    /// Swapped whole by a reload; a request holds the set it started with.
+    keys: ArcSwap<KeySet>,
+    /// Keys read from files, re-read by [`Gateway::reload_keys`].
+    file_keys: Vec<FileKey>,
     rules: Rules,
     upstream: Upstream,
     max_request_body: u64,
@@ -37,13 +43,32 @@ impl Gateway {
     pub fn new(config: &Config) -> Self {
         Self {
             routes: Routes::new(config.probe_path.clone(), config.public_paths.clone()),
-            keys: config.auth.keys.clone(),
+            keys: ArcSwap::from_pointee(config.auth.keys.clone()),
+            file_keys: config.auth.file_keys.clone(),
             rules: Rules::new(config),
             upstream: Upstream::new(&config.upstream),
             max_request_body: config.server.max_request_body,
             draining: AtomicBool::new(false),
             failed_auth: FailedAuth::default(),
             metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// Re-reads the key files (SIGHUP). A bad file keeps the keys in force and says why;
+    /// requests in flight are not affected either way.
+    pub fn reload_keys(&self, secrets: &dyn SecretSource) {
+        let current = self.keys.load();
+        match reload_file_keys(&current, &self.file_keys, secrets) {
+            Ok(keys) => {
+                let names = keys.names().collect::<Vec<_>>().join(", ");
+                info!(keys = %names, "keys reloaded");
+                self.keys.store(Arc::new(keys));
+                self.metrics.reloaded(true);
+            }
+            Err(why) => {
+                warn!(reason = %why, "key reload failed; the previous keys stay in force");
+                self.metrics.reloaded(false);
+            }
         }
     }
 
@@ -121,7 +146,7 @@ impl Gateway {
                 }
             },
         };
-        log.key = key.map(|id| id.name.clone());
+        log.key = key.as_ref().map(|id| id.name.clone());
         let declared = req
             .headers()
             .get(CONTENT_LENGTH)
@@ -142,7 +167,7 @@ impl Gateway {
             Origin {
                 peer,
                 host: host.as_ref(),
-                key,
+                key: key.as_ref(),
                 request_id,
             },
         );
@@ -158,12 +183,13 @@ impl Gateway {
     }
 
     /// The matched key, or why the request is refused.
-    fn authenticate<B>(&self, req: &Request<B>) -> Result<auth::KeyId<'_>, ProxyError> {
+    fn authenticate<B>(&self, req: &Request<B>) -> Result<auth::KeyId, ProxyError> {
         match auth::credential(req.headers()) {
             Credential::Missing => Err(ProxyError::MissingCredentials),
             Credential::Malformed => Err(ProxyError::MalformedCredentials),
             Credential::Token(token) => self
                 .keys
+                .load()
                 .verify(token)
                 .ok_or(ProxyError::InvalidCredentials),
         }

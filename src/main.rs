@@ -116,7 +116,8 @@ fn serve(config: Config) -> ExitCode {
             summary = %config.summary().replace('\n', "; "),
             "keygate starting"
         );
-        match keygate::run(config, listeners, signals.shutdown()).await {
+        let (reload, reloads) = tokio::sync::mpsc::unbounded_channel();
+        match keygate::run(config, listeners, signals.shutdown(reload), reloads).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");
@@ -139,8 +140,8 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     builder.enable_all().build()
 }
 
-/// SIGTERM and SIGINT start a graceful shutdown; a second one exits at once. SIGHUP is
-/// caught so that it cannot kill the process.
+/// SIGTERM and SIGINT start a graceful shutdown; a second one exits at once. SIGHUP asks
+/// for the key files to be re-read.
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
@@ -156,13 +157,14 @@ impl Signals {
         })
     }
 
-    async fn shutdown(mut self) {
+    async fn shutdown(mut self, reload: tokio::sync::mpsc::UnboundedSender<()>) {
         loop {
             tokio::select! {
                 _ = self.terminate.recv() => break,
                 _ = self.interrupt.recv() => break,
                 _ = self.hangup.recv() => {
-                    tracing::warn!("SIGHUP received: this version reloads nothing; the running config is unchanged");
+                    tracing::info!("SIGHUP received: re-reading the key files");
+                    let _ = reload.send(());
                 }
             }
         }

@@ -58,7 +58,7 @@ impl Peer {
 pub struct Origin<'a> {
     pub peer: &'a Peer,
     pub host: Option<&'a HeaderValue>,
-    pub key: Option<KeyId<'a>>,
+    pub key: Option<&'a KeyId>,
     pub request_id: &'a HeaderValue,
 }
 

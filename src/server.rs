@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -21,6 +21,7 @@ use crate::handler::Gateway;
 use crate::metrics::Metrics;
 use crate::preface::{self, Protocol, Rewind};
 use crate::rewrite::Peer;
+use crate::secrets::ProcessSecrets;
 use crate::throttle;
 use crate::{access, admin};
 
@@ -62,11 +63,13 @@ impl Listeners {
 }
 
 /// Runs the proxy until `shutdown` completes, then stops accepting, answers the probe with
-/// 503, and lets open requests finish for up to `shutdown_grace`.
+/// 503, and lets open requests finish for up to `shutdown_grace`. Each message on `reloads`
+/// (SIGHUP, in the binary) re-reads the key files.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
+    reloads: mpsc::UnboundedReceiver<()>,
 ) -> io::Result<()> {
     let listener = listeners.proxy;
     let settings = config.server.clone();
@@ -75,7 +78,7 @@ pub async fn run(
     let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    let housekeeping = tokio::spawn(housekeeping(server.gateway.clone()));
+    let housekeeping = tokio::spawn(housekeeping(server.gateway.clone(), reloads));
     let admin = listeners
         .admin
         .map(|admin| tokio::spawn(admin::serve(admin, server.gateway.clone())));
@@ -158,14 +161,16 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// Periodic chores: writing pending access lines and the failed-authentication summary.
-async fn housekeeping(gateway: Arc<Gateway>) {
+/// Periodic chores and reloads: writing pending access lines, the failed-authentication
+/// summary, and re-reading the key files when asked.
+async fn housekeeping(gateway: Arc<Gateway>, mut reloads: mpsc::UnboundedReceiver<()>) {
     let mut flush = tokio::time::interval(access::FLUSH_EVERY);
     let mut report = tokio::time::interval(throttle::REPORT_EVERY);
     loop {
         tokio::select! {
             _ = flush.tick() => access::flush(),
             _ = report.tick() => gateway.report_failed_auth(),
+            Some(()) = reloads.recv() => gateway.reload_keys(&ProcessSecrets),
         }
     }
 }

@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use keygate::config::Overrides;
-use keygate::secrets::MapSecrets;
+use keygate::secrets::{MapSecrets, ProcessSecrets, Secret, SecretSource};
 use keygate::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -47,6 +47,19 @@ pub fn secrets() -> MapSecrets {
         .with_env("CI_KEY", CI_KEY)
         .with_env("SHARED_SECRET", SHARED_SECRET)
         .with_env("UPSTREAM_API_KEY", UPSTREAM_TOKEN)
+}
+
+/// The test environment from [`secrets`], and key files from the real file system.
+struct TestSecrets;
+
+impl SecretSource for TestSecrets {
+    fn env(&self, name: &str) -> Option<Secret> {
+        secrets().env(name)
+    }
+
+    fn file(&self, path: &Path) -> std::io::Result<Secret> {
+        ProcessSecrets.file(path)
+    }
 }
 
 /// A config in front of `upstream`: two keys, identity header, two injected headers, one
@@ -96,6 +109,7 @@ pub struct Proxy {
     /// The admin listener, when the config has `[admin]` (bound on an ephemeral port).
     pub admin: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
+    reload: mpsc::UnboundedSender<()>,
     task: JoinHandle<std::io::Result<()>>,
 }
 
@@ -108,7 +122,7 @@ pub async fn start_proxy_with(toml: &str) -> Proxy {
         Path::new("test.toml"),
         toml,
         &Overrides::default(),
-        &secrets(),
+        &TestSecrets,
     )
     .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
     let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -119,19 +133,27 @@ pub async fn start_proxy_with(toml: &str) -> Proxy {
     };
     let admin_addr = admin.as_ref().map(|a| a.local_addr().unwrap());
     let (tx, rx) = oneshot::channel();
+    let (reload, reloads) = mpsc::unbounded_channel();
     let listeners = keygate::Listeners { proxy, admin };
-    let task = tokio::spawn(keygate::run(config, listeners, async {
+    let shutdown = async {
         let _ = rx.await;
-    }));
+    };
+    let task = tokio::spawn(keygate::run(config, listeners, shutdown, reloads));
     Proxy {
         addr,
         admin: admin_addr,
         shutdown: Some(tx),
+        reload,
         task,
     }
 }
 
 impl Proxy {
+    /// What SIGHUP does to the binary: re-read the key files.
+    pub fn reload(&self) {
+        self.reload.send(()).unwrap();
+    }
+
     /// Starts the graceful shutdown and returns the task, to await when the test wants.
     pub fn begin_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -1,0 +1,149 @@
+//! Key rotation (SPEC §4): key files are re-read on SIGHUP; a bad file keeps the keys in
+//! force; no request is dropped while keys change.
+
+mod support;
+
+use http::StatusCode;
+use support::process::{Running, TempDir};
+use support::*;
+
+const OLD: &str = "kg-rotation-old-key-0123456789";
+const NEW: &str = "kg-rotation-new-key-0123456789";
+
+fn rotation_config(upstream: std::net::SocketAddr, dir: &TempDir) -> String {
+    let current = dir.0.join("current");
+    let next = dir.0.join("next");
+    config_text(upstream, "").replace(
+        "keys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ci\", env = \"CI_KEY\" }]",
+        &format!(
+            "keys = [{{ name = \"default\", env = \"API_KEY\" }}, {{ name = \"current\", file = \"{}\" }}, {{ name = \"next\", file = \"{}\", optional = true }}]",
+            current.display(),
+            next.display()
+        ),
+    )
+}
+
+async fn status_with(addr: std::net::SocketAddr, key: &str) -> StatusCode {
+    send(addr, get("/v1/models", &[("authorization", &bearer(key))]))
+        .await
+        .status
+}
+
+/// Waits until `key` gets `expected` (a reload is applied between two accepts).
+async fn wait_for_status(addr: std::net::SocketAddr, key: &str, expected: StatusCode) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while status_with(addr, key).await != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} never got {expected}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn two_key_rotation_through_reloads_drops_no_request() {
+    let upstream = start_upstream().await;
+    let dir = TempDir::new("rotation");
+    dir.write("current", &format!("{OLD}\n"));
+    let proxy = start_proxy_with(&rotation_config(upstream.addr, &dir)).await;
+    assert_eq!(status_with(proxy.addr, OLD).await, StatusCode::OK);
+    assert_eq!(status_with(proxy.addr, NEW).await, StatusCode::UNAUTHORIZED);
+
+    // Traffic with the old key runs through the whole rotation until the old key is retired.
+    let addr = proxy.addr;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let traffic = tokio::spawn(async move {
+        let mut answered = 0;
+        loop {
+            assert_eq!(
+                status_with(addr, OLD).await,
+                StatusCode::OK,
+                "a request with the live old key was refused"
+            );
+            answered += 1;
+            if stopped.try_recv().is_ok() {
+                return answered;
+            }
+        }
+    });
+    // 1. Publish the new key beside the old one: both are admitted.
+    dir.write("next", NEW);
+    proxy.reload();
+    wait_for_status(proxy.addr, NEW, StatusCode::OK).await;
+    stop.send(()).unwrap();
+    assert!(traffic.await.unwrap() > 0);
+    // 2. Clients moved to the new key; retire the old one.
+    dir.write("current", NEW);
+    std::fs::remove_file(dir.0.join("next")).unwrap();
+    proxy.reload();
+    wait_for_status(proxy.addr, OLD, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(status_with(proxy.addr, NEW).await, StatusCode::OK);
+    assert_eq!(
+        status_with(proxy.addr, KEY).await,
+        StatusCode::OK,
+        "environment keys stay"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_key_file_keeps_the_keys_in_force() {
+    let upstream = start_upstream().await;
+    let dir = TempDir::new("rotation-bad");
+    dir.write("current", OLD);
+    let text = rotation_config(upstream.addr, &dir) + "\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+    let proxy = start_proxy_with(&text).await;
+    dir.write("current", "short");
+    proxy.reload();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let metrics = send(proxy.admin.unwrap(), get("/metrics", &[]))
+            .await
+            .text();
+        if metrics.contains(r#"keygate_config_reloads_total{outcome="failure"} 1"#) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed reload is counted:\n{metrics}"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(status_with(proxy.addr, OLD).await, StatusCode::OK);
+    assert_eq!(
+        status_with(proxy.addr, "short").await,
+        StatusCode::UNAUTHORIZED
+    );
+    proxy.stop().await;
+}
+
+#[test]
+fn sighup_makes_the_binary_reread_its_key_files() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(start_upstream());
+    let dir = TempDir::new("rotation-sighup");
+    dir.write("current", OLD);
+    let config =
+        rotation_config(upstream.addr, &dir).replace("level = \"warn\"", "level = \"info\"");
+    let path = dir.write("keygate.toml", &config);
+    let env = [
+        ("API_KEY", KEY),
+        ("SHARED_SECRET", SHARED_SECRET),
+        ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
+    ];
+    let mut keygate = Running::start(&path, &env);
+    let addr = keygate.addr;
+    assert_eq!(runtime.block_on(status_with(addr, OLD)), StatusCode::OK);
+    dir.write("current", NEW);
+    keygate.signal("HUP");
+    keygate.wait_for_line("keys reloaded");
+    assert_eq!(runtime.block_on(status_with(addr, NEW)), StatusCode::OK);
+    assert_eq!(
+        runtime.block_on(status_with(addr, OLD)),
+        StatusCode::UNAUTHORIZED
+    );
+    let (status, output) = keygate.terminate();
+    assert!(status.success(), "{output}");
+    assert!(!output.contains(OLD) && !output.contains(NEW), "{output}");
+}
