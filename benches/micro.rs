@@ -155,7 +155,7 @@ fn rewrite_headers(c: &mut Criterion) {
                 let origin = Origin {
                     peer: &peer,
                     host: host.as_ref(),
-                    key,
+                    key: key.as_ref(),
                     request_id: &request_id,
                 };
                 rules.request(black_box(&mut headers), origin);
