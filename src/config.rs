@@ -203,6 +203,8 @@ pub struct Config {
     pub inject: Vec<Injected>,
     /// The admin listener (`/metrics`, `/livez`, `/readyz`), if configured.
     pub admin: Option<SocketAddr>,
+    /// Origins allowed by CORS; empty: CORS is off.
+    pub cors_origins: Vec<HeaderValue>,
     pub log: Log,
 }
 
@@ -498,9 +500,14 @@ fn validate(
         }
         addr
     });
+    let cors_origins = f
+        .cors
+        .as_ref()
+        .map_or_else(Vec::new, |c| cors_origins(c, p));
     Some(Config {
         file: path.to_owned(),
         admin,
+        cors_origins,
         server: server?,
         upstream: upstream?,
         auth: auth?,
@@ -528,11 +535,6 @@ fn refuse_unsupported(f: &FileConfig, p: &mut Problems<'_>) {
     ] {
         if let Some(v) = value {
             p.at(v.span(), key, later);
-        }
-    }
-    if let Some(cors) = &f.cors {
-        if !cors.get_ref().allow_origins.is_empty() {
-            p.at(cors.span(), "[cors] allow_origins", later);
         }
     }
 }
@@ -927,6 +929,29 @@ fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> 
     Ok(Secret::new(out))
 }
 
+/// `*` or exact origins, `scheme://host[:port]`, as browsers send them in `Origin`.
+fn cors_origins(cors: &Spanned<CorsFile>, p: &mut Problems<'_>) -> Vec<HeaderValue> {
+    let mut origins = Vec::new();
+    for origin in &cors.get_ref().allow_origins {
+        let valid = origin == "*"
+            || origin.parse::<Uri>().is_ok_and(|u| {
+                u.scheme().is_some()
+                    && u.authority().is_some()
+                    && u.path_and_query().is_none_or(|pq| pq.as_str() == "/")
+                    && !origin.ends_with('/')
+            });
+        match HeaderValue::from_str(origin) {
+            Ok(value) if valid => origins.push(value),
+            _ => p.at(
+                cors.span(),
+                "[cors] allow_origins",
+                format!("{origin:?} is not an origin; write \"*\" or e.g. \"https://app.example.com\" (scheme, host, optional port, no path)"),
+            ),
+        }
+    }
+    origins
+}
+
 /// A probe or public path: compared exactly, so it must be an origin-form path.
 fn route_path(path: &Spanned<String>, key: &str, p: &mut Problems<'_>) -> String {
     let value = path.get_ref();
@@ -1124,6 +1149,22 @@ mod tests {
             e.contains("tls_cert") && e.contains("not supported yet"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn cors_origins_must_be_origins() {
+        let ok = format!(
+            "{}[cors]\nallow_origins = [\"https://app.example\", \"http://localhost:3000\"]\n",
+            minimal()
+        );
+        let c = parse(&ok, &MapSecrets::default().with_env("API_KEY", KEY)).unwrap();
+        assert_eq!(c.cors_origins.len(), 2);
+        let bad = format!(
+            "{}[cors]\nallow_origins = [\"app.example\", \"https://app.example/path\"]\n",
+            minimal()
+        );
+        let e = parse(&bad, &MapSecrets::default().with_env("API_KEY", KEY)).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{e}");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum ProxyError {
     Draining,
     /// The connection was accepted beyond `max_connections`: only the probe is served.
     OverCapacity,
+    /// A CORS preflight from an origin not in `[cors] allow_origins`.
+    OriginNotAllowed,
     /// The upstream refused the connection, could not be reached, or timed out connecting.
     UpstreamUnreachable(hyper_util::client::legacy::Error),
     /// The upstream connection failed after it was established, before response headers.
@@ -55,6 +57,7 @@ impl ProxyError {
             }
             Self::BadRequest | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::OriginNotAllowed => StatusCode::FORBIDDEN,
             Self::Draining | Self::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) | Self::UpstreamBody(_) => {
                 StatusCode::BAD_GATEWAY
@@ -74,6 +77,7 @@ impl ProxyError {
             Self::BodyTooLarge => "body_too_large",
             Self::Draining => "draining",
             Self::OverCapacity => "over_capacity",
+            Self::OriginNotAllowed => "origin_not_allowed",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamFailed(_) => "upstream_failed",
             Self::UpstreamTimeout => "upstream_timeout",
@@ -124,6 +128,11 @@ impl ProxyError {
                 "Request body is larger than this server accepts.",
                 "invalid_request_error",
                 "request_too_large"
+            ),
+            Self::OriginNotAllowed => json!(
+                "This origin is not allowed to call this API from a browser.",
+                "invalid_request_error",
+                "origin_not_allowed"
             ),
             Self::OverCapacity => json!(
                 "Server is at its connection limit; retry shortly.",
@@ -228,6 +237,7 @@ mod tests {
             ProxyError::BodyTooLarge,
             ProxyError::Draining,
             ProxyError::OverCapacity,
+            ProxyError::OriginNotAllowed,
             ProxyError::UpstreamTimeout,
             ProxyError::UpstreamIdle,
         ];

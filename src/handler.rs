@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderValue, Method, Request, Response};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
@@ -15,6 +15,7 @@ use crate::access::{AccessLog, Outcome};
 use crate::auth::{self, Credential, KeySet};
 use crate::body::{Body, RequestBody};
 use crate::config::{reload_file_keys, Config, FileKey};
+use crate::cors::{Cors, Preflight};
 use crate::error::ProxyError;
 use crate::headers::X_REQUEST_ID;
 use crate::metrics::Metrics;
@@ -37,6 +38,7 @@ pub struct Gateway {
     draining: AtomicBool,
     failed_auth: FailedAuth,
     metrics: Arc<Metrics>,
+    cors: Cors,
 }
 
 impl Gateway {
@@ -51,6 +53,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             failed_auth: FailedAuth::default(),
             metrics: Arc::new(Metrics::default()),
+            cors: Cors::new(config.cors_origins.clone()),
         }
     }
 
@@ -100,7 +103,21 @@ impl Gateway {
             request_id.clone(),
             self.metrics.clone(),
         );
-        match self.forward(peer, req, &request_id, &mut log).await {
+        let origin = req.headers().get(ORIGIN).cloned();
+        let forwarded = match self.cors.preflight(&req) {
+            Some(Preflight::Allowed(headers)) => {
+                let mut response = Response::new(Body::fixed(""));
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                *response.headers_mut() = headers;
+                response.headers_mut().insert(X_REQUEST_ID, request_id);
+                log.status = StatusCode::NO_CONTENT;
+                log.finish(0, Outcome::Complete);
+                return response;
+            }
+            Some(Preflight::Refused) => Err(ProxyError::OriginNotAllowed),
+            None => self.forward(peer, req, &request_id, &mut log).await,
+        };
+        let mut response = match forwarded {
             Ok(upstream) => {
                 let (mut parts, body) = upstream.into_parts();
                 self.rules.response(&mut parts.headers, &request_id);
@@ -113,7 +130,9 @@ impl Gateway {
                 log.finish(e.body().len() as u64, Outcome::Failed(&e));
                 response
             }
-        }
+        };
+        self.cors.decorate(origin.as_ref(), response.headers_mut());
+        response
     }
 
     async fn forward(

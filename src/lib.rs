@@ -27,6 +27,7 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod cors;
 pub mod error;
 pub mod handler;
 pub mod headers;
