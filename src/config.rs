@@ -296,7 +296,10 @@ impl Config {
              probe path:      {}\n\
              public paths:    {}\n\
              injected:        {}\n\
-             trusted proxies: {}",
+             trusted proxies: {}\n\
+             cors origins:    {}\n\
+             admin listener:  {}\n\
+             key files:       {}",
             self.server.listen,
             u.scheme,
             u.authority,
@@ -318,6 +321,14 @@ impl Config {
                     .iter()
                     .map(String::as_str)
             ),
+            list(&mut self.cors_origins.iter().filter_map(|o| o.to_str().ok())),
+            self.admin
+                .map_or_else(|| "none".to_owned(), |a| a.to_string()),
+            if self.auth.file_keys.is_empty() {
+                "none"
+            } else {
+                "re-read on SIGHUP"
+            },
         )
     }
 }

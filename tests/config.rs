@@ -43,6 +43,36 @@ fn check_prints_names_never_values_and_exits_0() {
 }
 
 #[test]
+fn check_output_is_exactly_the_summary() {
+    let dir = TempDir::new("golden");
+    let key_file = dir.write("ci-key", &format!("{CI_KEY}\n"));
+    let text = GOOD.replace(
+        "{ name = \"next\", env = \"API_KEY_NEXT\", optional = true }",
+        &format!("{{ name = \"next\", env = \"API_KEY_NEXT\", optional = true }}, {{ name = \"ci\", file = \"{}\" }}", key_file.display()),
+    ) + "[public]\npaths = [\"/docs\"]\n[cors]\nallow_origins = [\"https://app.example\"]\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+    let path = dir.write("keygate.toml", &text);
+    let (status, stdout, stderr) =
+        run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+    assert!(status.success(), "{stderr}");
+    let expected = format!(
+        "{}: OK\n\
+         listen:          127.0.0.1:0\n\
+         upstream:        http://127.0.0.1:8000\n\
+         keys:            default, ci, next (optional, not set)\n\
+         identity header: none\n\
+         probe path:      /health\n\
+         public paths:    /docs\n\
+         injected:        x-shared-secret\n\
+         trusted proxies: none\n\
+         cors origins:    https://app.example\n\
+         admin listener:  127.0.0.1:9090\n\
+         key files:       re-read on SIGHUP\n",
+        path.display()
+    );
+    assert_eq!(stdout, expected);
+}
+
+#[test]
 fn unknown_key_exits_2_naming_file_line_and_key() {
     let dir = TempDir::new("unknown");
     let path = dir.write(

@@ -76,11 +76,38 @@ fn never_a_secret_value_in_a_log_line() {
     });
     let (status, output) = keygate.terminate();
     assert!(status.success(), "{output}");
-    let access_lines = output
+    let events: Vec<serde_json::Value> = output
         .lines()
-        .filter(|l| l.contains("\"target\":\"keygate::access\""))
-        .count();
-    assert_eq!(access_lines, 9, "one access line per request:\n{output}");
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let access: Vec<_> = events
+        .iter()
+        .filter(|e| e["target"] == "keygate::access")
+        .collect();
+    assert_eq!(access.len(), 9, "one access line per request:\n{output}");
+    for line in &access {
+        for field in [
+            "timestamp",
+            "method",
+            "path",
+            "status",
+            "duration_ms",
+            "upstream_ttfb_ms",
+            "bytes",
+            "key",
+            "request_id",
+            "client",
+            "outcome",
+        ] {
+            assert!(line.get(field).is_some(), "{field} missing: {line}");
+        }
+        assert!(
+            !line["path"].as_str().unwrap().contains('?'),
+            "no query in the path: {line}"
+        );
+    }
+    // Admitted with the default key: bearer, with a query, with a forged secret, over h2.
+    assert_eq!(access.iter().filter(|l| l["key"] == "default").count(), 4);
     for secret in secret_values().iter().chain([&near_miss]) {
         assert!(
             !output.contains(secret),
