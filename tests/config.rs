@@ -189,3 +189,70 @@ fn sigterm_exits_0_and_sighup_does_not_kill() {
     assert!(status.success(), "{output}");
     assert!(output.contains("all connections drained"), "{output}");
 }
+
+/// Every key the parser accepts, set at once: the list is checked against the parser (an
+/// unknown key fails `check`) and against the documented default config.
+const EVERY_KEY: &[(&str, &str)] = &[
+    ("server", "listen = \"127.0.0.1:0\""),
+    ("server", "header_read_timeout = \"10s\""),
+    ("server", "trusted_proxies = []"),
+    ("server", "max_request_body = \"64MiB\""),
+    ("server", "max_connections = 10000"),
+    ("server", "shutdown_grace = \"30s\""),
+    ("server", "workers = 1"),
+    ("upstream", "url = \"http://127.0.0.1:8000\""),
+    ("upstream", "connect_timeout = \"5s\""),
+    ("upstream", "response_timeout = \"600s\""),
+    ("upstream", "idle_timeout = \"300s\""),
+    (
+        "auth",
+        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false }]",
+    ),
+    ("auth", "identity_header = \"x-keygate-key\""),
+    ("auth", "forward_authorization = false"),
+    ("probe", "path = \"/health\""),
+    ("public", "paths = []"),
+    ("cors", "allow_origins = []"),
+    ("admin", "listen = \"127.0.0.1:9090\""),
+    ("log", "format = \"json\""),
+    ("log", "level = \"info\""),
+];
+
+#[test]
+fn default_config_documents_every_key() {
+    let mut text = String::new();
+    let mut table = "";
+    for (t, line) in EVERY_KEY {
+        if *t != table {
+            text.push_str(&format!("[{t}]\n"));
+            table = t;
+        }
+        text.push_str(line);
+        text.push('\n');
+    }
+    text.push_str("[[inject]]\nname = \"x-shared-secret\"\nvalue = \"${SHARED_SECRET}\"\n");
+    let dir = TempDir::new("every-key");
+    let path = dir.write("keygate.toml", &text);
+    let (status, _, stderr) = run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+    assert!(status.success(), "{stderr}");
+    let documented =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml"))
+            .unwrap();
+    for (t, line) in EVERY_KEY {
+        let key = line.split(' ').next().unwrap();
+        assert!(
+            documented.contains(&format!("[{t}]")),
+            "[{t}] is not in config/keygate.toml"
+        );
+        assert!(
+            documented.contains(&format!("{key} =")),
+            "[{t}] {key} is not documented in config/keygate.toml"
+        );
+    }
+    for key in ["name", "env", "file", "optional", "value", "[[inject]]"] {
+        assert!(
+            documented.contains(key),
+            "{key} is not documented in config/keygate.toml"
+        );
+    }
+}
