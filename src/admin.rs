@@ -1,6 +1,6 @@
 //! The admin listener, apart from the proxy's: `/metrics` (Prometheus text), `/livez`
-//! (the process is up) and `/readyz` (not draining, and the upstream answered the last
-//! request that reached it). It asks for no key, so bind it to loopback or a pod-internal
+//! (the process is up) and `/readyz` (not draining, and the upstream reachable: by the last
+//! proxied exchange, or by a direct connect after a failure). It asks for no key, so bind it to loopback or a pod-internal
 //! address only; it is never served on the proxy's port.
 
 use std::convert::Infallible;
@@ -44,7 +44,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
         let gateway = gateway.clone();
         let service = service_fn(move |req| {
             let gateway = gateway.clone();
-            async move { Ok::<_, Infallible>(answer(&gateway, &req)) }
+            async move { Ok::<_, Infallible>(answer(&gateway, &req).await) }
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
@@ -55,7 +55,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
     }
 }
 
-fn answer(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn answer(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -68,11 +68,13 @@ fn answer(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             response
         }
         "/livez" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if gateway.ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: draining, or the upstream did not answer last time\n",
-        ),
+        "/readyz" => match gateway.ready().await {
+            true => text(StatusCode::OK, "ready\n"),
+            false => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: draining, or the upstream cannot be reached\n",
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -502,7 +502,7 @@ fn validate(
         let addr = listen.get_ref().parse::<SocketAddr>().ok();
         match addr {
             None => p.at(listen.span(), "[admin] listen", "is not an IP:port address; write e.g. \"127.0.0.1:9090\""),
-            Some(addr) if Some(addr) == server.as_ref().map(|s| s.listen) => p.at(
+            Some(addr) if server.as_ref().is_some_and(|s| same_socket(s.listen, addr)) => p.at(
                 listen.span(),
                 "[admin] listen",
                 "is the proxy's own address; the admin listener must be separate, e.g. \"127.0.0.1:9090\"",
@@ -940,6 +940,11 @@ fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> 
     Ok(Secret::new(out))
 }
 
+/// Whether two listen addresses would collide: same port, and the same IP or a wildcard.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// `*` or exact origins, `scheme://host[:port]`, as browsers send them in `Origin`.
 fn cors_origins(cors: &Spanned<CorsFile>, p: &mut Problems<'_>) -> Vec<HeaderValue> {
     let mut origins = Vec::new();
@@ -1181,7 +1186,7 @@ mod tests {
     #[test]
     fn admin_listener_must_differ_from_the_proxy_listener() {
         let text = format!(
-            "{}[server]\nlisten = \"127.0.0.1:9090\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n",
+            "{}[server]\nlisten = \"0.0.0.0:9090\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n",
             minimal()
         );
         let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));

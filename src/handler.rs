@@ -84,9 +84,18 @@ impl Gateway {
         &self.metrics
     }
 
-    /// Ready: not draining, and the upstream answered the last time it was asked.
-    pub fn ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && self.metrics.upstream_ok()
+    /// Ready: not draining, and the upstream reachable. The last proxied exchange says so;
+    /// after a failure the upstream is asked directly (a TCP connect within
+    /// `connect_timeout`), so readiness recovers even when no traffic arrives to prove it.
+    pub async fn ready(&self) -> bool {
+        if self.draining.load(Ordering::Relaxed) {
+            return false;
+        }
+        if !self.metrics.upstream_ok() {
+            self.metrics
+                .set_upstream_ok(self.upstream.reachable().await);
+        }
+        self.metrics.upstream_ok()
     }
 
     /// From now on the probe answers 503, so load balancers stop sending traffic.

@@ -192,9 +192,8 @@ impl Metrics {
             ProxyError::MalformedCredentials => self.auth_failure("malformed"),
             ProxyError::InvalidCredentials => self.auth_failure("invalid"),
             ProxyError::UpstreamUnreachable(_) => self.upstream_error("refused", false),
-            ProxyError::UpstreamFailed(_) | ProxyError::UpstreamBody(_) => {
-                self.upstream_error("reset", false)
-            }
+            ProxyError::UpstreamFailed(_) => self.upstream_error("reset", false),
+            ProxyError::UpstreamBody(_) => self.upstream_error("reset", true),
             ProxyError::UpstreamTimeout => self.upstream_error("timeout", false),
             ProxyError::UpstreamIdle => self.upstream_error("idle_timeout", true),
             _ => {}
@@ -207,7 +206,8 @@ impl Metrics {
             .inc();
     }
 
-    /// `reachable`: the upstream answered before failing (an idle stream), so readiness holds.
+    /// `reachable`: the upstream answered before failing (its stream broke or went idle), so
+    /// readiness holds.
     fn upstream_error(&self, kind: &'static str, reachable: bool) {
         self.upstream_errors
             .get_or_create(&KindLabels { kind })
@@ -236,6 +236,11 @@ impl Metrics {
 
     pub fn upstream_ok(&self) -> bool {
         self.upstream_ok.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome of a readiness check made directly against the upstream.
+    pub fn set_upstream_ok(&self, ok: bool) {
+        self.upstream_ok.store(ok, Ordering::Relaxed);
     }
 
     /// The OpenMetrics text exposition.

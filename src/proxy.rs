@@ -27,6 +27,7 @@ pub struct Upstream {
     authority: Authority,
     path_prefix: String,
     response_timeout: Duration,
+    connect_timeout: Duration,
     pub idle_timeout: Duration,
 }
 
@@ -47,6 +48,7 @@ impl Upstream {
             authority: config.authority.clone(),
             path_prefix: config.path_prefix.clone(),
             response_timeout: config.response_timeout,
+            connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
         }
     }
@@ -71,6 +73,16 @@ impl Upstream {
             .path_and_query(path_and_query)
             .build()
             .map_err(|_| ProxyError::BadRequest)
+    }
+
+    /// Whether a TCP connection to the upstream opens within `connect_timeout`.
+    pub async fn reachable(&self) -> bool {
+        let port = self.authority.port_u16().unwrap_or(80);
+        let connect = tokio::net::TcpStream::connect((self.authority.host(), port));
+        matches!(
+            tokio::time::timeout(self.connect_timeout, connect).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Sends the request and waits for the response headers, at most `response_timeout`.

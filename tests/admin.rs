@@ -206,3 +206,24 @@ async fn admin_endpoints_are_not_on_the_proxy_port() {
     assert!(upstream.requests().is_empty());
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_recovers_when_the_upstream_comes_back_without_traffic() {
+    // The upstream's port is closed at first, then an origin starts on it; no proxied request
+    // arrives in between, yet readiness recovers.
+    let port = closed_port().await;
+    let proxy = start_proxy_with(&config_text(port, ADMIN)).await;
+    let admin = proxy.admin.unwrap();
+    send(proxy.addr, get("/health", &[])).await;
+    assert_eq!(
+        send(admin, get("/readyz", &[])).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let listener = tokio::net::TcpListener::bind(port).await.unwrap();
+    assert_eq!(
+        send(admin, get("/readyz", &[])).await.status,
+        StatusCode::OK
+    );
+    drop(listener);
+    proxy.stop().await;
+}
