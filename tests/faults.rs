@@ -5,7 +5,7 @@ mod support;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use support::process::{Running, TempDir};
+use support::process::{Running, TempDir, ENV};
 use support::*;
 
 fn assert_upstream_error(reply: &Reply, status: StatusCode) {
@@ -73,19 +73,7 @@ async fn oversized_body_without_a_key_is_401_not_413() {
 async fn streamed_body_growing_past_the_limit_is_cut_and_answered_413() {
     let upstream = start_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
-    let (mut tx, body) =
-        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut client, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post("/v1/files")
-        .header("host", "x")
-        .header("authorization", bearer(KEY))
-        .body(body)
-        .unwrap();
+    let (mut tx, req) = upload("/v1/files");
     tokio::spawn(async move {
         for _ in 0..40 {
             if tx
@@ -97,10 +85,7 @@ async fn streamed_body_growing_past_the_limit_is_cut_and_answered_413() {
             }
         }
     });
-    let response = tokio::time::timeout(DEADLINE, client.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
+    let response = open(proxy.addr, req).await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert!(
         upstream.requests().is_empty(),
@@ -310,13 +295,7 @@ fn accept_errors_back_off_and_serving_resumes() {
     let dir = TempDir::new("emfile");
     let config = config_text(upstream.addr, "").replace("level = \"warn\"", "level = \"info\"");
     let path = dir.write("keygate.toml", &config);
-    let env = [
-        ("API_KEY", KEY),
-        ("CI_KEY", CI_KEY),
-        ("SHARED_SECRET", SHARED_SECRET),
-        ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
-    ];
-    let mut keygate = Running::start_with_fd_limit(&path, &env, 64);
+    let mut keygate = Running::start_with_fd_limit(&path, &ENV, 64);
     let addr = keygate.addr;
     let held: Vec<_> = (0..80)
         .filter_map(|_| std::net::TcpStream::connect(addr).ok())

@@ -4,7 +4,7 @@
 mod support;
 
 use http::{Method, StatusCode};
-use support::process::{Running, TempDir};
+use support::process::{Running, TempDir, ENV};
 use support::*;
 
 const WRONG_TOKEN: &str = "kg-presented-wrong-token-31337";
@@ -28,13 +28,7 @@ fn never_a_secret_value_in_a_log_line() {
     let dir = TempDir::new("never-log");
     let config = config_text(upstream.addr, "").replace("level = \"warn\"", "level = \"debug\"");
     let path = dir.write("keygate.toml", &config);
-    let env = [
-        ("API_KEY", KEY),
-        ("CI_KEY", CI_KEY),
-        ("SHARED_SECRET", SHARED_SECRET),
-        ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
-    ];
-    let keygate = Running::start(&path, &env);
+    let keygate = Running::start(&path, &ENV);
     let addr = keygate.addr;
     let near_miss = &KEY[..KEY.len() - 1];
     let query = format!("/v1/models?api_key={QUERY_SECRET}");

@@ -4,7 +4,7 @@
 mod support;
 
 use http::StatusCode;
-use support::process::{Running, TempDir};
+use support::process::{Running, TempDir, ENV};
 use support::*;
 
 const OLD: &str = "kg-rotation-old-key-0123456789";
@@ -127,12 +127,7 @@ fn sighup_makes_the_binary_reread_its_key_files() {
     let config =
         rotation_config(upstream.addr, &dir).replace("level = \"warn\"", "level = \"info\"");
     let path = dir.write("keygate.toml", &config);
-    let env = [
-        ("API_KEY", KEY),
-        ("SHARED_SECRET", SHARED_SECRET),
-        ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
-    ];
-    let mut keygate = Running::start(&path, &env);
+    let mut keygate = Running::start(&path, &ENV);
     let addr = keygate.addr;
     assert_eq!(runtime.block_on(status_with(addr, OLD)), StatusCode::OK);
     dir.write("current", NEW);

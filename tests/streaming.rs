@@ -100,28 +100,13 @@ async fn client_hangup_before_response_headers_closes_the_upstream_connection() 
 async fn upload_streams_through_in_many_chunks() {
     let upstream = start_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
-    let (mut tx, body) =
-        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(4);
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut client, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post("/v1/files")
-        .header("host", "x")
-        .header("authorization", bearer(KEY))
-        .body(body)
-        .unwrap();
+    let (mut tx, req) = upload("/v1/files");
     let sending = tokio::spawn(async move {
         for i in 0..64u8 {
             tx.send_data(Bytes::from(vec![i; 8192])).await.unwrap();
         }
     });
-    let response = tokio::time::timeout(DEADLINE, client.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
+    let response = open(proxy.addr, req).await;
     assert_eq!(response.status(), StatusCode::OK);
     sending.await.unwrap();
     let seen = upstream.wait_for_requests(1).await;
@@ -134,11 +119,12 @@ async fn upload_streams_through_in_many_chunks() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn upstream_reset_mid_stream_ends_the_client_stream_abnormally() {
-    let (upstream, mut senders) = start_streaming_upstream().await;
-    let proxy = start_proxy(upstream.addr).await;
-    let mut body = open(proxy.addr, chat_request()).await.into_body();
+/// Sends one event, checks it arrives, then breaks the upstream's stream: the client's body
+/// must end with an error, never cleanly.
+async fn assert_upstream_break_ends_abnormally(
+    mut body: hyper::body::Incoming,
+    senders: &mut tokio::sync::mpsc::UnboundedReceiver<BodySender>,
+) {
     let mut sender = senders.recv().await.unwrap();
     sender
         .send_data(Bytes::from_static(b"data: 1\n\n"))
@@ -151,6 +137,14 @@ async fn upstream_reset_mid_stream_ends_the_client_stream_abnormally() {
         matches!(end, Some(Err(_))),
         "a broken stream must not end cleanly: {end:?}"
     );
+}
+
+#[tokio::test]
+async fn upstream_reset_mid_stream_ends_the_client_stream_abnormally() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let body = open(proxy.addr, chat_request()).await.into_body();
+    assert_upstream_break_ends_abnormally(body, &mut senders).await;
     proxy.stop().await;
 }
 
@@ -205,29 +199,7 @@ async fn steady_stream_longer_than_idle_timeout_is_never_cut() {
 async fn upstream_reset_mid_stream_resets_the_http2_stream() {
     let (upstream, mut senders) = start_streaming_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut client, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let mut req = chat_request();
-    *req.uri_mut() = "http://keygate.test/v1/chat/completions".parse().unwrap();
-    req.headers_mut().remove("host");
-    let mut body = client.send_request(req).await.unwrap().into_body();
-    let mut sender = senders.recv().await.unwrap();
-    sender
-        .send_data(Bytes::from_static(b"data: 1\n\n"))
-        .await
-        .unwrap();
-    next_frame(&mut body).await.unwrap().unwrap();
-    sender.abort("upstream crashed".into());
-    let end = next_frame(&mut body).await;
-    assert!(
-        matches!(end, Some(Err(_))),
-        "an h2 stream that broke upstream must be reset: {end:?}"
-    );
+    let body = open_h2(proxy.addr, chat_request()).await.into_body();
+    assert_upstream_break_ends_abnormally(body, &mut senders).await;
     proxy.stop().await;
 }

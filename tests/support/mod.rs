@@ -370,45 +370,83 @@ pub fn bearer(key: &str) -> String {
 
 /// Sends one request over a new HTTP/1.1 connection and reads the whole response.
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
+    read_reply(open(addr, req).await).await
+}
+
+/// Sends one request over a new HTTP/2 prior-knowledge (h2c) connection.
+pub async fn send_h2(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
+    read_reply(open_h2(addr, req).await).await
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens an HTTP/1.1 connection and sends `req`; returns the response with its body unread,
+/// so a test can read it frame by frame or drop it mid-stream.
+pub async fn open<B>(addr: SocketAddr, req: Request<B>) -> Response<Incoming>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     tokio::time::timeout(DEADLINE, async {
         let stream = TcpStream::connect(addr).await.unwrap();
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
         tokio::spawn(conn);
-        let response = sender.send_request(req).await.unwrap();
-        read_reply(response).await
+        sender.send_request(req).await.unwrap()
     })
     .await
-    .expect("response within the deadline")
+    .expect("response headers within the deadline")
 }
 
-/// Sends one request over a new HTTP/2 prior-knowledge (h2c) connection.
-pub async fn send_h2(addr: SocketAddr, mut req: Request<Full<Bytes>>) -> Reply {
+/// [`open`] over a new HTTP/2 prior-knowledge (h2c) connection; the target's path is kept,
+/// the authority is `keygate.test`.
+pub async fn open_h2<B>(addr: SocketAddr, mut req: Request<B>) -> Response<Incoming>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    *req.uri_mut() = format!("http://keygate.test{}", req.uri()).parse().unwrap();
+    req.headers_mut().remove("host");
     tokio::time::timeout(DEADLINE, async {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            TokioIo::new(stream),
-        )
-        .await
-        .unwrap();
+        let executor = hyper_util::rt::TokioExecutor::new();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(executor, TokioIo::new(stream))
+                .await
+                .unwrap();
         tokio::spawn(conn);
-        *req.uri_mut() = format!("http://keygate.test{}", req.uri()).parse().unwrap();
-        req.headers_mut().remove("host");
-        let response = sender.send_request(req).await.unwrap();
-        read_reply(response).await
+        sender.send_request(req).await.unwrap()
     })
     .await
-    .expect("response within the deadline")
+    .expect("response headers within the deadline")
+}
+
+/// A POST to `path` with a key whose body the test writes through the returned sender.
+pub fn upload(
+    path: &str,
+) -> (
+    http_body_util::channel::Sender<Bytes>,
+    Request<http_body_util::channel::Channel<Bytes>>,
+) {
+    let (tx, body) = http_body_util::channel::Channel::new(4);
+    let req = Request::post(path)
+        .header("host", "x")
+        .header("authorization", bearer(KEY))
+        .body(body)
+        .unwrap();
+    (tx, req)
 }
 
 async fn read_reply(response: Response<Incoming>) -> Reply {
     let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .expect("the body within the deadline");
     Reply {
         status: parts.status,
         headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
+        body: body.unwrap().to_bytes(),
     }
 }
 
@@ -428,21 +466,6 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
         .and_then(|code| code.parse().ok())
         .unwrap_or(0);
     (status, text)
-}
-
-/// Opens an HTTP/1.1 connection and sends `req`; returns the response with its body unread,
-/// so a test can read it frame by frame or drop it mid-stream.
-pub async fn open(addr: SocketAddr, req: Request<Full<Bytes>>) -> Response<Incoming> {
-    tokio::time::timeout(DEADLINE, async {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        sender.send_request(req).await.unwrap()
-    })
-    .await
-    .expect("response headers within the deadline")
 }
 
 /// The next body frame, waiting at most the deadline: `None` at a clean end, `Some(Err)` at

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::DEADLINE;
+use super::{CI_KEY, DEADLINE, KEY, SHARED_SECRET, UPSTREAM_TOKEN};
 
 /// A directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
@@ -34,6 +34,14 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The environment a `config_text` config reads its secrets from.
+pub const ENV: [(&str, &str); 4] = [
+    ("API_KEY", KEY),
+    ("CI_KEY", CI_KEY),
+    ("SHARED_SECRET", SHARED_SECRET),
+    ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
+];
 
 pub fn keygate() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keygate"));
