@@ -5,19 +5,9 @@
 mod support;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::StatusCode;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn chat_request() -> http::Request<http_body_util::Full<Bytes>> {
-    let auth = bearer(KEY);
-    request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("authorization", &auth)],
-        "{}",
-    )
-}
 
 /// Waits until nothing accepts connections on `addr` any more.
 async fn wait_until_refusing(addr: std::net::SocketAddr) {
@@ -34,13 +24,7 @@ async fn wait_until_refusing(addr: std::net::SocketAddr) {
 async fn drain_lets_an_inflight_stream_finish_and_refuses_new_connections() {
     let (upstream, mut senders) = start_streaming_upstream().await;
     let mut proxy = start_proxy(upstream.addr).await;
-    let mut body = open(proxy.addr, chat_request()).await.into_body();
-    let mut sender = senders.recv().await.unwrap();
-    sender
-        .send_data(Bytes::from_static(b"data: 1\n\n"))
-        .await
-        .unwrap();
-    next_frame(&mut body).await.unwrap().unwrap();
+    let (mut body, mut sender) = stream_first_event(proxy.addr, &mut senders).await;
 
     proxy.begin_shutdown();
     wait_until_refusing(proxy.addr).await;
@@ -75,13 +59,7 @@ async fn grace_expiry_cuts_an_unfinished_stream_abnormally() {
     let text = config_text(upstream.addr, "")
         .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"200ms\"");
     let mut proxy = start_proxy_with(&text).await;
-    let mut body = open(proxy.addr, chat_request()).await.into_body();
-    let mut sender = senders.recv().await.unwrap();
-    sender
-        .send_data(Bytes::from_static(b"data: 1\n\n"))
-        .await
-        .unwrap();
-    next_frame(&mut body).await.unwrap().unwrap();
+    let (mut body, sender) = stream_first_event(proxy.addr, &mut senders).await;
 
     proxy.begin_shutdown();
     assert!(

@@ -154,13 +154,7 @@ async fn silent_stream_past_idle_timeout_ends_abnormally() {
     let text =
         config_text(upstream.addr, "").replace("idle_timeout = \"2s\"", "idle_timeout = \"300ms\"");
     let proxy = start_proxy_with(&text).await;
-    let mut body = open(proxy.addr, chat_request()).await.into_body();
-    let mut sender = senders.recv().await.unwrap();
-    sender
-        .send_data(Bytes::from_static(b"data: 1\n\n"))
-        .await
-        .unwrap();
-    next_frame(&mut body).await.unwrap().unwrap();
+    let (mut body, sender) = stream_first_event(proxy.addr, &mut senders).await;
     let end = next_frame(&mut body).await;
     assert!(
         matches!(end, Some(Err(_))),

@@ -468,6 +468,30 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     (status, text)
 }
 
+/// Opens a streamed chat completion through the proxy at `addr`, has the upstream send one
+/// event and reads it: the client's body, and the upstream's sender for what comes next.
+pub async fn stream_first_event(
+    addr: SocketAddr,
+    senders: &mut mpsc::UnboundedReceiver<BodySender>,
+) -> (Incoming, BodySender) {
+    let auth = bearer(KEY);
+    let req = request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &auth)],
+        "{}",
+    );
+    let mut body = open(addr, req).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    let first = next_frame(&mut body).await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "data: 1\n\n");
+    (body, sender)
+}
+
 /// The next body frame, waiting at most the deadline: `None` at a clean end, `Some(Err)` at
 /// an abnormal one.
 pub async fn next_frame(
