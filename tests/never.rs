@@ -284,24 +284,15 @@ async fn never_a_request_reaches_the_upstream_with_a_client_chosen_injected_valu
 async fn never_a_keyless_request_reaches_a_path_other_than_the_probe_and_public_paths() {
     let upstream = start_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
-    let paths = [
+    let others = [
         "/",
         "/v1/models",
         "/v1/chat/completions",
-        "/health/",
-        "/healthz",
-        "/HEALTH",
-        "//health",
-        "/health/../v1/models",
-        "/health%2F..",
-        "/health;x",
-        "/docs/",
-        "/docs/../v1/models",
-        "/%2e/health",
         "/metrics",
         "/admin",
         "/v1/models?x=/health",
     ];
+    let paths = LOOKALIKE_TARGETS.iter().chain(&others);
     let methods = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
     for path in paths {
         for method in methods {

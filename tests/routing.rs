@@ -49,22 +49,7 @@ async fn public_path_is_keyless_for_get_only() {
 async fn lookalike_probe_paths_need_a_key() {
     let upstream = start_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
-    let targets = [
-        "/health/",
-        "/healthz",
-        "/HEALTH",
-        "//health",
-        "/health/../v1/models",
-        "/health%2F..",
-        "/health%2f..%2fv1%2fmodels",
-        "/health;x",
-        "/./health",
-        "/%68ealth",
-        "/health/.",
-        "/docs/../v1/models",
-        "http://keygate.test/health/../v1/models",
-        "*",
-    ];
+    let targets = LOOKALIKE_TARGETS.iter().chain(&["*"]);
     for target in targets {
         let req =
             format!("GET {target} HTTP/1.1\r\nHost: keygate.test\r\nConnection: close\r\n\r\n");

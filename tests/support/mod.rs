@@ -40,6 +40,26 @@ pub type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub type BodySender =
     http_body_util::channel::Sender<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Request targets that look like the probe (`/health`) or the public path (`/docs`) of
+/// `config_text` but are not exactly them: each needs a key.
+pub const LOOKALIKE_TARGETS: [&str; 15] = [
+    "/health/",
+    "/healthz",
+    "/HEALTH",
+    "//health",
+    "/health/../v1/models",
+    "/health%2F..",
+    "/health%2f..%2fv1%2fmodels",
+    "/health;x",
+    "/./health",
+    "/%68ealth",
+    "/%2e/health",
+    "/health/.",
+    "/docs/",
+    "/docs/../v1/models",
+    "http://keygate.test/health/../v1/models",
+];
+
 /// The environment the test configs read their secrets from.
 pub fn secrets() -> MapSecrets {
     MapSecrets::default()
