@@ -1,5 +1,6 @@
-//! One request, start to finish: refuse TRACE/CONNECT, route, authenticate, rewrite, forward.
-//! This is the one place where a [`ProxyError`] becomes a response and an access log line.
+//! One request, start to finish: answer a CORS preflight, refuse TRACE/CONNECT, route,
+//! authenticate, rewrite, forward. This is the one place where a [`ProxyError`] becomes a
+//! response and an access log line.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -4,9 +4,10 @@
 //!
 //! 1. [`server`] accepts a connection under the connection limit, picks HTTP/1.1 or h2c
 //!    ([`preface`]) and hands each request to the handler.
-//! 2. [`handler`] refuses TRACE/CONNECT, asks [`route`] whether the path is key-less (exact
-//!    probe and public paths, GET/HEAD only), and otherwise asks [`auth`] for the credential
-//!    and checks it against every key in constant time.
+//! 2. [`handler`] answers CORS preflights ([`cors`]), refuses TRACE/CONNECT, asks [`route`]
+//!    whether the path is key-less (exact probe and public paths, GET/HEAD only), and
+//!    otherwise asks [`auth`] for the credential and checks it against every key in
+//!    constant time.
 //! 3. [`rewrite`] applies the header rules: hop-by-hop and client credentials out, identity,
 //!    injected secret headers, forwarding headers and request id in.
 //! 4. [`proxy`] sends the request over a pooled upstream connection, bounded by the response
