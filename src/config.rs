@@ -702,6 +702,7 @@ fn auth(
                     name: k.name.clone(),
                     path: path.clone(),
                     optional: k.optional,
+                    stamp: FileStamp::of(path),
                 });
                 KeySource::File(path.clone())
             }
@@ -763,6 +764,29 @@ pub struct FileKey {
     pub name: String,
     pub path: PathBuf,
     pub optional: bool,
+    /// The file as it was just before it was read, so a change made after that is noticed.
+    pub stamp: Option<FileStamp>,
+}
+
+/// A file's identity and version, as `stat` (following symlinks) reports them: Kubernetes
+/// publishes a Secret update by swapping a symlink, which changes the inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    inode: u64,
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            inode: meta.ino(),
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        })
+    }
 }
 
 enum KeySource {

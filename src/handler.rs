@@ -3,7 +3,7 @@
 //! response and an access log line.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::access::{AccessLog, Outcome};
 use crate::auth::{self, Credential, KeySet};
 use crate::body::{Body, RequestBody};
-use crate::config::{reload_file_keys, Config, FileKey};
+use crate::config::{reload_file_keys, Config, FileKey, FileStamp};
 use crate::cors::{Cors, Preflight};
 use crate::error::ProxyError;
 use crate::headers::X_REQUEST_ID;
@@ -33,6 +33,8 @@ pub struct Gateway {
     keys: ArcSwap<KeySet>,
     /// Keys read from files, re-read by [`Gateway::reload_keys`].
     file_keys: Vec<FileKey>,
+    /// What the key files looked like at the last look; see [`Gateway::key_files_changed`].
+    file_stamps: Mutex<Vec<Option<FileStamp>>>,
     rules: Rules,
     upstream: Upstream,
     max_request_body: u64,
@@ -48,6 +50,14 @@ impl Gateway {
             routes: Routes::new(config.probe_path.clone(), config.public_paths.clone()),
             keys: ArcSwap::from_pointee(config.auth.keys.clone()),
             file_keys: config.auth.file_keys.clone(),
+            file_stamps: Mutex::new(
+                config
+                    .auth
+                    .file_keys
+                    .iter()
+                    .map(|f| f.stamp.clone())
+                    .collect(),
+            ),
             rules: Rules::new(config),
             upstream: Upstream::new(&config.upstream),
             max_request_body: config.server.max_request_body,
@@ -61,6 +71,8 @@ impl Gateway {
     /// Re-reads the key files (SIGHUP). A bad file keeps the keys in force and says why;
     /// requests in flight are not affected either way.
     pub fn reload_keys(&self, secrets: &dyn SecretSource) {
+        // What this reload reads counts as seen, so a change is not reloaded twice.
+        self.key_files_changed();
         let current = self.keys.load();
         match reload_file_keys(&current, &self.file_keys, secrets) {
             Ok(keys) => {
@@ -74,6 +86,22 @@ impl Gateway {
                 self.metrics.reloaded(false);
             }
         }
+    }
+
+    /// Whether any key file changed since the last look: a new inode (Kubernetes swaps the
+    /// symlink of a mounted Secret), modification time or length. Cheap: one `stat` per file.
+    pub fn key_files_changed(&self) -> bool {
+        if self.file_keys.is_empty() {
+            return false;
+        }
+        let now = stamps(&self.file_keys);
+        let mut last = self
+            .file_stamps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let changed = *last != now;
+        *last = now;
+        changed
     }
 
     /// Logs the failed-authentication summary; `server` calls it every `REPORT_EVERY`.
@@ -223,6 +251,10 @@ impl Gateway {
                 .ok_or(ProxyError::InvalidCredentials),
         }
     }
+}
+
+fn stamps(files: &[FileKey]) -> Vec<Option<FileStamp>> {
+    files.iter().map(|f| FileStamp::of(&f.path)).collect()
 }
 
 fn error_response(e: &ProxyError, request_id: HeaderValue) -> Response<Body> {

@@ -40,6 +40,8 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// answerable and other clients get a clear 503 instead of waiting in the listen backlog.
 /// Beyond these, new connections wait in the backlog.
 pub const OVERFLOW_CONNECTIONS: usize = 256;
+/// How often the key files are checked for changes.
+const KEY_FILE_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -162,15 +164,22 @@ impl Drop for OpenConnection<'_> {
 }
 
 /// Periodic chores and reloads: writing pending access lines, the failed-authentication
-/// summary, and re-reading the key files when asked.
+/// summary, and re-reading the key files when asked (SIGHUP) or when one of them changed.
 async fn housekeeping(gateway: Arc<Gateway>, mut reloads: mpsc::UnboundedReceiver<()>) {
     let mut flush = tokio::time::interval(access::FLUSH_EVERY);
     let mut report = tokio::time::interval(throttle::REPORT_EVERY);
+    let mut look_at_key_files = tokio::time::interval(KEY_FILE_CHECK_EVERY);
     loop {
         tokio::select! {
             _ = flush.tick() => access::flush(),
             _ = report.tick() => gateway.report_failed_auth(),
             Some(()) = reloads.recv() => gateway.reload_keys(&ProcessSecrets),
+            _ = look_at_key_files.tick() => {
+                if gateway.key_files_changed() {
+                    info!("a key file changed; re-reading the key files");
+                    gateway.reload_keys(&ProcessSecrets);
+                }
+            }
         }
     }
 }
