@@ -16,8 +16,8 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 use crate::headers::X_API_KEY;
 use crate::secrets::Secret;
 
-/// The credential found in a request's headers.
-#[derive(Debug, PartialEq, Eq)]
+/// The credential found in a request's headers. `Debug` never shows the token.
+#[derive(PartialEq, Eq)]
 pub enum Credential<'a> {
     /// Neither `Authorization` nor `x-api-key`.
     Missing,
@@ -25,6 +25,16 @@ pub enum Credential<'a> {
     Malformed,
     /// The token bytes to check.
     Token(&'a [u8]),
+}
+
+impl fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing => f.write_str("Missing"),
+            Self::Malformed => f.write_str("Malformed"),
+            Self::Token(_) => f.write_str("Token(<redacted>)"),
+        }
+    }
 }
 
 /// Reads the request's credential: exactly one `Authorization: Bearer <token>` (scheme

@@ -3,8 +3,8 @@
 //! - [`RequestBody`]: the client's body on its way upstream, counted against
 //!   `max_request_body`, with request trailers dropped.
 //! - [`Body`]: what the client receives: either keygate's own constant JSON, or the
-//!   upstream's body with an idle timeout, a byte count, and the access log line written when
-//!   it ends. An error from it makes hyper end the response abnormally (HTTP/1.1: the
+//!   upstream's body with an idle timeout, a byte count, the response header rules applied
+//!   to its trailers, and the access log line written when it ends. An error from it makes hyper end the response abnormally (HTTP/1.1: the
 //!   connection closes without the final chunk; HTTP/2: RST_STREAM), so a truncated stream
 //!   never looks complete.
 
@@ -23,6 +23,7 @@ use tokio::time::{Instant, Sleep};
 use crate::access::{AccessLog, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::rewrite::Rules;
 
 pin_project! {
     /// The client's request body, forwarded upstream.
@@ -100,7 +101,12 @@ impl Body {
         }
     }
 
-    pub fn upstream(inner: Incoming, idle_timeout: Duration, log: AccessLog) -> Self {
+    pub fn upstream(
+        inner: Incoming,
+        idle_timeout: Duration,
+        log: AccessLog,
+        rules: Arc<Rules>,
+    ) -> Self {
         Self::Upstream {
             stream: UpstreamBody {
                 inner,
@@ -108,6 +114,7 @@ impl Body {
                 idle_timeout,
                 bytes: 0,
                 log: Some(log),
+                rules,
             },
         }
     }
@@ -154,6 +161,7 @@ pin_project! {
         idle_timeout: Duration,
         bytes: u64,
         log: Option<AccessLog>,
+        rules: Arc<Rules>,
     }
 
     impl PinnedDrop for UpstreamBody {
@@ -180,9 +188,12 @@ impl UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
         let mut this = self.project();
         let result = match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
+            Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.len() as u64;
+                }
+                if let Some(trailers) = frame.trailers_mut() {
+                    this.rules.response_trailers(trailers);
                 }
                 this.idle
                     .as_mut()

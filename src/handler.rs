@@ -35,7 +35,7 @@ pub struct Gateway {
     file_keys: Vec<FileKey>,
     /// What the key files looked like at the last look; see [`Gateway::key_files_changed`].
     file_stamps: Mutex<Vec<Option<FileStamp>>>,
-    rules: Rules,
+    rules: Arc<Rules>,
     upstream: Upstream,
     max_request_body: u64,
     draining: AtomicBool,
@@ -58,7 +58,7 @@ impl Gateway {
                     .map(|f| f.stamp.clone())
                     .collect(),
             ),
-            rules: Rules::new(config),
+            rules: Arc::new(Rules::new(config)),
             upstream: Upstream::new(&config.upstream),
             max_request_body: config.server.max_request_body,
             draining: AtomicBool::new(false),
@@ -160,7 +160,9 @@ impl Gateway {
                 let (mut parts, body) = upstream.into_parts();
                 self.rules.response(&mut parts.headers, &request_id);
                 log.status = parts.status;
-                Response::from_parts(parts, Body::upstream(body, self.upstream.idle_timeout, log))
+                let body =
+                    Body::upstream(body, self.upstream.idle_timeout, log, self.rules.clone());
+                Response::from_parts(parts, body)
             }
             Err(e) => {
                 log.status = e.status();

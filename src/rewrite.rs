@@ -23,8 +23,11 @@ use crate::headers::{
 /// The rules, fixed at start-up.
 #[derive(Debug)]
 pub struct Rules {
-    /// Client headers removed before forwarding, because keygate owns their meaning.
+    /// Client headers removed before forwarding, because keygate owns their meaning; a name
+    /// configured with `_` is listed in its `-` spelling too.
     owned: Vec<HeaderName>,
+    /// The injected names (and their `-` spellings), removed from responses and trailers.
+    injected_names: Vec<HeaderName>,
     identity: Option<HeaderName>,
     inject: Vec<Injected>,
     trusted_proxies: Vec<IpNet>,
@@ -71,7 +74,10 @@ impl Rules {
         owned.extend(config.auth.identity_header.clone());
         owned.extend(config.inject.iter().map(|i| i.name.clone()));
         Self {
-            owned,
+            owned: with_dashed_spellings(owned),
+            injected_names: with_dashed_spellings(
+                config.inject.iter().map(|i| i.name.clone()).collect(),
+            ),
             identity: config.auth.identity_header.clone(),
             inject: config.inject.clone(),
             trusted_proxies: config.server.trusted_proxies.clone(),
@@ -152,23 +158,42 @@ impl Rules {
     /// hop-by-hop header, and no header carrying an injected name, so an origin that reflects
     /// request headers cannot hand the shared secret to a client.
     pub fn response(&self, headers: &mut HeaderMap, request_id: &HeaderValue) {
-        strip(headers, |name| self.inject.iter().any(|i| i.name == name));
+        self.response_trailers(headers);
         headers.insert(X_REQUEST_ID, request_id.clone());
+    }
+
+    /// The same rule for the upstream's response trailers: header fields too, sent after the
+    /// body, and just as able to reflect the shared secret.
+    pub fn response_trailers(&self, trailers: &mut HeaderMap) {
+        strip(trailers, |name| self.injected_names.contains(name));
     }
 }
 
+/// `names` plus, for each name written with `_`, its `-` spelling: WSGI servers read both as
+/// one header, so a client must not be able to send either.
+fn with_dashed_spellings(mut names: Vec<HeaderName>) -> Vec<HeaderName> {
+    let dashed: Vec<HeaderName> = names
+        .iter()
+        .filter(|n| n.as_str().contains('_'))
+        .filter_map(dashed)
+        .collect();
+    names.extend(dashed);
+    names
+}
+
 /// Removes the hop-by-hop headers, every header the `Connection` header names, and every
-/// header `owned` accepts, also when its name is spelled with `_` for `-`.
+/// header `owned` accepts, also when the client spelled its name with `_` for `-` (`owned`
+/// lists the `-` spelling of names configured with `_`, see [`with_dashed_spellings`]).
 ///
 /// One pass over the few names present instead of a hash lookup for each of the twenty-odd
 /// names that might be: this runs twice per request.
 fn strip(headers: &mut HeaderMap, owned: impl Fn(&HeaderName) -> bool) {
+    // Split as bytes: one odd byte in the field must not hide the valid names beside it.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
         .collect();
     let doomed = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
