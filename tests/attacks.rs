@@ -691,13 +691,7 @@ async fn odd_bytes_in_headers_and_paths_neither_panic_nor_pass() {
 #[test]
 fn debug_output_of_request_path_types_never_shows_a_secret() {
     let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let config = keygate::Config::parse(
-        std::path::Path::new("t.toml"),
-        &config_text(upstream, ""),
-        &keygate::config::Overrides::default(),
-        &secrets(),
-    )
-    .unwrap();
+    let config = parse_config(&config_text(upstream, ""));
     let rules = keygate::rewrite::Rules::new(&config);
     let matched = config.auth.keys.verify(KEY.as_bytes()).unwrap();
     let mut headers = http::HeaderMap::new();

@@ -79,13 +79,7 @@ async fn probe_answers_503_once_draining_has_begun() {
     // Once the listener is closed, only a request already being read reaches the handler, so
     // the handler is driven directly over an in-memory connection.
     let upstream = start_upstream().await;
-    let config = keygate::Config::parse(
-        std::path::Path::new("t.toml"),
-        &config_text(upstream.addr, ""),
-        &keygate::config::Overrides::default(),
-        &secrets(),
-    )
-    .unwrap();
+    let config = parse_config(&config_text(upstream.addr, ""));
     let gateway = std::sync::Arc::new(keygate::handler::Gateway::new(&config));
     let peer = std::sync::Arc::new(keygate::rewrite::Peer::new(
         "127.0.0.1:1".parse().unwrap(),

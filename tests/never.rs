@@ -155,13 +155,7 @@ async fn never_a_secret_value_in_an_error_body() {
 #[test]
 fn never_a_secret_value_in_debug_output() {
     let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let config = keygate::Config::parse(
-        std::path::Path::new("t.toml"),
-        &config_text(upstream, ""),
-        &keygate::config::Overrides::default(),
-        &secrets(),
-    )
-    .unwrap();
+    let config = parse_config(&config_text(upstream, ""));
     let debug = format!("{config:?} {config:#?}");
     for secret in secret_values() {
         assert!(!debug.contains(secret), "{debug}");

@@ -123,6 +123,17 @@ level = "warn"
     )
 }
 
+/// The validated config of `toml`, with the test environment and real key files.
+pub fn parse_config(toml: &str) -> Config {
+    Config::parse(
+        Path::new("test.toml"),
+        toml,
+        &Overrides::default(),
+        &TestSecrets,
+    )
+    .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"))
+}
+
 /// A keygate running in this process on 127.0.0.1:0.
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -138,13 +149,7 @@ pub async fn start_proxy(upstream: SocketAddr) -> Proxy {
 }
 
 pub async fn start_proxy_with(toml: &str) -> Proxy {
-    let config = Config::parse(
-        Path::new("test.toml"),
-        toml,
-        &Overrides::default(),
-        &TestSecrets,
-    )
-    .unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let config = parse_config(toml);
     let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = proxy.local_addr().unwrap();
     let admin = match config.admin {
