@@ -189,11 +189,20 @@ fn with_dashed_spellings(mut names: Vec<HeaderName>) -> Vec<HeaderName> {
 /// names that might be: this runs twice per request.
 fn strip(headers: &mut HeaderMap, owned: impl Fn(&HeaderName) -> bool) {
     // Split as bytes: one odd byte in the field must not hide the valid names beside it.
+    // `close` and names already hop-by-hop (`keep-alive`, sent on most responses) need no
+    // lookup, which would allocate a name per response.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case(b"close")
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+        })
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
         .collect();
     let doomed = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
