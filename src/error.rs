@@ -87,6 +87,15 @@ impl ProxyError {
         }
     }
 
+    /// Whether the upstream gave no answer at all: no connection, a connection that failed,
+    /// or no response headers in time. Readiness follows this.
+    pub fn upstream_unanswered(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) | Self::UpstreamTimeout
+        )
+    }
+
     /// Whether the error wraps a lower-level cause worth logging beside [`Self::reason`].
     pub fn has_cause(&self) -> bool {
         matches!(

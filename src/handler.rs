@@ -39,6 +39,8 @@ pub struct Gateway {
     upstream: Upstream,
     max_request_body: u64,
     draining: AtomicBool,
+    /// Whether the upstream answered the last request sent to it; `/readyz` reports it.
+    upstream_answered: AtomicBool,
     failed_auth: FailedAuth,
     metrics: Arc<Metrics>,
     cors: Cors,
@@ -62,6 +64,7 @@ impl Gateway {
             upstream: Upstream::new(&config.upstream),
             max_request_body: config.server.max_request_body,
             draining: AtomicBool::new(false),
+            upstream_answered: AtomicBool::new(true),
             failed_auth: FailedAuth::default(),
             metrics: Arc::new(Metrics::default()),
             cors: Cors::new(config.cors_origins.clone()),
@@ -120,11 +123,11 @@ impl Gateway {
         if self.draining.load(Ordering::Relaxed) {
             return false;
         }
-        if !self.metrics.upstream_ok() {
-            self.metrics
-                .set_upstream_ok(self.upstream.reachable().await);
+        if !self.upstream_answered.load(Ordering::Relaxed) {
+            let reachable = self.upstream.reachable().await;
+            self.upstream_answered.store(reachable, Ordering::Relaxed);
         }
-        self.metrics.upstream_ok()
+        self.upstream_answered.load(Ordering::Relaxed)
     }
 
     /// From now on the probe answers 503, so load balancers stop sending traffic.
@@ -236,9 +239,14 @@ impl Gateway {
             RequestBody::new(body, self.max_request_body, self.metrics.clone()),
         );
         let sent = Instant::now();
-        let response = self.upstream.send(upstream_req).await?;
-        log.upstream_ttfb = Some(sent.elapsed());
-        Ok(response)
+        let response = self.upstream.send(upstream_req).await;
+        let answered = match &response {
+            Ok(_) => true,
+            Err(e) => !e.upstream_unanswered(),
+        };
+        self.upstream_answered.store(answered, Ordering::Relaxed);
+        log.upstream_ttfb = Some(sent.elapsed()).filter(|_| response.is_ok());
+        response
     }
 
     /// The matched key, or why the request is refused.

@@ -5,7 +5,6 @@
 //! Requests are counted where their access line is written (`access`), so a metric and a log
 //! line always agree.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,8 +58,6 @@ pub struct Metrics {
     bytes_out: Counter,
     connections: Gauge,
     in_flight: Gauge,
-    /// Whether the last upstream exchange got a response; `/readyz` reports it.
-    upstream_ok: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -146,7 +143,6 @@ impl Default for Metrics {
             bytes_out,
             connections,
             in_flight,
-            upstream_ok: AtomicBool::new(true),
         }
     }
 }
@@ -183,7 +179,6 @@ impl Metrics {
         self.duration.observe(r.duration.as_secs_f64());
         if let Some(ttfb) = r.upstream_ttfb {
             self.upstream_ttfb.observe(ttfb.as_secs_f64());
-            self.upstream_ok.store(true, Ordering::Relaxed);
         }
         self.bytes_out.inc_by(r.bytes_out);
         let Some(e) = r.error else { return };
@@ -191,11 +186,12 @@ impl Metrics {
             ProxyError::MissingCredentials => self.auth_failure("missing"),
             ProxyError::MalformedCredentials => self.auth_failure("malformed"),
             ProxyError::InvalidCredentials => self.auth_failure("invalid"),
-            ProxyError::UpstreamUnreachable(_) => self.upstream_error("refused", false),
-            ProxyError::UpstreamFailed(_) => self.upstream_error("reset", false),
-            ProxyError::UpstreamBody(_) => self.upstream_error("reset", true),
-            ProxyError::UpstreamTimeout => self.upstream_error("timeout", false),
-            ProxyError::UpstreamIdle => self.upstream_error("idle_timeout", true),
+            ProxyError::UpstreamUnreachable(_) => self.upstream_error("refused"),
+            ProxyError::UpstreamFailed(_) | ProxyError::UpstreamBody(_) => {
+                self.upstream_error("reset")
+            }
+            ProxyError::UpstreamTimeout => self.upstream_error("timeout"),
+            ProxyError::UpstreamIdle => self.upstream_error("idle_timeout"),
             _ => {}
         }
     }
@@ -206,15 +202,10 @@ impl Metrics {
             .inc();
     }
 
-    /// `reachable`: the upstream answered before failing (its stream broke or went idle), so
-    /// readiness holds.
-    fn upstream_error(&self, kind: &'static str, reachable: bool) {
+    fn upstream_error(&self, kind: &'static str) {
         self.upstream_errors
             .get_or_create(&KindLabels { kind })
             .inc();
-        if !reachable {
-            self.upstream_ok.store(false, Ordering::Relaxed);
-        }
     }
 
     pub fn body_bytes_in(&self, n: u64) {
@@ -232,15 +223,6 @@ impl Metrics {
     pub fn reloaded(&self, ok: bool) {
         let outcome = if ok { "success" } else { "failure" };
         self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
-    }
-
-    pub fn upstream_ok(&self) -> bool {
-        self.upstream_ok.load(Ordering::Relaxed)
-    }
-
-    /// Records the outcome of a readiness check made directly against the upstream.
-    pub fn set_upstream_ok(&self, ok: bool) {
-        self.upstream_ok.store(ok, Ordering::Relaxed);
     }
 
     /// The OpenMetrics text exposition.
@@ -297,7 +279,7 @@ mod tests {
     }
 
     #[test]
-    fn refused_upstream_marks_it_unready_until_the_next_response() {
+    fn upstream_errors_are_counted_by_kind() {
         let m = Metrics::default();
         m.request_started();
         m.request_finished(Finished {
@@ -309,7 +291,6 @@ mod tests {
             bytes_out: 0,
             error: Some(&ProxyError::UpstreamTimeout),
         });
-        assert!(!m.upstream_ok());
         assert!(m
             .encode()
             .contains(r#"keygate_upstream_errors_total{kind="timeout"} 1"#));
