@@ -4,9 +4,9 @@
 //!   `max_request_body`, with request trailers dropped.
 //! - [`Body`]: what the client receives: either keygate's own constant JSON, or the
 //!   upstream's body with an idle timeout, a byte count, the response header rules applied
-//!   to its trailers, and the access log line written when it ends. An error from it makes hyper end the response abnormally (HTTP/1.1: the
-//!   connection closes without the final chunk; HTTP/2: RST_STREAM), so a truncated stream
-//!   never looks complete.
+//!   to its trailers, and the access log line written when it ends. An error from it makes
+//!   hyper end the response abnormally (HTTP/1.1: the connection closes without the final
+//!   chunk; HTTP/2: RST_STREAM), so a truncated stream never looks complete.
 
 use std::future::Future;
 use std::pin::Pin;

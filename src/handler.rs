@@ -240,12 +240,16 @@ impl Gateway {
         );
         let sent = Instant::now();
         let response = self.upstream.send(upstream_req).await;
-        let answered = match &response {
-            Ok(_) => true,
-            Err(e) => !e.upstream_unanswered(),
-        };
-        self.upstream_answered.store(answered, Ordering::Relaxed);
-        log.upstream_ttfb = Some(sent.elapsed()).filter(|_| response.is_ok());
+        match &response {
+            Ok(_) => {
+                log.upstream_ttfb = Some(sent.elapsed());
+                self.upstream_answered.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let answered = !e.upstream_unanswered();
+                self.upstream_answered.store(answered, Ordering::Relaxed);
+            }
+        }
         response
     }
 

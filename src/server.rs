@@ -43,7 +43,7 @@ pub const OVERFLOW_CONNECTIONS: usize = 256;
 /// How often the key files are checked for changes.
 const KEY_FILE_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The sockets keygate serves on, bound before `run` so that a caller (or a test) can bind
 /// ephemeral ports and learn them.
