@@ -131,17 +131,7 @@ async fn in_flight_streams_and_connections_are_gauged() {
 async fn client_hangup_before_headers_is_logged_and_counted_once() {
     let (silent, mut events) = start_silent_upstream().await;
     let proxy = start_proxy_with(&config_text(silent, ADMIN)).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let request =
-        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(
-        tokio::time::timeout(DEADLINE, events.recv()).await.unwrap(),
-        Some(Silent::Received)
-    );
-    drop(stream);
+    hang_up_once_forwarded(proxy.addr, &mut events).await;
     wait_for_close(&mut events).await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {

@@ -83,15 +83,7 @@ async fn client_hangup_mid_stream_closes_the_upstream_connection() {
 async fn client_hangup_before_response_headers_closes_the_upstream_connection() {
     let (silent, mut events) = start_silent_upstream().await;
     let proxy = start_proxy(silent).await;
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let request =
-        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
-        .await
-        .unwrap();
-    let first = tokio::time::timeout(DEADLINE, events.recv()).await.unwrap();
-    assert_eq!(first, Some(Silent::Received));
-    drop(stream);
+    hang_up_once_forwarded(proxy.addr, &mut events).await;
     wait_for_close(&mut events).await;
     proxy.stop().await;
 }

@@ -557,6 +557,21 @@ pub async fn start_silent_upstream() -> (SocketAddr, mpsc::UnboundedReceiver<Sil
     (addr, events_rx)
 }
 
+/// Sends a keyed GET to the proxy at `addr`, waits until the silent upstream has it, then
+/// hangs up the client connection.
+pub async fn hang_up_once_forwarded(
+    addr: SocketAddr,
+    events: &mut mpsc::UnboundedReceiver<Silent>,
+) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request =
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let first = tokio::time::timeout(DEADLINE, events.recv()).await.unwrap();
+    assert_eq!(first, Some(Silent::Received));
+    drop(stream);
+}
+
 /// Waits for the next event from a silent upstream that is not `Received`.
 pub async fn wait_for_close(events: &mut mpsc::UnboundedReceiver<Silent>) {
     tokio::time::timeout(DEADLINE, async {
