@@ -14,6 +14,11 @@
 # 127.0.0.1 is the container itself: share the origin's network namespace (a pod sidecar,
 # or `docker run --network container:NAME`) or point [upstream] url at the origin.
 #
+# Terminating TLS (see config/examples/tls.toml): mount the PEM files and the config, e.g.
+#   docker run --rm -p 443:8443 -p 80:8080 \
+#     -v $PWD/tls:/etc/keygate/tls:ro -v $PWD/tls.toml:/etc/keygate/keygate.toml:ro \
+#     -e API_KEY=... -e SHARED_SECRET=... keygate:latest
+#
 # Arguments after the image name replace the default `--config /etc/keygate/keygate.toml`,
 # so repeat it when adding flags:
 #   docker run --rm keygate:latest keygen
@@ -45,7 +50,9 @@ RUN cargo build --release --locked
 COPY config ./config
 
 # Debian 12 (bookworm) on both sides: the binary's glibc matches the runtime's.
-# No OpenSSL needed: TLS, when it lands, uses rustls (pure Rust).
+# No OpenSSL and no CA bundle needed: TLS is rustls with ring (its C and assembly are
+# compiled above by the rust image's gcc), and https upstreams are verified against the
+# webpki roots built into the binary (or a mounted [upstream] ca_file).
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /build/target/release/keygate /usr/local/bin/keygate
 COPY --from=build /build/config/keygate.toml /etc/keygate/keygate.toml

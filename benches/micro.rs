@@ -86,7 +86,10 @@ fn auth_verify(c: &mut Criterion) {
         let set = KeySet::new(
             keys.into_iter()
                 .enumerate()
-                .map(|(i, key)| (format!("key-{i}"), Secret::new(key)))
+                .map(|(i, key)| {
+                    let policy = std::sync::Arc::new(keygate::scope::Policy::default());
+                    (format!("key-{i}"), Secret::new(key), policy)
+                })
                 .collect(),
         );
         let wrong = auth::generate_key().expect("OS randomness");
@@ -121,6 +124,21 @@ fn route_classify(c: &mut Criterion) {
         let uri: Uri = target.parse().expect("valid request target");
         group.bench_function(name, |b| {
             b.iter(|| routes.classify(black_box(&Method::GET), black_box(&uri)))
+        });
+    }
+    group.finish();
+}
+
+fn preset_lookup(c: &mut Criterion) {
+    let table = keygate::preset::Table::new(&keygate::preset::VLLM);
+    let mut group = c.benchmark_group("preset_lookup_vllm");
+    for (name, method, path) in [
+        ("inference", Method::POST, "/v1/chat/completions"),
+        ("pattern", Method::GET, "/v1/responses/resp_123"),
+        ("not_listed", Method::GET, "/v1/nowhere"),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| table.class(black_box(&method), black_box(path)))
         });
     }
     group.finish();
@@ -198,6 +216,7 @@ criterion_group!(
     benches,
     auth_verify,
     auth_credential,
+    preset_lookup,
     route_classify,
     rewrite_headers,
     request_id

@@ -31,4 +31,10 @@ keygate on http://127.0.0.1:$KEYGATE_PORT -> demo origin on 127.0.0.1:$ORIGIN_PO
        -d '{"model":"demo","stream":true,"messages":[]}'
 TRY
 "$KEYGATE" --config config/keygate.toml --listen "127.0.0.1:$KEYGATE_PORT" \
-  --upstream "http://127.0.0.1:$ORIGIN_PORT" --log-format text
+  --upstream "http://127.0.0.1:$ORIGIN_PORT" --log-format text &
+keygate=$!
+# Ctrl-C or a SIGTERM to this script stops both (keygate drains, then exits).
+trap 'kill $keygate $origin 2>/dev/null; wait' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+wait $keygate

@@ -23,6 +23,7 @@ use crate::config::LogFormat;
 use crate::error::ProxyError;
 use crate::metrics::{Finished, Metrics};
 use crate::rewrite::Peer;
+use crate::scope::Slot;
 
 /// The target of access lines, so a filter can keep or drop them apart from diagnostics.
 pub const TARGET: &str = "keygate::access";
@@ -61,6 +62,13 @@ pub struct AccessLog {
     pub key: Option<Arc<str>>,
     pub status: StatusCode,
     pub upstream_ttfb: Option<Duration>,
+    /// The key's concurrency slot, if it has a limit: held as long as the request is, and
+    /// released once its line is written (or the request is dropped).
+    pub slot: Option<Slot>,
+    /// Keep-alive comments sent into an SSE stream.
+    pub sse_keepalives: u32,
+    /// Whether an SSE stream that broke got the final error event.
+    pub sse_error_event: bool,
     metrics: Arc<Metrics>,
     /// Set once the line is written; a log dropped before that records a client hang-up.
     written: bool,
@@ -96,6 +104,9 @@ impl AccessLog {
             key: None,
             status: StatusCode::OK,
             upstream_ttfb: None,
+            slot: None,
+            sse_keepalives: 0,
+            sse_error_event: false,
             metrics,
             written: false,
         }
@@ -220,6 +231,13 @@ impl Fields<'_> {
         out.push_str(r#","outcome":""#);
         out.push_str(self.outcome.as_str());
         out.push('"');
+        if l.sse_keepalives > 0 {
+            out.push_str(r#","sse_keepalives":"#);
+            push_int(out, l.sse_keepalives);
+        }
+        if l.sse_error_event {
+            out.push_str(r#","sse_error_event":true"#);
+        }
         if let Some(e) = self.error() {
             out.push_str(r#","error":"#);
             json_str(out, &e.to_string());
@@ -251,6 +269,12 @@ impl Fields<'_> {
             l.client.to_str().unwrap_or("-"),
             self.outcome.as_str()
         );
+        if l.sse_keepalives > 0 {
+            let _ = write!(out, " sse_keepalives={}", l.sse_keepalives);
+        }
+        if l.sse_error_event {
+            out.push_str(" sse_error_event=true");
+        }
         if let Some(e) = self.error() {
             let _ = write!(out, " error=\"{e}\"");
         }
@@ -326,16 +350,21 @@ fn json_str(out: &mut String, s: &str) {
 mod tests {
     use super::*;
 
-    fn line(format: LogFormat, outcome: Outcome<'_>) -> String {
-        let req = Request::get("/v1/x?secret=1").body(()).unwrap();
+    /// The log record of a GET of `target` from 10.0.0.7 with request id `id-1`.
+    fn access_log(target: &str) -> AccessLog {
+        let req = Request::get(target).body(()).unwrap();
         let peer = Peer::new("10.0.0.7:5000".parse().unwrap(), false);
-        let mut log = AccessLog::new(
+        AccessLog::new(
             &req,
             &peer,
             Instant::now(),
             HeaderValue::from_static("id-1"),
             Arc::new(Metrics::default()),
-        );
+        )
+    }
+
+    fn line(format: LogFormat, outcome: Outcome<'_>) -> String {
+        let mut log = access_log("/v1/x?secret=1");
         log.key = Some("ci".into());
         log.status = StatusCode::BAD_GATEWAY;
         let fields = Fields {
@@ -375,6 +404,31 @@ mod tests {
             assert!(text.contains(field), "{field} missing: {text}");
         }
         assert!(!text.contains("secret"), "{text}");
+        assert!(!text.contains("sse_"), "{text}");
+    }
+
+    #[test]
+    fn sse_fields_appear_only_when_something_was_added_to_a_stream() {
+        let mut log = access_log("/v1/x");
+        log.sse_keepalives = 3;
+        log.sse_error_event = true;
+        let fields = Fields {
+            log: &log,
+            bytes: 1,
+            outcome: Outcome::Complete,
+            duration: Duration::ZERO,
+        };
+        let (mut json, mut text) = (String::new(), String::new());
+        fields.json(&mut json);
+        fields.text(&mut text);
+        assert!(
+            json.contains(r#""sse_keepalives":3,"sse_error_event":true}"#),
+            "{json}"
+        );
+        assert!(
+            text.contains(" sse_keepalives=3 sse_error_event=true\n"),
+            "{text}"
+        );
     }
 
     #[test]

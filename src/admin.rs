@@ -13,13 +13,12 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::handler::Gateway;
-use crate::server::ACCEPT_BACKOFF;
+use crate::server::serve_plain;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Admin requests are tiny: their head must arrive quickly.
@@ -34,31 +33,14 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    // Connection tasks live in this set, so aborting `serve` (when `server::run` returns)
-    // closes them too; finished ones are reaped as the loop goes.
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                debug!(error = %e, "admin accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
-        };
+    serve_plain(listener, builder, move |_| {
         let gateway = gateway.clone();
-        let service = service_fn(move |req| {
+        service_fn(move |req| {
             let gateway = gateway.clone();
             async move { Ok::<_, Infallible>(answer(&gateway, &req).await) }
-        });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        connections.spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "admin connection ended with an error");
-            }
-        });
-    }
+        })
+    })
+    .await;
 }
 
 async fn answer(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::headers::X_API_KEY;
+use crate::scope::Policy;
 use crate::secrets::Secret;
 
 /// The credential found in a request's headers. `Debug` never shows the token.
@@ -81,20 +82,25 @@ struct Key {
     /// The key's name as a header value, for the identity header.
     header: HeaderValue,
     digest: [u8; 32],
+    policy: Arc<Policy>,
 }
+
+/// A key as configured: its name, its value and what it may do.
+pub type NamedKey = (String, Secret, Arc<Policy>);
 
 impl KeySet {
     /// Builds the set from named secrets; names must be valid header values (config checks).
-    pub fn new(keys: Vec<(String, Secret)>) -> Self {
+    pub fn new(keys: Vec<NamedKey>) -> Self {
         let keys = keys
             .into_iter()
-            .filter_map(|(name, secret)| {
+            .filter_map(|(name, secret, policy)| {
                 let header = HeaderValue::from_str(&name).ok()?;
                 let digest = Sha256::digest(secret.expose().as_bytes()).into();
                 Some(Key {
                     name: name.into(),
                     header,
                     digest,
+                    policy,
                 })
             })
             .collect();
@@ -102,7 +108,7 @@ impl KeySet {
     }
 
     /// This set with the keys `replaced` accepts swapped for `fresh` ones.
-    pub fn replacing(&self, replaced: impl Fn(&str) -> bool, fresh: Vec<(String, Secret)>) -> Self {
+    pub fn replacing(&self, replaced: impl Fn(&str) -> bool, fresh: Vec<NamedKey>) -> Self {
         let mut keys: Vec<Key> = self
             .keys
             .iter()
@@ -128,11 +134,17 @@ impl KeySet {
         Some(KeyId {
             name: key.name.clone(),
             header: key.header.clone(),
+            policy: key.policy.clone(),
         })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(|k| &*k.name)
+    }
+
+    /// Each key's name and policy.
+    pub fn policies(&self) -> impl Iterator<Item = (&Arc<str>, &Policy)> {
+        self.keys.iter().map(|k| (&k.name, &*k.policy))
     }
 
     pub fn len(&self) -> usize {
@@ -159,12 +171,13 @@ pub fn generate_key() -> Result<String, getrandom::Error> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
-/// The key a request was admitted with: its name, never its value. Shares its text with the
-/// key set, so it stays valid after a reload swapped the set.
+/// The key a request was admitted with: its name, never its value, and its policy. Shares
+/// them with the key set, so it stays valid after a reload swapped the set.
 #[derive(Debug, Clone)]
 pub struct KeyId {
     pub name: Arc<str>,
     pub header: HeaderValue,
+    pub policy: Arc<Policy>,
 }
 
 #[cfg(test)]
@@ -186,7 +199,13 @@ mod tests {
     fn keyset(keys: &[(&str, &str)]) -> KeySet {
         KeySet::new(
             keys.iter()
-                .map(|(n, v)| (n.to_string(), Secret::new(v.to_string())))
+                .map(|(n, v)| {
+                    (
+                        n.to_string(),
+                        Secret::new(v.to_string()),
+                        Arc::new(Policy::default()),
+                    )
+                })
                 .collect(),
         )
     }

@@ -6,7 +6,8 @@
 //!   upstream's body with an idle timeout, a byte count, the response header rules applied
 //!   to its trailers, and the access log line written when it ends. An error from it makes
 //!   hyper end the response abnormally (HTTP/1.1: the connection closes without the final
-//!   chunk; HTTP/2: RST_STREAM), so a truncated stream never looks complete.
+//!   chunk; HTTP/2: RST_STREAM), so a truncated stream never looks complete. An SSE stream
+//!   also gets what [`sse`](crate::sse) adds: keep-alive comments and a final error event.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,7 +24,9 @@ use tokio::time::{Instant, Sleep};
 use crate::access::{AccessLog, Outcome};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::proxy::Lease;
 use crate::rewrite::Rules;
+use crate::sse::Sse;
 
 pin_project! {
     /// The client's request body, forwarded upstream.
@@ -101,11 +104,14 @@ impl Body {
         }
     }
 
+    /// The upstream's body; `sse` for a `text/event-stream` response.
     pub fn upstream(
         inner: Incoming,
         idle_timeout: Duration,
         log: AccessLog,
         rules: Arc<Rules>,
+        sse: Option<Sse>,
+        lease: Option<Lease>,
     ) -> Self {
         Self::Upstream {
             stream: UpstreamBody {
@@ -115,6 +121,9 @@ impl Body {
                 bytes: 0,
                 log: Some(log),
                 rules,
+                sse,
+                failed: None,
+                lease,
             },
         }
     }
@@ -137,7 +146,7 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Fixed { data } => data.is_none(),
-            Self::Upstream { stream } => stream.inner.is_end_stream(),
+            Self::Upstream { stream } => stream.failed.is_none() && stream.inner.is_end_stream(),
         }
     }
 
@@ -146,6 +155,9 @@ impl http_body::Body for Body {
             Self::Fixed { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            // An SSE stream may gain comments and an error event: its length is not the
+            // upstream's, so hyper must not announce it.
+            Self::Upstream { stream } if stream.sse.is_some() => SizeHint::default(),
             Self::Upstream { stream } => stream.inner.size_hint(),
         }
     }
@@ -162,6 +174,11 @@ pin_project! {
         bytes: u64,
         log: Option<AccessLog>,
         rules: Arc<Rules>,
+        sse: Option<Sse>,
+        // The error to end with, once the SSE error event that announces it is sent.
+        failed: Option<Failed>,
+        // The upstream connection, back to the pool if the body ends cleanly.
+        lease: Option<Lease>,
     }
 
     impl PinnedDrop for UpstreamBody {
@@ -169,7 +186,15 @@ pin_project! {
         /// for HEAD and bodiless statuses, when there is nothing to read).
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(log) = this.log.take() {
+            // A body with nothing to read (HEAD, 204, 304) may never be polled; its connection
+            // is clean all the same. Any other lease still held here closes its connection.
+            if let Some(lease) = this.lease.take().filter(|_| this.inner.is_end_stream()) {
+                lease.release();
+            }
+            if let Some(mut log) = this.log.take() {
+                if let Some(sse) = this.sse.as_ref() {
+                    log.sse_keepalives = sse.keepalives;
+                }
                 let outcome = if this.inner.is_end_stream() {
                     Outcome::Complete
                 } else {
@@ -181,16 +206,39 @@ pin_project! {
     }
 }
 
+/// An upstream stream that broke after the SSE error event was handed to hyper.
+enum Failed {
+    /// The event is on its way.
+    Announced(ProxyError),
+    /// hyper has had a turn to write it out.
+    Flushed(ProxyError),
+}
+
 impl UpstreamBody {
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
         let mut this = self.project();
+        match this.failed.take() {
+            Some(Failed::Announced(e)) => {
+                // Once more round the connection's loop first: it writes out the error event
+                // (HTTP/2: hands it to the connection) before the error discards what is
+                // still queued.
+                *this.failed = Some(Failed::Flushed(e));
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Some(Failed::Flushed(e)) => return Poll::Ready(Some(Err(e))),
+            None => {}
+        }
         let result = match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(mut frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.bytes += data.len() as u64;
+                    if let Some(sse) = this.sse.as_mut() {
+                        sse.forwarded(data);
+                    }
                 }
                 if let Some(trailers) = frame.trailers_mut() {
                     this.rules.response_trailers(trailers);
@@ -200,17 +248,45 @@ impl UpstreamBody {
                     .reset(Instant::now() + *this.idle_timeout);
                 return Poll::Ready(Some(Ok(frame)));
             }
-            Poll::Ready(None) => None,
-            Poll::Ready(Some(Err(e))) => Some(ProxyError::UpstreamBody(e)),
-            Poll::Pending => {
-                ready!(this.idle.poll(cx));
-                Some(ProxyError::UpstreamIdle)
+            Poll::Ready(None) => {
+                if let Some(lease) = this.lease.take() {
+                    lease.release();
+                }
+                None
             }
+            Poll::Ready(Some(Err(e))) => Some(ProxyError::UpstreamBody(e)),
+            // A keep-alive comment leaves the idle timer alone: the upstream is still silent.
+            Poll::Pending => match this.idle.poll(cx) {
+                Poll::Ready(()) => Some(ProxyError::UpstreamIdle),
+                Poll::Pending => {
+                    let sse = this.sse.as_mut().map(|sse| sse.poll_keepalive(cx));
+                    let comment = ready!(sse.unwrap_or(Poll::Pending));
+                    *this.bytes += comment.len() as u64;
+                    return Poll::Ready(Some(Ok(Frame::data(comment))));
+                }
+            },
         };
-        if let Some(log) = this.log.take() {
+        let event = match (&result, this.sse.as_mut()) {
+            (Some(e), Some(sse)) => sse.error_event(e),
+            _ => None,
+        };
+        if let Some(event) = &event {
+            *this.bytes += event.len() as u64;
+        }
+        if let Some(mut log) = this.log.take() {
+            if let Some(sse) = this.sse.as_ref() {
+                log.sse_keepalives = sse.keepalives;
+                log.sse_error_event = sse.error_event;
+            }
             let outcome = result.as_ref().map_or(Outcome::Complete, Outcome::Failed);
             log.finish(*this.bytes, outcome);
         }
-        Poll::Ready(result.map(Err))
+        match (result, event) {
+            (Some(e), Some(event)) => {
+                *this.failed = Some(Failed::Announced(e));
+                Poll::Ready(Some(Ok(Frame::data(event))))
+            }
+            (result, _) => Poll::Ready(result.map(Err)),
+        }
     }
 }

@@ -8,18 +8,23 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use bytesize::ByteSize;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
+use rustls::ClientConfig;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::auth::KeySet;
+use crate::auth::{KeySet, NamedKey};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
+use crate::preset::{Preset, PRESETS};
+use crate::scope::{Classes, Clock, Policy, Rule};
 use crate::secrets::{Secret, SecretSource};
+use crate::tls::{self, Certificate};
 
 /// Keys shorter than this are refused at start-up.
 pub const MIN_KEY_BYTES: usize = 16;
@@ -54,6 +59,8 @@ struct ServerFile {
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
     redirect_http_listen: Option<Spanned<String>>,
+    redirect_https_port: Option<Spanned<u16>>,
+    redirect_serves_probe: bool,
     header_read_timeout: Spanned<HumanDuration>,
     trusted_proxies: Vec<Spanned<String>>,
     max_request_body: ByteSize,
@@ -69,6 +76,8 @@ impl Default for ServerFile {
             tls_cert: None,
             tls_key: None,
             redirect_http_listen: None,
+            redirect_https_port: None,
+            redirect_serves_probe: false,
             header_read_timeout: unspanned(HumanDuration(Duration::from_secs(10))),
             trusted_proxies: Vec::new(),
             max_request_body: ByteSize::mib(64),
@@ -87,6 +96,8 @@ struct UpstreamFile {
     response_timeout: Spanned<HumanDuration>,
     idle_timeout: Spanned<HumanDuration>,
     ca_file: Option<Spanned<String>>,
+    preset: Option<Spanned<String>>,
+    sse_keepalive: Option<Spanned<HumanDuration>>,
 }
 
 impl Default for UpstreamFile {
@@ -97,6 +108,8 @@ impl Default for UpstreamFile {
             response_timeout: unspanned(HumanDuration(Duration::from_secs(600))),
             idle_timeout: unspanned(HumanDuration(Duration::from_secs(300))),
             ca_file: None,
+            preset: None,
+            sse_keepalive: None,
         }
     }
 }
@@ -117,6 +130,20 @@ struct KeyFile {
     file: Option<PathBuf>,
     #[serde(default)]
     optional: bool,
+    allow: Option<Vec<RuleFile>>,
+    routes: Option<Vec<String>>,
+    max_concurrent: Option<usize>,
+    /// RFC 3339, as a string or a TOML date-time.
+    not_after: Option<toml::Value>,
+}
+
+/// One `allow` rule as written: `{ methods = ["POST"], path_prefix = "/v1/" }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    methods: Vec<String>,
+    path_prefix: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -206,11 +233,17 @@ pub struct Config {
     /// Origins allowed by CORS; empty: CORS is off.
     pub cors_origins: Vec<HeaderValue>,
     pub log: Log,
+    /// The time source for key expiry; tests put in their own.
+    pub clock: Clock,
 }
 
 #[derive(Debug, Clone)]
 pub struct Server {
     pub listen: SocketAddr,
+    /// TLS on `listen`, when `tls_cert` and `tls_key` are set.
+    pub tls: Option<Tls>,
+    /// The plain listener that redirects to https, when `redirect_http_listen` is set.
+    pub redirect: Option<Redirect>,
     pub header_read_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
     pub max_request_body: u64,
@@ -218,6 +251,23 @@ pub struct Server {
     pub shutdown_grace: Duration,
     /// Runtime worker threads; 1 runs everything on the main thread.
     pub workers: usize,
+}
+
+/// The certificate files and what was loaded from them at start-up.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub certificate: Certificate,
+}
+
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    pub listen: SocketAddr,
+    /// The port written into the `https://` URL; 443 is left out.
+    pub https_port: u16,
+    /// Whether the probe is answered on the plain listener instead of redirected.
+    pub serves_probe: bool,
 }
 
 #[derive(Debug)]
@@ -229,6 +279,14 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Client TLS settings for an `https://` upstream.
+    pub tls: Option<Arc<ClientConfig>>,
+    /// Where the upstream's trusted roots come from, for the summary.
+    pub ca_file: Option<PathBuf>,
+    /// The server preset whose route table is enforced; `None` forwards every route.
+    pub preset: Option<&'static Preset>,
+    /// How long a `text/event-stream` response may be silent before a comment is sent.
+    pub sse_keepalive: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -288,10 +346,56 @@ impl Config {
             keys.push_str(&format!(", {name} (optional, not set)"));
         }
         let u = &self.upstream;
+        let tls = self.server.tls.as_ref().map_or_else(
+            || "off (plain HTTP/1.1 and h2c)".to_owned(),
+            |t| {
+                format!(
+                    "{}: {}; ALPN h2, http/1.1; reloaded on SIGHUP",
+                    t.cert.display(),
+                    t.certificate.expiry()
+                )
+            },
+        );
+        let redirect = self.server.redirect.as_ref().map_or_else(
+            || "none".to_owned(),
+            |r| {
+                let probe = if r.serves_probe {
+                    "probe answered"
+                } else {
+                    "probe redirected too"
+                };
+                format!("{} -> https port {} ({probe})", r.listen, r.https_port)
+            },
+        );
+        let roots = match (&u.tls, &u.ca_file) {
+            (None, _) => String::new(),
+            (Some(_), Some(ca)) => format!(" (trusting {})", ca.display()),
+            (Some(_), None) => " (trusting the webpki roots)".to_owned(),
+        };
+        let preset = u.preset.map_or_else(
+            || "none (every route is forwarded)".to_owned(),
+            |preset| {
+                let (inference, admin) = preset.counts();
+                format!(
+                    "{}: {inference} inference and {admin} admin routes, anything else refused; from {}",
+                    preset.name, preset.source
+                )
+            },
+        );
+        let mut limits = String::new();
+        for (name, policy) in self.auth.keys.policies() {
+            if let Some(line) = policy_summary(policy, u.preset.is_some(), self.clock.now()) {
+                limits.push_str(&format!("\n{:<17}{line}", format!("key {name}:")));
+            }
+        }
         format!(
             "listen:          {}\n\
-             upstream:        {}://{}{}\n\
-             keys:            {keys}\n\
+             tls:             {tls}\n\
+             redirect:        {redirect}\n\
+             upstream:        {}://{}{}{roots}\n\
+             keys:            {keys}{limits}\n\
+             preset:          {preset}\n\
+             sse keep-alive:  {}\n\
              identity header: {}\n\
              probe path:      {}\n\
              public paths:    {}\n\
@@ -304,6 +408,10 @@ impl Config {
             u.scheme,
             u.authority,
             u.path_prefix,
+            u.sse_keepalive.map_or_else(
+                || "off (error events only)".to_owned(),
+                |k| humantime::format_duration(k).to_string()
+            ),
             self.auth
                 .identity_header
                 .as_ref()
@@ -331,6 +439,33 @@ impl Config {
             },
         )
     }
+}
+
+/// One key's scope and limits for the summary, or `None` for a key without any.
+fn policy_summary(policy: &Policy, preset: bool, now: SystemTime) -> Option<String> {
+    let mut parts = Vec::new();
+    if preset {
+        parts.push(format!("routes {}", policy.routes));
+    }
+    if !policy.allow.is_empty() {
+        let rules: Vec<String> = policy.allow.iter().map(ToString::to_string).collect();
+        parts.push(format!("allow {}", rules.join(", ")));
+    }
+    if let Some(n) = policy.max_concurrent() {
+        parts.push(format!("max_concurrent {n}"));
+    }
+    if let Some(t) = policy.not_after {
+        let left = match t.duration_since(now) {
+            Ok(left) if !left.is_zero() => format!("{} days left", left.as_secs() / 86_400),
+            _ => "expired: refused".to_owned(),
+        };
+        parts.push(format!(
+            "not_after {} ({left})",
+            humantime::format_rfc3339_seconds(t)
+        ));
+    }
+    let default_routes = !preset || policy.routes == Classes::default();
+    (parts.len() > usize::from(preset) || !default_routes).then(|| parts.join("; "))
 }
 
 // ---------------------------------------------------------------- errors
@@ -477,12 +612,15 @@ fn validate(
     secrets: &dyn SecretSource,
     p: &mut Problems<'_>,
 ) -> Option<Config> {
-    refuse_unsupported(&f, p);
     let server = server(f.server, p);
     let upstream = upstream(f.upstream, p);
+    let preset = upstream.as_ref().and_then(|u| u.preset);
     let inject = inject(&f.inject, secrets, p);
-    let auth = auth(f.auth, &inject, secrets, p);
-    let probe_path = route_path(&f.probe.path, "[probe] path", p);
+    let auth = auth(f.auth, &inject, preset, secrets, p);
+    let mut probe_path = route_path(&f.probe.path, "[probe] path", p);
+    if let Some(preset) = preset.filter(|_| f.probe.path.span() == (0..0)) {
+        probe_path = preset.probe.to_owned();
+    }
     let public_paths = f
         .public
         .paths
@@ -500,14 +638,21 @@ fn validate(
     let admin = f.admin.as_ref().and_then(|a| {
         let listen = &a.get_ref().listen;
         let addr = listen.get_ref().parse::<SocketAddr>().ok();
-        match addr {
-            None => p.at(listen.span(), "[admin] listen", "is not an IP:port address; write e.g. \"127.0.0.1:9090\""),
-            Some(addr) if server.as_ref().is_some_and(|s| same_socket(s.listen, addr)) => p.at(
+        let taken = server.as_ref().and_then(|s| {
+            let redirect = s.redirect.as_ref().map(|r| r.listen);
+            [Some(s.listen), redirect]
+                .into_iter()
+                .flatten()
+                .find(|&other| addr.is_some_and(|addr| same_socket(other, addr)))
+        });
+        match (addr, taken) {
+            (None, _) => p.at(listen.span(), "[admin] listen", "is not an IP:port address; write e.g. \"127.0.0.1:9090\""),
+            (Some(_), Some(_)) => p.at(
                 listen.span(),
                 "[admin] listen",
-                "is the proxy's own address; the admin listener must be separate, e.g. \"127.0.0.1:9090\"",
+                "is the address of the proxy or its redirect listener; the admin listener must be separate, e.g. \"127.0.0.1:9090\"",
             ),
-            Some(_) => {}
+            (Some(_), None) => {}
         }
         addr
     });
@@ -529,25 +674,8 @@ fn validate(
             format: f.log.format,
             level: level.clone(),
         },
+        clock: Clock::system(),
     })
-}
-
-/// Sections that parse but whose behaviour has not landed yet: refused, never ignored.
-fn refuse_unsupported(f: &FileConfig, p: &mut Problems<'_>) {
-    let later = "is not supported yet by this version of keygate; remove it";
-    for (value, key) in [
-        (&f.server.tls_cert, "[server] tls_cert"),
-        (&f.server.tls_key, "[server] tls_key"),
-        (
-            &f.server.redirect_http_listen,
-            "[server] redirect_http_listen",
-        ),
-        (&f.upstream.ca_file, "[upstream] ca_file"),
-    ] {
-        if let Some(v) = value {
-            p.at(v.span(), key, later);
-        }
-    }
 }
 
 fn server(s: ServerFile, p: &mut Problems<'_>) -> Option<Server> {
@@ -589,7 +717,7 @@ fn server(s: ServerFile, p: &mut Problems<'_>) -> Option<Server> {
             "must be at least 1",
         );
     }
-    let workers = match s.workers {
+    let workers = match &s.workers {
         Some(w) if *w.get_ref() == 0 => {
             p.at(
                 w.span(),
@@ -601,14 +729,109 @@ fn server(s: ServerFile, p: &mut Problems<'_>) -> Option<Server> {
         Some(w) => *w.get_ref(),
         None => std::thread::available_parallelism().map_or(1, usize::from),
     };
+    let tls = tls_files(&s, p);
+    let redirect = listen.and_then(|listen| redirect(&s, listen, tls.is_some(), p));
     Some(Server {
         listen: listen?,
+        tls,
+        redirect,
         workers,
         header_read_timeout,
         trusted_proxies,
         max_request_body: s.max_request_body.as_u64(),
         max_connections: *s.max_connections.get_ref(),
         shutdown_grace: s.shutdown_grace.0,
+    })
+}
+
+/// Loads the certificate and key named by `tls_cert` and `tls_key`: both or neither.
+fn tls_files(s: &ServerFile, p: &mut Problems<'_>) -> Option<Tls> {
+    let (cert, key) = match (&s.tls_cert, &s.tls_key) {
+        (None, None) => return None,
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(given), None) | (None, Some(given)) => {
+            p.at(
+                given.span(),
+                "[server] tls_cert",
+                "tls_cert and tls_key go together; set both (PEM chain and its private key) or neither",
+            );
+            return None;
+        }
+    };
+    let paths = (PathBuf::from(cert.get_ref()), PathBuf::from(key.get_ref()));
+    match Certificate::load(&paths.0, &paths.1) {
+        Ok(certificate) => Some(Tls {
+            cert: paths.0,
+            key: paths.1,
+            certificate,
+        }),
+        Err(problem) => {
+            let (span, key) = match problem.file {
+                tls::Which::Cert => (cert.span(), "[server] tls_cert"),
+                tls::Which::Key => (key.span(), "[server] tls_key"),
+            };
+            p.at(span, key, problem.message);
+            None
+        }
+    }
+}
+
+/// The plain listener redirecting to https: only with TLS, on an address of its own.
+fn redirect(
+    s: &ServerFile,
+    listen: SocketAddr,
+    tls: bool,
+    p: &mut Problems<'_>,
+) -> Option<Redirect> {
+    let key = "[server] redirect_http_listen";
+    let Some(text) = &s.redirect_http_listen else {
+        if let Some(port) = &s.redirect_https_port {
+            p.at(
+                port.span(),
+                "[server] redirect_https_port",
+                "is used only with redirect_http_listen; set that too or remove this",
+            );
+        }
+        return None;
+    };
+    let Ok(addr) = text.get_ref().parse::<SocketAddr>() else {
+        p.at(
+            text.span(),
+            key,
+            "is not an IP:port address; write e.g. \"0.0.0.0:8081\"",
+        );
+        return None;
+    };
+    if !tls && (s.tls_cert.is_none() || s.tls_key.is_none()) {
+        p.at(
+            text.span(),
+            key,
+            "redirects to https, so it needs TLS on listen: set tls_cert and tls_key too",
+        );
+    }
+    if same_socket(addr, listen) {
+        p.at(
+            text.span(),
+            key,
+            "is the proxy's own address; give the plain listener its own port, e.g. \"0.0.0.0:8081\"",
+        );
+    }
+    let https_port = match &s.redirect_https_port {
+        Some(port) if *port.get_ref() == 0 => {
+            p.at(
+                port.span(),
+                "[server] redirect_https_port",
+                "must be a port number 1-65535, e.g. 443",
+            );
+            443
+        }
+        Some(port) => *port.get_ref(),
+        None => listen.port(),
+    };
+    Some(Redirect {
+        listen: addr,
+        https_port,
+        serves_probe: s.redirect_serves_probe,
     })
 }
 
@@ -624,6 +847,32 @@ fn upstream(u: UpstreamFile, p: &mut Problems<'_>) -> Option<Upstream> {
     let connect_timeout = positive(&u.connect_timeout, "[upstream] connect_timeout", p);
     let response_timeout = positive(&u.response_timeout, "[upstream] response_timeout", p);
     let idle_timeout = positive(&u.idle_timeout, "[upstream] idle_timeout", p);
+    let sse_keepalive = u.sse_keepalive.as_ref().map(|k| {
+        let every = positive(k, "[upstream] sse_keepalive", p);
+        if every >= idle_timeout {
+            p.at(
+                k.span(),
+                "[upstream] sse_keepalive",
+                "must be shorter than idle_timeout, which ends a stream whose upstream is silent that long whatever keygate sends; e.g. \"15s\", or raise idle_timeout",
+            );
+        }
+        every
+    });
+    let preset = u.preset.as_ref().and_then(|name| {
+        let found = Preset::named(name.get_ref());
+        if found.is_none() && name.get_ref() != "none" {
+            let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+            p.at(
+                name.span(),
+                "[upstream] preset",
+                format!(
+                    "is not a preset; write one of \"{}\" or \"none\"",
+                    names.join("\", \"")
+                ),
+            );
+        }
+        found
+    });
     let key = "[upstream] url";
     let uri = match u.url.get_ref().parse::<Uri>() {
         Ok(uri) => uri,
@@ -644,18 +893,30 @@ fn upstream(u: UpstreamFile, p: &mut Problems<'_>) -> Option<Upstream> {
         );
         return None;
     };
-    if *scheme == Scheme::HTTPS {
-        p.at(
-            u.url.span(),
-            key,
-            "https upstreams are not supported yet by this version of keygate; use http:// (e.g. a sidecar on 127.0.0.1)",
-        );
+    if *scheme != Scheme::HTTP && *scheme != Scheme::HTTPS {
+        p.at(u.url.span(), key, "must start with http:// or https://");
         return None;
     }
-    if *scheme != Scheme::HTTP {
-        p.at(u.url.span(), key, "must start with http://");
-        return None;
-    }
+    let ca_file = u.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
+    let tls = if *scheme == Scheme::HTTPS {
+        match tls::upstream_client(ca_file.as_deref()) {
+            Ok(config) => Some(Arc::new(config)),
+            Err(why) => {
+                let span = u.ca_file.as_ref().map_or(0..0, Spanned::span);
+                p.at(span, "[upstream] ca_file", why);
+                None
+            }
+        }
+    } else {
+        if let Some(f) = &u.ca_file {
+            p.at(
+                f.span(),
+                "[upstream] ca_file",
+                "applies to https:// upstreams only; remove it or make the url https://",
+            );
+        }
+        None
+    };
     if uri.query().is_some() || authority.as_str().contains('@') {
         p.at(u.url.span(), key, "must not carry a query or user info; give scheme, host, port and an optional path prefix");
         return None;
@@ -667,16 +928,21 @@ fn upstream(u: UpstreamFile, p: &mut Problems<'_>) -> Option<Upstream> {
         connect_timeout,
         response_timeout,
         idle_timeout,
+        tls,
+        ca_file,
+        preset,
+        sse_keepalive,
     })
 }
 
 fn auth(
     a: AuthFile,
     inject: &[Injected],
+    preset: Option<&Preset>,
     secrets: &dyn SecretSource,
     p: &mut Problems<'_>,
 ) -> Option<Auth> {
-    let mut keys: Vec<(String, Secret)> = Vec::new();
+    let mut keys: Vec<NamedKey> = Vec::new();
     let mut absent_optional = Vec::new();
     let mut file_keys = Vec::new();
     for entry in &a.keys {
@@ -688,13 +954,14 @@ fn auth(
                 &key,
                 "name must be 1-64 characters of A-Z a-z 0-9 . _ -",
             );
-        } else if keys.iter().any(|(n, _)| *n == k.name) || absent_optional.contains(&k.name) {
+        } else if keys.iter().any(|(n, _, _)| *n == k.name) || absent_optional.contains(&k.name) {
             p.at(
                 entry.span(),
                 &key,
                 "this name is used twice; every key needs its own name",
             );
         }
+        let policy = Arc::new(policy(k, preset, &mut |why| p.at(entry.span(), &key, why)));
         let source = match (&k.env, &k.file) {
             (Some(var), None) => KeySource::Env(var.clone()),
             (None, Some(path)) => {
@@ -703,6 +970,7 @@ fn auth(
                     path: path.clone(),
                     optional: k.optional,
                     stamp: FileStamp::of(path),
+                    policy: policy.clone(),
                 });
                 KeySource::File(path.clone())
             }
@@ -716,7 +984,7 @@ fn auth(
             }
         };
         match resolve_key(&source, k.optional, secrets) {
-            Ok(Some(secret)) => keys.push((k.name.clone(), secret)),
+            Ok(Some(secret)) => keys.push((k.name.clone(), secret, policy)),
             Ok(None) => absent_optional.push(k.name.clone()),
             Err(why) => p.at(entry.span(), &key, why),
         }
@@ -751,6 +1019,94 @@ fn auth(
     })
 }
 
+/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent` and `not_after`.
+fn policy(k: &KeyFile, preset: Option<&Preset>, problem: &mut dyn FnMut(String)) -> Policy {
+    let allow = match &k.allow {
+        None => Vec::new(),
+        Some(rules) if rules.is_empty() => {
+            problem("allow = [] lets the key do nothing; give a rule such as { methods = [\"POST\"], path_prefix = \"/v1/\" }, or leave allow out to allow everything".into());
+            Vec::new()
+        }
+        Some(rules) => rules.iter().filter_map(|r| rule(r, problem)).collect(),
+    };
+    let mut routes = Classes::default();
+    if let Some(names) = &k.routes {
+        if preset.is_none() {
+            problem(
+                "routes only applies with a server preset; set [upstream] preset, or remove routes"
+                    .into(),
+            );
+        }
+        routes.inference = names.iter().any(|n| n == "inference");
+        routes.admin = names.iter().any(|n| n == "admin");
+        if let Some(bad) = names
+            .iter()
+            .find(|n| !matches!(n.as_str(), "inference" | "admin"))
+        {
+            problem(format!("routes has {bad:?}; use \"inference\" and/or \"admin\", e.g. routes = [\"inference\", \"admin\"]"));
+        } else if names.is_empty() {
+            problem(
+                "routes = [] lets the key use no route; write e.g. routes = [\"inference\"]".into(),
+            );
+        }
+    }
+    if k.max_concurrent == Some(0) {
+        problem(
+            "max_concurrent = 0 admits nothing; give at least 1, or leave it out for no limit"
+                .into(),
+        );
+    }
+    let not_after = k.not_after.as_ref().and_then(|v| {
+        let text = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Datetime(d) => d.to_string(),
+            _ => String::new(),
+        };
+        let parsed = humantime::parse_rfc3339(&text).ok();
+        if parsed.is_none() {
+            problem("not_after is not an RFC 3339 time in UTC; write e.g. not_after = \"2027-01-31T00:00:00Z\"".into());
+        }
+        parsed
+    });
+    Policy::new(allow, routes, k.max_concurrent, not_after)
+}
+
+fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {
+    if r.methods.is_empty() && r.path_prefix.is_none() {
+        problem(
+            "an allow rule needs methods, path_prefix or both; leave allow out to allow everything"
+                .into(),
+        );
+        return None;
+    }
+    let mut methods = Vec::new();
+    for m in &r.methods {
+        let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
+        match http::Method::from_bytes(m.as_bytes()) {
+            Ok(method) if valid => methods.push(method),
+            _ => {
+                problem(format!(
+                    "{m:?} in allow is not a method; write it in capitals, e.g. \"POST\""
+                ));
+                return None;
+            }
+        }
+    }
+    if let Some(prefix) = &r.path_prefix {
+        let trimmed = prefix.strip_suffix('/').filter(|p| !p.is_empty());
+        if !crate::preset::plain_path(trimmed.unwrap_or(prefix)) {
+            problem(format!(
+                "path_prefix {prefix:?} must be a plain path starting with /, e.g. \"/v1/\""
+            ));
+            return None;
+        }
+    }
+    Some(Rule {
+        methods,
+        path_prefix: r.path_prefix.clone(),
+    })
+}
+
 fn valid_key_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
@@ -766,6 +1122,8 @@ pub struct FileKey {
     pub optional: bool,
     /// The file as it was just before it was read, so a change made after that is noticed.
     pub stamp: Option<FileStamp>,
+    /// What the key may do; the same after every reload.
+    pub policy: Arc<Policy>,
 }
 
 /// A file's identity and version, as `stat` (following symlinks) reports them: Kubernetes
@@ -786,6 +1144,37 @@ impl FileStamp {
             modified: meta.modified().ok(),
             len: meta.len(),
         })
+    }
+}
+
+/// Files watched for a change (a new inode, as when Kubernetes or cert-manager swaps a
+/// mounted Secret, a new modification time or length). Cheap: one `stat` per file and look.
+#[derive(Debug)]
+pub struct WatchedFiles {
+    paths: Vec<PathBuf>,
+    /// What the files looked like at the last look.
+    seen: Mutex<Vec<Option<FileStamp>>>,
+}
+
+impl WatchedFiles {
+    /// `seen`: the files as they were when they were last read, one stamp per path.
+    pub fn new(paths: Vec<PathBuf>, seen: Vec<Option<FileStamp>>) -> Self {
+        Self {
+            paths,
+            seen: Mutex::new(seen),
+        }
+    }
+
+    /// Whether any of the files changed since the last look; this look counts as seen.
+    pub fn changed(&self) -> bool {
+        if self.paths.is_empty() {
+            return false;
+        }
+        let now: Vec<_> = self.paths.iter().map(|p| FileStamp::of(p)).collect();
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = *seen != now;
+        *seen = now;
+        changed
     }
 }
 
@@ -833,7 +1222,7 @@ pub fn reload_file_keys(
     let mut problems = Vec::new();
     for k in file_keys {
         match resolve_key(&KeySource::File(k.path.clone()), k.optional, secrets) {
-            Ok(Some(secret)) => fresh.push((k.name.clone(), secret)),
+            Ok(Some(secret)) => fresh.push((k.name.clone(), secret, k.policy.clone())),
             Ok(None) => {}
             Err(why) => problems.push(format!("key \"{}\": {why}", k.name)),
         }
@@ -965,8 +1354,11 @@ fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> 
 }
 
 /// Whether two listen addresses would collide: same port, and the same IP or a wildcard.
+/// Port 0 (an ephemeral port) never does.
 fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// `*` or exact origins, `scheme://host[:port]`, as browsers send them in `Origin`.
@@ -1182,13 +1574,37 @@ mod tests {
     }
 
     #[test]
-    fn not_yet_supported_sections_are_refused_not_ignored() {
-        let text = format!("{}[server]\ntls_cert = \"/c.pem\"\n", minimal());
-        let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
+    fn tls_settings_that_cannot_work_are_refused() {
+        let secrets = MapSecrets::default().with_env("API_KEY", KEY);
+        let e = errors(
+            &format!("{}[server]\ntls_cert = \"/c.pem\"\n", minimal()),
+            &secrets,
+        );
+        assert!(e.contains("tls_cert and tls_key go together"), "{e}");
+        let e = errors(
+            &format!(
+                "{}[server]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+                minimal()
+            ),
+            &secrets,
+        );
         assert!(
-            e.contains("tls_cert") && e.contains("not supported yet"),
+            e.contains("[server] tls_cert: cannot read /nonexistent/c.pem"),
             "{e}"
         );
+        let e = errors(
+            &format!(
+                "{}[server]\nredirect_http_listen = \"127.0.0.1:8081\"\n",
+                minimal()
+            ),
+            &secrets,
+        );
+        assert!(e.contains("needs TLS on listen"), "{e}");
+        let e = errors(
+            &format!("{}[upstream]\nca_file = \"/ca.pem\"\n", minimal()),
+            &secrets,
+        );
+        assert!(e.contains("applies to https:// upstreams only"), "{e}");
     }
 
     #[test]
@@ -1255,5 +1671,129 @@ mod tests {
             let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
             assert!(e.contains("[probe] path"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn key_scopes_and_limits_are_read() {
+        let text = "[upstream]\npreset = \"vllm\"\n[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\", routes = [\"inference\", \"admin\"], allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }], max_concurrent = 4, not_after = \"2030-01-01T00:00:00Z\" }]\n";
+        let c = parse(text, &MapSecrets::default().with_env("API_KEY", KEY)).unwrap();
+        let (name, policy) = c.auth.keys.policies().next().unwrap();
+        assert_eq!(&**name, "default");
+        assert!(policy.routes.admin && policy.routes.inference);
+        assert_eq!(policy.allow[0].to_string(), "POST /v1/*");
+        assert_eq!(policy.max_concurrent(), Some(4));
+        assert_eq!(
+            policy.not_after,
+            Some(humantime::parse_rfc3339("2030-01-01T00:00:00Z").unwrap())
+        );
+        assert_eq!(c.upstream.preset.unwrap().name, "vllm");
+        assert_eq!(c.probe_path, "/health");
+    }
+
+    #[test]
+    fn not_after_may_be_a_toml_date_time() {
+        let text = "[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\", not_after = 2030-01-01T00:00:00Z }]\n";
+        let c = parse(text, &MapSecrets::default().with_env("API_KEY", KEY)).unwrap();
+        let (_, policy) = c.auth.keys.policies().next().unwrap();
+        assert!(policy.not_after.is_some());
+    }
+
+    #[test]
+    fn bad_scopes_and_limits_name_the_key_and_the_fix() {
+        let secrets = MapSecrets::default().with_env("API_KEY", KEY);
+        for (entry, expected) in [
+            ("allow = []", "lets the key do nothing"),
+            ("allow = [{}]", "needs methods, path_prefix or both"),
+            ("allow = [{ methods = [\"post\"] }]", "write it in capitals"),
+            (
+                "allow = [{ path_prefix = \"v1/\" }]",
+                "must be a plain path",
+            ),
+            (
+                "allow = [{ path_prefix = \"/v1/../\" }]",
+                "must be a plain path",
+            ),
+            ("routes = [\"admin\"]", "only applies with a server preset"),
+            ("max_concurrent = 0", "admits nothing"),
+            ("not_after = \"2030-01-01\"", "RFC 3339"),
+            ("not_after = \"2030-01-01T00:00:00+02:00\"", "in UTC"),
+            (
+                "allow = [{ method = [\"POST\"] }]",
+                "unknown field `method`",
+            ),
+        ] {
+            let text =
+                format!("[auth]\nkeys = [{{ name = \"default\", env = \"API_KEY\", {entry} }}]\n");
+            let e = errors(&text, &secrets);
+            assert!(e.starts_with("test.toml:2:"), "{entry}: {e}");
+            assert!(e.contains(expected), "{entry}: {e}");
+        }
+    }
+
+    #[test]
+    fn presets_and_sse_keepalive_are_checked() {
+        let secrets = MapSecrets::default().with_env("API_KEY", KEY);
+        let e = errors(
+            &format!("{}[upstream]\npreset = \"vlm\"\n", minimal()),
+            &secrets,
+        );
+        assert!(
+            e.contains("[upstream] preset") && e.contains("\"vllm\", \"sglang\", \"llamacpp\""),
+            "{e}"
+        );
+        let e = errors(
+            &format!(
+                "{}[upstream]\nidle_timeout = \"10s\"\nsse_keepalive = \"10s\"\n",
+                minimal()
+            ),
+            &secrets,
+        );
+        assert!(
+            e.starts_with(
+                "test.toml:5:17: [upstream] sse_keepalive: must be shorter than idle_timeout"
+            ),
+            "{e}"
+        );
+        let c = parse(
+            &format!(
+                "{}[upstream]\npreset = \"none\"\nsse_keepalive = \"15s\"\n",
+                minimal()
+            ),
+            &secrets,
+        )
+        .unwrap();
+        assert!(c.upstream.preset.is_none());
+        assert_eq!(c.upstream.sse_keepalive, Some(Duration::from_secs(15)));
+        let c = parse(
+            &format!(
+                "{}[upstream]\npreset = \"sglang\"\n[probe]\npath = \"/ready\"\n",
+                minimal()
+            ),
+            &secrets,
+        )
+        .unwrap();
+        assert_eq!(c.probe_path, "/ready", "an explicit probe path wins");
+    }
+
+    #[test]
+    fn summary_shows_scopes_limits_preset_and_keepalive() {
+        let text = "[upstream]\npreset = \"llamacpp\"\nsse_keepalive = \"15s\"\n[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ops\", env = \"OPS\", routes = [\"admin\"], max_concurrent = 2, not_after = \"2000-01-01T00:00:00Z\" }]\n";
+        let secrets = MapSecrets::default()
+            .with_env("API_KEY", KEY)
+            .with_env("OPS", "ops-key-0123456789abcdef");
+        let summary = parse(text, &secrets).unwrap().summary();
+        assert!(
+            summary.contains(
+                "key ops:         routes admin; max_concurrent 2; not_after 2000-01-01T00:00:00Z (expired: refused)\n"
+            ),
+            "{summary}"
+        );
+        assert!(!summary.contains("key default:"), "{summary}");
+        assert!(
+            summary.contains("preset:          llamacpp: 34 inference and 15 admin routes"),
+            "{summary}"
+        );
+        assert!(summary.contains("sse keep-alive:  15s\n"), "{summary}");
+        assert!(!summary.contains("ops-key"), "{summary}");
     }
 }

@@ -8,7 +8,9 @@ use std::fmt;
 
 use http::{HeaderValue, StatusCode};
 
-use crate::headers::{BEARER_CHALLENGE, BEARER_CHALLENGE_INVALID_TOKEN};
+use crate::headers::{
+    BEARER_CHALLENGE, BEARER_CHALLENGE_INSUFFICIENT_SCOPE, BEARER_CHALLENGE_INVALID_TOKEN,
+};
 
 /// Why a request was answered by keygate itself instead of the upstream, or why a proxied
 /// stream ended early.
@@ -22,6 +24,14 @@ pub enum ProxyError {
     MalformedCredentials,
     /// A well-formed token that matches no configured key.
     InvalidCredentials,
+    /// A key past its `not_after`. The client sees exactly what an invalid key gets.
+    KeyExpired,
+    /// A valid key used outside its scope: its `allow` rules or its preset route classes.
+    OutOfScope,
+    /// A route the server preset does not list: refused even with a valid key.
+    RouteNotInPreset,
+    /// The key has `max_concurrent` requests and streams in flight already.
+    KeyBusy,
     /// The request target cannot be forwarded (e.g. asterisk-form `OPTIONS *`).
     BadRequest,
     /// The declared or streamed request body is over `max_request_body`.
@@ -33,9 +43,12 @@ pub enum ProxyError {
     /// A CORS preflight from an origin not in `[cors] allow_origins`.
     OriginNotAllowed,
     /// The upstream refused the connection, could not be reached, or timed out connecting.
-    UpstreamUnreachable(hyper_util::client::legacy::Error),
+    UpstreamUnreachable(BoxError),
     /// The upstream connection failed after it was established, before response headers.
-    UpstreamFailed(hyper_util::client::legacy::Error),
+    UpstreamFailed(hyper::Error),
+    /// The upstream answered 101 Switching Protocols to a request that did not ask for a
+    /// WebSocket, or switched to another protocol: never passed on.
+    UnexpectedUpgrade,
     /// No response headers from the upstream within `response_timeout`.
     UpstreamTimeout,
     /// A streamed upstream body went silent for longer than `idle_timeout`.
@@ -52,16 +65,21 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::MissingCredentials | Self::MalformedCredentials | Self::InvalidCredentials => {
-                StatusCode::UNAUTHORIZED
-            }
+            Self::MissingCredentials
+            | Self::MalformedCredentials
+            | Self::InvalidCredentials
+            | Self::KeyExpired => StatusCode::UNAUTHORIZED,
+            Self::OutOfScope => StatusCode::FORBIDDEN,
+            Self::RouteNotInPreset => StatusCode::NOT_FOUND,
+            Self::KeyBusy => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
             Self::Draining | Self::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) | Self::UpstreamBody(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::UpstreamUnreachable(_)
+            | Self::UpstreamFailed(_)
+            | Self::UpstreamBody(_)
+            | Self::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout | Self::UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -73,6 +91,10 @@ impl ProxyError {
             Self::MissingCredentials => "missing_credentials",
             Self::MalformedCredentials => "malformed_credentials",
             Self::InvalidCredentials => "invalid_credentials",
+            Self::KeyExpired => "key_expired",
+            Self::OutOfScope => "out_of_scope",
+            Self::RouteNotInPreset => "route_not_in_preset",
+            Self::KeyBusy => "key_busy",
             Self::BadRequest => "bad_request",
             Self::BodyTooLarge => "body_too_large",
             Self::Draining => "draining",
@@ -80,6 +102,7 @@ impl ProxyError {
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamFailed(_) => "upstream_failed",
+            Self::UnexpectedUpgrade => "upstream_unexpected_upgrade",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamIdle => "upstream_idle_timeout",
             Self::UpstreamBody(_) => "upstream_stream_broken",
@@ -125,10 +148,25 @@ impl ProxyError {
                 "authentication_error",
                 "invalid_api_key"
             ),
-            Self::InvalidCredentials => json!(
+            Self::InvalidCredentials | Self::KeyExpired => json!(
                 "Invalid API key.",
                 "authentication_error",
                 "invalid_api_key"
+            ),
+            Self::OutOfScope => json!(
+                "This API key is not allowed to use this route.",
+                "permission_error",
+                "insufficient_scope"
+            ),
+            Self::RouteNotInPreset => json!(
+                "This route is not served here.",
+                "not_found_error",
+                "route_not_found"
+            ),
+            Self::KeyBusy => json!(
+                "This API key has as many requests in flight as it may have; retry when one has finished.",
+                "rate_limit_error",
+                "concurrency_limit_exceeded"
             ),
             Self::BadRequest | Self::ClientBody(_) => {
                 json!("Bad request.", "invalid_request_error", "bad_request")
@@ -153,31 +191,51 @@ impl ProxyError {
                 "service_unavailable",
                 "draining"
             ),
-            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) | Self::UpstreamBody(_) => json!(
+            Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => json!(
                 "The upstream server could not be reached.",
                 "upstream_error",
                 "upstream_unavailable"
             ),
-            Self::UpstreamTimeout | Self::UpstreamIdle => json!(
+            Self::UnexpectedUpgrade => json!(
+                "The upstream server switched to a protocol that was not asked for.",
+                "upstream_error",
+                "upstream_protocol_error"
+            ),
+            Self::UpstreamTimeout => json!(
                 "The upstream server did not answer in time.",
                 "upstream_error",
                 "upstream_timeout"
+            ),
+            // The two below only ever reach a client as an SSE error event: the response's
+            // headers were sent already.
+            Self::UpstreamBody(_) => json!(
+                "The upstream server's stream broke off.",
+                "upstream_error",
+                "upstream_stream_broken"
+            ),
+            Self::UpstreamIdle => json!(
+                "The upstream server sent nothing for longer than idle_timeout.",
+                "upstream_error",
+                "upstream_idle_timeout"
             ),
         }
     }
 
     /// `Retry-After` for a refusal that clears by itself.
     pub fn retry_after(&self) -> Option<HeaderValue> {
-        matches!(self, Self::OverCapacity).then(|| HeaderValue::from_static("1"))
+        matches!(self, Self::OverCapacity | Self::KeyBusy).then(|| HeaderValue::from_static("1"))
     }
 
     /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 §3), if this is one.
     pub fn challenge(&self) -> Option<HeaderValue> {
         match self {
             Self::MissingCredentials => Some(HeaderValue::from_static(BEARER_CHALLENGE)),
-            Self::MalformedCredentials | Self::InvalidCredentials => {
+            Self::MalformedCredentials | Self::InvalidCredentials | Self::KeyExpired => {
                 Some(HeaderValue::from_static(BEARER_CHALLENGE_INVALID_TOKEN))
             }
+            Self::OutOfScope => Some(HeaderValue::from_static(
+                BEARER_CHALLENGE_INSUFFICIENT_SCOPE,
+            )),
             _ => None,
         }
     }
@@ -204,11 +262,12 @@ impl fmt::Display for ProxyError {
     /// never header values, so they cannot carry a secret.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::UpstreamUnreachable(e) | Self::UpstreamFailed(e) => {
+            Self::UpstreamFailed(e) | Self::UpstreamBody(e) => {
                 write!(f, "{}: {}", self.reason(), ErrorChain(e))
             }
-            Self::UpstreamBody(e) => write!(f, "{}: {}", self.reason(), ErrorChain(e)),
-            Self::ClientBody(e) => write!(f, "{}: {}", self.reason(), ErrorChain(&**e)),
+            Self::UpstreamUnreachable(e) | Self::ClientBody(e) => {
+                write!(f, "{}: {}", self.reason(), ErrorChain(&**e))
+            }
             _ => f.write_str(self.reason()),
         }
     }
@@ -242,11 +301,16 @@ mod tests {
             ProxyError::MissingCredentials,
             ProxyError::MalformedCredentials,
             ProxyError::InvalidCredentials,
+            ProxyError::KeyExpired,
+            ProxyError::OutOfScope,
+            ProxyError::RouteNotInPreset,
+            ProxyError::KeyBusy,
             ProxyError::BadRequest,
             ProxyError::BodyTooLarge,
             ProxyError::Draining,
             ProxyError::OverCapacity,
             ProxyError::OriginNotAllowed,
+            ProxyError::UnexpectedUpgrade,
             ProxyError::UpstreamTimeout,
             ProxyError::UpstreamIdle,
         ];
@@ -267,6 +331,7 @@ mod tests {
             ProxyError::MissingCredentials,
             ProxyError::MalformedCredentials,
             ProxyError::InvalidCredentials,
+            ProxyError::KeyExpired,
         ] {
             assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
             assert!(e.body().contains(r#""type":"authentication_error""#));
@@ -281,5 +346,27 @@ mod tests {
             ProxyError::InvalidCredentials.challenge().unwrap(),
             r#"Bearer realm="keygate", error="invalid_token""#
         );
+    }
+
+    #[test]
+    fn an_expired_key_looks_exactly_like_an_invalid_one() {
+        let (expired, invalid) = (ProxyError::KeyExpired, ProxyError::InvalidCredentials);
+        assert_eq!(expired.status(), invalid.status());
+        assert_eq!(expired.body(), invalid.body());
+        assert_eq!(expired.challenge(), invalid.challenge());
+        assert_ne!(expired.reason(), invalid.reason());
+    }
+
+    #[test]
+    fn scope_refusals_are_403_and_limits_429_with_retry_after() {
+        let scope = ProxyError::OutOfScope;
+        assert_eq!(scope.status(), StatusCode::FORBIDDEN);
+        assert!(scope.body().contains(r#""type":"permission_error""#));
+        assert_eq!(
+            scope.challenge().unwrap(),
+            r#"Bearer realm="keygate", error="insufficient_scope""#
+        );
+        assert_eq!(ProxyError::KeyBusy.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(ProxyError::KeyBusy.retry_after().unwrap(), "1");
     }
 }

@@ -1,9 +1,10 @@
 //! One request, start to finish: answer a CORS preflight, refuse TRACE/CONNECT, route,
-//! authenticate, rewrite, forward. This is the one place where a [`ProxyError`] becomes a
+//! authenticate, admit (the key's expiry, the preset's route table, the key's scope and
+//! concurrency limit), rewrite, forward. This is the one place where a [`ProxyError`] becomes a
 //! response and an access log line.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -12,19 +13,24 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
+use crate::preset::Table;
+use crate::scope::{Clock, Expiry, Slot};
+use crate::sse::{self, Sse};
+
 use crate::access::{AccessLog, Outcome};
 use crate::auth::{self, Credential, KeySet};
 use crate::body::{Body, RequestBody};
-use crate::config::{reload_file_keys, Config, FileKey, FileStamp};
+use crate::config::{reload_file_keys, Config, FileKey, WatchedFiles};
 use crate::cors::{Cors, Preflight};
 use crate::error::ProxyError;
 use crate::headers::X_REQUEST_ID;
 use crate::metrics::Metrics;
-use crate::proxy::Upstream;
+use crate::proxy::{Lease, Upstream};
 use crate::rewrite::{self, Origin, Peer, Rules};
 use crate::route::{Route, Routes};
 use crate::secrets::SecretSource;
 use crate::throttle::FailedAuth;
+use crate::upgrade;
 
 /// Everything a request needs, built once at start-up and shared by all connections.
 pub struct Gateway {
@@ -33,8 +39,8 @@ pub struct Gateway {
     keys: ArcSwap<KeySet>,
     /// Keys read from files, re-read by [`Gateway::reload_keys`].
     file_keys: Vec<FileKey>,
-    /// What the key files looked like at the last look; see [`Gateway::key_files_changed`].
-    file_stamps: Mutex<Vec<Option<FileStamp>>>,
+    /// The key files, watched for changes; see [`Gateway::key_files_changed`].
+    watched: WatchedFiles,
     rules: Arc<Rules>,
     upstream: Upstream,
     max_request_body: u64,
@@ -44,15 +50,25 @@ pub struct Gateway {
     failed_auth: FailedAuth,
     metrics: Arc<Metrics>,
     cors: Cors,
+    /// The server preset's route table, if `[upstream] preset` names one.
+    preset: Option<Table>,
+    sse_keepalive: Option<std::time::Duration>,
+    clock: Clock,
 }
 
 impl Gateway {
     pub fn new(config: &Config) -> Self {
-        Self {
+        let gateway = Self {
             routes: Routes::new(config.probe_path.clone(), config.public_paths.clone()),
             keys: ArcSwap::from_pointee(config.auth.keys.clone()),
             file_keys: config.auth.file_keys.clone(),
-            file_stamps: Mutex::new(
+            watched: WatchedFiles::new(
+                config
+                    .auth
+                    .file_keys
+                    .iter()
+                    .map(|f| f.path.clone())
+                    .collect(),
                 config
                     .auth
                     .file_keys
@@ -68,6 +84,50 @@ impl Gateway {
             failed_auth: FailedAuth::default(),
             metrics: Arc::new(Metrics::default()),
             cors: Cors::new(config.cors_origins.clone()),
+            preset: config.upstream.preset.map(Table::new),
+            sse_keepalive: config.upstream.sse_keepalive,
+            clock: config.clock.clone(),
+        };
+        gateway.publish_expiries();
+        gateway
+    }
+
+    /// Puts each loaded key's `not_after` in the metrics (at start-up and after a reload,
+    /// which may bring in a key that was not set before).
+    fn publish_expiries(&self) {
+        for (name, policy) in self.keys.load().policies() {
+            if let Some(not_after) = policy.not_after {
+                self.metrics.key_not_after(name, not_after);
+            }
+        }
+    }
+
+    /// Logs each key's coming expiry once when it is [`EXPIRY_WARNING`] away, and once more
+    /// when it has passed; `server` calls it at start-up and every few seconds.
+    ///
+    /// [`EXPIRY_WARNING`]: crate::scope::EXPIRY_WARNING
+    pub fn warn_of_expiring_keys(&self) {
+        let now = self.clock.now();
+        for (name, policy) in self.keys.load().policies() {
+            let not_after = policy
+                .not_after
+                .map(humantime::format_rfc3339_seconds)
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            match policy.expiry_notice(now) {
+                Some(Expiry::Soon(left)) => warn!(
+                    key = %name,
+                    not_after = %not_after,
+                    hours_left = left.as_secs() / 3600,
+                    "API key expires soon; issue its successor"
+                ),
+                Some(Expiry::Expired) => warn!(
+                    key = %name,
+                    not_after = %not_after,
+                    "API key expired; it is refused as invalid from now on"
+                ),
+                None => {}
+            }
         }
     }
 
@@ -82,6 +142,7 @@ impl Gateway {
                 let names = keys.names().collect::<Vec<_>>().join(", ");
                 info!(keys = %names, "keys reloaded");
                 self.keys.store(Arc::new(keys));
+                self.publish_expiries();
                 self.metrics.reloaded(true);
             }
             Err(why) => {
@@ -91,20 +152,9 @@ impl Gateway {
         }
     }
 
-    /// Whether any key file changed since the last look: a new inode (Kubernetes swaps the
-    /// symlink of a mounted Secret), modification time or length. Cheap: one `stat` per file.
+    /// Whether any key file changed since the last look.
     pub fn key_files_changed(&self) -> bool {
-        if self.file_keys.is_empty() {
-            return false;
-        }
-        let now = stamps(&self.file_keys);
-        let mut last = self
-            .file_stamps
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let changed = *last != now;
-        *last = now;
-        changed
+        self.watched.changed()
     }
 
     /// Logs the failed-authentication summary; `server` calls it every `REPORT_EVERY`.
@@ -112,7 +162,7 @@ impl Gateway {
         self.failed_auth.report();
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
@@ -128,6 +178,11 @@ impl Gateway {
             self.upstream_answered.store(reachable, Ordering::Relaxed);
         }
         self.upstream_answered.load(Ordering::Relaxed)
+    }
+
+    /// Whether the request is the probe: GET or HEAD on the exact probe path.
+    pub fn is_probe<B>(&self, req: &Request<B>) -> bool {
+        self.routes.classify(req.method(), req.uri()) == Route::Probe
     }
 
     /// From now on the probe answers 503, so load balancers stop sending traffic.
@@ -159,12 +214,28 @@ impl Gateway {
             None => self.forward(peer, req, &request_id, &mut log).await,
         };
         let mut response = match forwarded {
-            Ok(upstream) => {
+            Ok((upstream, lease)) => {
                 let (mut parts, body) = upstream.into_parts();
                 self.rules.response(&mut parts.headers, &request_id);
+                if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    upgrade::restore_headers(&mut parts.headers);
+                }
                 log.status = parts.status;
-                let body =
-                    Body::upstream(body, self.upstream.idle_timeout, log, self.rules.clone());
+                let sse = sse::is_event_stream(&parts.headers).then(|| {
+                    // keygate may add to an event stream (comments, the error event), so the
+                    // upstream's length no longer holds: HTTP/1.1 sends it chunked.
+                    parts.headers.remove(CONTENT_LENGTH);
+                    let counters = self.metrics.sse_counters(log.key.as_ref());
+                    Sse::new(self.sse_keepalive, counters)
+                });
+                let body = Body::upstream(
+                    body,
+                    self.upstream.idle_timeout,
+                    log,
+                    self.rules.clone(),
+                    sse,
+                    lease,
+                );
                 Response::from_parts(parts, body)
             }
             Err(e) => {
@@ -181,12 +252,17 @@ impl Gateway {
     async fn forward(
         &self,
         peer: &Peer,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         request_id: &HeaderValue,
         log: &mut AccessLog,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         if req.method() == Method::TRACE || req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
+        }
+        // RFC 9112 §3.2: two Host lines are refused, so nothing in front of keygate can read
+        // one host while keygate reads the other.
+        if req.headers().get_all(HOST).iter().nth(1).is_some() {
+            return Err(ProxyError::BadRequest);
         }
         let route = self.routes.classify(req.method(), req.uri());
         if peer.over_capacity && route != Route::Probe {
@@ -197,7 +273,13 @@ impl Gateway {
                 return Err(ProxyError::Draining)
             }
             Route::Probe | Route::Public => None,
-            Route::Protected => match self.authenticate(&req) {
+            Route::Protected => match self.authenticate(&req).and_then(|key| {
+                log.key = Some(key.name.clone());
+                if key.policy.expired(self.clock.now()) {
+                    return Err(ProxyError::KeyExpired);
+                }
+                Ok(key)
+            }) {
                 Ok(key) => Some(key),
                 Err(e) => {
                     let client = self.rules.client_ip(peer, req.headers());
@@ -208,7 +290,9 @@ impl Gateway {
                 }
             },
         };
-        log.key = key.as_ref().map(|id| id.name.clone());
+        if let Some(key) = &key {
+            log.slot = self.admit(key, req.method(), req.uri().path())?;
+        }
         let declared = req
             .headers()
             .get(CONTENT_LENGTH)
@@ -217,6 +301,10 @@ impl Gateway {
             return Err(ProxyError::BodyTooLarge);
         }
         let uri = self.upstream.uri(req.uri())?;
+        // Only a request with a valid key may upgrade; any other loses its upgrade headers
+        // with the hop-by-hop ones.
+        let websocket =
+            (key.is_some() && upgrade::wants_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let host = parts.headers.remove(HOST).or_else(|| {
             parts
@@ -233,24 +321,60 @@ impl Gateway {
                 request_id,
             },
         );
+        if websocket.is_some() {
+            upgrade::restore_headers(&mut parts.headers);
+        }
         parts.uri = uri;
         let upstream_req = Request::from_parts(
             parts,
             RequestBody::new(body, self.max_request_body, self.metrics.clone()),
         );
         let sent = Instant::now();
-        let response = self.upstream.send(upstream_req).await;
-        match &response {
-            Ok(_) => {
-                log.upstream_ttfb = Some(sent.elapsed());
-                self.upstream_answered.store(true, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let answered = !e.upstream_unanswered();
-                self.upstream_answered.store(answered, Ordering::Relaxed);
+        let (mut response, lease) = self.upstream.send(upstream_req).await.inspect_err(|e| {
+            let answered = !e.upstream_unanswered();
+            self.upstream_answered.store(answered, Ordering::Relaxed);
+        })?;
+        log.upstream_ttfb = Some(sent.elapsed());
+        self.upstream_answered.store(true, Ordering::Relaxed);
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            match websocket {
+                Some(client) if upgrade::switched_to_websocket(response.headers()) => {
+                    let upstream = hyper::upgrade::on(&mut response);
+                    let idle = self.upstream.idle_timeout;
+                    // The key's concurrency slot stays taken for as long as the tunnel is open.
+                    let slot = log.slot.take();
+                    peer.tunnel
+                        .put(upgrade::tunnel(client, upstream, idle, slot));
+                    // The connection is the tunnel now: it never goes back to the pool.
+                    return Ok((response, None));
+                }
+                _ => return Err(ProxyError::UnexpectedUpgrade),
             }
         }
-        response
+        Ok((response, Some(lease)))
+    }
+
+    /// Whether the key may send this request now: the preset lists the route, the key's
+    /// scope covers it, and the key has a concurrency slot free (returned, to be held for
+    /// as long as the request is).
+    fn admit(
+        &self,
+        key: &auth::KeyId,
+        method: &Method,
+        path: &str,
+    ) -> Result<Option<Slot>, ProxyError> {
+        let class = match &self.preset {
+            Some(table) => Some(
+                table
+                    .class(method, path)
+                    .ok_or(ProxyError::RouteNotInPreset)?,
+            ),
+            None => None,
+        };
+        if !key.policy.permits(method, path, class) {
+            return Err(ProxyError::OutOfScope);
+        }
+        key.policy.slot(|| self.metrics.key_in_flight(&key.name))
     }
 
     /// The matched key, or why the request is refused.
@@ -267,11 +391,7 @@ impl Gateway {
     }
 }
 
-fn stamps(files: &[FileKey]) -> Vec<Option<FileStamp>> {
-    files.iter().map(|f| FileStamp::of(&f.path)).collect()
-}
-
-fn error_response(e: &ProxyError, request_id: HeaderValue) -> Response<Body> {
+pub(crate) fn error_response(e: &ProxyError, request_id: HeaderValue) -> Response<Body> {
     let mut response = Response::new(Body::fixed(e.body()));
     *response.status_mut() = e.status();
     let headers = response.headers_mut();

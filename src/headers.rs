@@ -17,6 +17,9 @@ pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connecti
 
 pub const BEARER_CHALLENGE: &str = r#"Bearer realm="keygate""#;
 pub const BEARER_CHALLENGE_INVALID_TOKEN: &str = r#"Bearer realm="keygate", error="invalid_token""#;
+/// RFC 6750 §3.1: a valid token without the scope the request needs (403).
+pub const BEARER_CHALLENGE_INSUFFICIENT_SCOPE: &str =
+    r#"Bearer realm="keygate", error="insufficient_scope""#;
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
 /// proxy-only authentication pair, which is meant for the hop it arrives on. A proxy removes

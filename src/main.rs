@@ -163,7 +163,7 @@ impl Signals {
                 _ = self.terminate.recv() => break,
                 _ = self.interrupt.recv() => break,
                 _ = self.hangup.recv() => {
-                    tracing::info!("SIGHUP received: re-reading the key files");
+                    tracing::info!("SIGHUP received: re-reading the key files and the TLS certificate");
                     let _ = reload.send(());
                 }
             }

@@ -5,8 +5,8 @@
 //! Requests are counted where their access line is written (`access`), so a metric and a log
 //! line always agree.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use http::Method;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,6 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::ProxyError;
+use crate::sse;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -27,6 +28,17 @@ struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    key: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyReasonLabels {
+    key: Arc<str>,
     reason: &'static str,
 }
 
@@ -52,12 +64,20 @@ pub struct Metrics {
     auth_failures: Family<ReasonLabels, Counter>,
     upstream_errors: Family<KindLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
+    key_refusals: Family<KeyReasonLabels, Counter>,
+    key_in_flight: Family<KeyLabels, Gauge>,
+    key_not_after: Family<KeyLabels, Gauge>,
+    sse_keepalives: Family<KeyLabels, Counter>,
+    sse_error_events: Family<KeyLabels, Counter>,
     upstream_ttfb: Histogram,
     duration: Histogram,
     bytes_in: Counter,
     bytes_out: Counter,
     connections: Gauge,
     in_flight: Gauge,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
+    certificate_expiry: Gauge,
+    redirects: Counter,
 }
 
 impl Default for Metrics {
@@ -67,6 +87,11 @@ impl Default for Metrics {
         let auth_failures = Family::default();
         let upstream_errors = Family::default();
         let reloads = Family::default();
+        let key_refusals = Family::default();
+        let key_in_flight = Family::default();
+        let key_not_after = Family::default();
+        let sse_keepalives = Family::default();
+        let sse_error_events = Family::default();
         // 1 ms to about 9 minutes: from a cached answer to a long time to first token.
         let upstream_ttfb = Histogram::new(exponential_buckets(0.001, 2.0, 20));
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 22));
@@ -74,6 +99,9 @@ impl Default for Metrics {
         let bytes_out = Counter::default();
         let connections = Gauge::default();
         let in_flight = Gauge::default();
+        let tls_handshake_failures = Family::default();
+        let certificate_expiry = Gauge::default();
+        let redirects = Counter::default();
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -97,8 +125,33 @@ impl Default for Metrics {
         );
         registry.register(
             "config_reloads",
-            "Key reloads on SIGHUP, by outcome",
+            "Key and certificate reloads (SIGHUP or a changed file), by outcome",
             reloads.clone(),
+        );
+        registry.register(
+            "key_refusals",
+            "Requests with a matched key refused by its expiry, scope or concurrency limit, by key and reason",
+            key_refusals.clone(),
+        );
+        registry.register(
+            "key_requests_in_flight",
+            "Requests and streams in flight, by key; only keys with max_concurrent",
+            key_in_flight.clone(),
+        );
+        registry.register(
+            "key_not_after_timestamp_seconds",
+            "When a key expires (its not_after, Unix time), by key; only keys with not_after",
+            key_not_after.clone(),
+        );
+        registry.register(
+            "sse_keepalives",
+            "Keep-alive comments sent into silent SSE streams, by key",
+            sse_keepalives.clone(),
+        );
+        registry.register(
+            "sse_error_events",
+            "Error events sent before an SSE stream that broke was ended, by key",
+            sse_error_events.clone(),
         );
         registry.register(
             "upstream_ttfb_seconds",
@@ -130,6 +183,21 @@ impl Default for Metrics {
             "Requests and streams not yet finished",
             in_flight.clone(),
         );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (timeout or refused)",
+            tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the served certificate expires (notAfter, Unix time)",
+            certificate_expiry.clone(),
+        );
+        registry.register(
+            "redirects",
+            "Plain HTTP requests answered with a redirect to https",
+            redirects.clone(),
+        );
         registry.register("build_info", "keygate's version", build);
         Self {
             registry,
@@ -137,12 +205,20 @@ impl Default for Metrics {
             auth_failures,
             upstream_errors,
             reloads,
+            key_refusals,
+            key_in_flight,
+            key_not_after,
+            sse_keepalives,
+            sse_error_events,
             upstream_ttfb,
             duration,
             bytes_in,
             bytes_out,
             connections,
             in_flight,
+            tls_handshake_failures,
+            certificate_expiry,
+            redirects,
         }
     }
 }
@@ -165,10 +241,7 @@ impl Metrics {
 
     pub fn request_finished(&self, r: Finished<'_>) {
         self.in_flight.dec();
-        static NO_KEY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-        let key = r
-            .key
-            .unwrap_or_else(|| NO_KEY.get_or_init(|| Arc::from("-")));
+        let key = key_label(r.key);
         self.requests
             .get_or_create(&RequestLabels {
                 key: key.clone(),
@@ -186,11 +259,19 @@ impl Metrics {
             ProxyError::MissingCredentials => self.auth_failure("missing"),
             ProxyError::MalformedCredentials => self.auth_failure("malformed"),
             ProxyError::InvalidCredentials => self.auth_failure("invalid"),
+            ProxyError::KeyExpired => {
+                self.auth_failure("expired");
+                self.key_refusal(key, "expired");
+            }
+            ProxyError::OutOfScope => self.key_refusal(key, "out_of_scope"),
+            ProxyError::RouteNotInPreset => self.key_refusal(key, "route_not_in_preset"),
+            ProxyError::KeyBusy => self.key_refusal(key, "concurrency_limit"),
             ProxyError::UpstreamUnreachable(_) => self.upstream_error("refused"),
             ProxyError::UpstreamFailed(_) | ProxyError::UpstreamBody(_) => {
                 self.upstream_error("reset")
             }
             ProxyError::UpstreamTimeout => self.upstream_error("timeout"),
+            ProxyError::UnexpectedUpgrade => self.upstream_error("protocol"),
             ProxyError::UpstreamIdle => self.upstream_error("idle_timeout"),
             _ => {}
         }
@@ -200,6 +281,43 @@ impl Metrics {
         self.auth_failures
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    fn key_refusal(&self, key: &Arc<str>, reason: &'static str) {
+        self.key_refusals
+            .get_or_create(&KeyReasonLabels {
+                key: key.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// The gauge of `key`'s requests in flight, which a held concurrency slot counts in.
+    pub fn key_in_flight(&self, key: &Arc<str>) -> Gauge {
+        self.key_in_flight
+            .get_or_create(&KeyLabels { key: key.clone() })
+            .clone()
+    }
+
+    /// Publishes `key`'s `not_after`.
+    pub fn key_not_after(&self, key: &Arc<str>, not_after: SystemTime) {
+        let secs = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.key_not_after
+            .get_or_create(&KeyLabels { key: key.clone() })
+            .set(secs);
+    }
+
+    /// The counters one SSE response adds to, for the key it was admitted with.
+    pub fn sse_counters(&self, key: Option<&Arc<str>>) -> sse::Counters {
+        let labels = KeyLabels {
+            key: key_label(key).clone(),
+        };
+        sse::Counters {
+            keepalives: self.sse_keepalives.get_or_create(&labels).clone(),
+            error_events: self.sse_error_events.get_or_create(&labels).clone(),
+        }
     }
 
     fn upstream_error(&self, kind: &'static str) {
@@ -225,6 +343,21 @@ impl Metrics {
         self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
+    pub fn tls_handshake_failed(&self, timed_out: bool) {
+        let reason = if timed_out { "timeout" } else { "refused" };
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn certificate_expires(&self, not_after: i64) {
+        self.certificate_expiry.set(not_after);
+    }
+
+    pub fn redirected(&self) {
+        self.redirects.inc();
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -232,6 +365,12 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
     }
+}
+
+/// The `key` label: the key's name, or `-` for a request without one.
+fn key_label(key: Option<&Arc<str>>) -> &Arc<str> {
+    static NO_KEY: OnceLock<Arc<str>> = OnceLock::new();
+    key.unwrap_or_else(|| NO_KEY.get_or_init(|| Arc::from("-")))
 }
 
 fn method_class(method: &Method) -> &'static str {

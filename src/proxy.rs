@@ -1,28 +1,40 @@
-//! The upstream side: one pooled HTTP/1.1 client, the URI rewrite (keeping the upstream URL's
+//! The upstream side: a pool of HTTP/1.1 connections (over TLS for an `https://` upstream,
+//! with the URL's host as SNI and in `Host`), the URI rewrite (keeping the upstream URL's
 //! path prefix), the response timeout, and the classification of upstream failures.
 //!
-//! Dropping the future returned by [`Upstream::send`], or the response body it yields, drops
-//! the upstream request: hyper then closes that upstream connection instead of returning it to
-//! the pool, which is how an inference server learns that the client is gone.
+//! A request borrows one idle connection, or opens one, and sends on it directly; the
+//! response body holds the connection as a [`Lease`] and gives it back to the pool only when
+//! the body ended cleanly. Dropping the future returned by [`Upstream::send`], or a body that
+//! has not ended, drops the connection: hyper closes it, which is how an inference server
+//! learns that the client is gone.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service;
+use tracing::debug;
 
 use crate::body::RequestBody;
 use crate::config;
 use crate::error::ProxyError;
+use crate::tls;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept at most; more are closed when they come back.
+const POOL_MAX_IDLE: usize = 1024;
 
 pub struct Upstream {
-    client: Client<HttpConnector, RequestBody>,
+    connector: HttpsConnector<HttpConnector>,
+    pool: Arc<Pool>,
+    /// Scheme and authority only: what the connector dials.
+    base: Uri,
     scheme: Scheme,
     authority: Authority,
     path_prefix: String,
@@ -37,13 +49,30 @@ impl Upstream {
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
+        connector.enforce_http(false);
+        // An http:// upstream never reaches the TLS code; it gets an empty trust store.
+        let tls = config
+            .tls
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| tls::client_trusting(rustls::RootCertStore::empty()));
+        // HTTP/1.1 only, as on plain connections: closing the connection is how a cancelled
+        // request reaches the upstream.
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let base = Uri::builder()
+            .scheme(config.scheme.clone())
+            .authority(config.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("a validated scheme and authority make a URI");
         Self {
-            client,
+            connector,
+            pool: Arc::new(Pool::default()),
+            base,
             scheme: config.scheme.clone(),
             authority: config.authority.clone(),
             path_prefix: config.path_prefix.clone(),
@@ -53,9 +82,9 @@ impl Upstream {
         }
     }
 
-    /// The upstream URI for a client's request target: the upstream's scheme and authority,
-    /// its path prefix, then the client's path and query unchanged. Asterisk-form (`OPTIONS *`)
-    /// cannot be forwarded under a prefix and is refused.
+    /// The request target for the upstream, in origin form: its path prefix, then the
+    /// client's path and query unchanged. Asterisk-form (`OPTIONS *`) cannot be forwarded
+    /// under a prefix and is refused.
     pub fn uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
         let path_and_query = target.path_and_query().map_or("/", PathAndQuery::as_str);
         if !path_and_query.starts_with('/') {
@@ -67,17 +96,17 @@ impl Upstream {
             PathAndQuery::try_from(format!("{}{path_and_query}", self.path_prefix))
         }
         .map_err(|_| ProxyError::BadRequest)?;
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| ProxyError::BadRequest)
+        Ok(Uri::from(path_and_query))
     }
 
     /// Whether a TCP connection to the upstream opens within `connect_timeout`.
     pub async fn reachable(&self) -> bool {
-        let port = self.authority.port_u16().unwrap_or(80);
+        let default_port = if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let port = self.authority.port_u16().unwrap_or(default_port);
         let connect = tokio::net::TcpStream::connect((self.authority.host(), port));
         matches!(
             tokio::time::timeout(self.connect_timeout, connect).await,
@@ -86,22 +115,134 @@ impl Upstream {
     }
 
     /// Sends the request and waits for the response headers, at most `response_timeout`.
+    /// The [`Lease`] is the connection, to be given back once the response body has ended.
     pub async fn send(
         &self,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
         *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(classify(e)),
+        tokio::time::timeout(self.response_timeout, self.exchange(req))
+            .await
+            .unwrap_or(Err(ProxyError::UpstreamTimeout))
+    }
+
+    async fn exchange(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        loop {
+            let (mut sender, reused) = match self.pool.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let lease = Lease {
+                        sender: Some(sender),
+                        pool: self.pool.clone(),
+                    };
+                    return Ok((response, lease));
+                }
+                Err(mut failed) => match failed.take_message() {
+                    // A pooled connection that the upstream closed while it sat idle: the
+                    // request was not sent, so it goes out on another connection.
+                    Some(unsent) if reused => {
+                        debug!(error = %failed.error(), "pooled upstream connection was closed; retrying");
+                        req = unsent;
+                    }
+                    _ => return Err(classify(failed.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Opens a connection (TCP, then TLS for https) and starts its HTTP/1.1 state machine.
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, ProxyError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.base.clone())
+            .await
+            .map_err(ProxyError::UpstreamUnreachable)?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| ProxyError::UpstreamUnreachable(e.into()))?;
+        // The connection runs beside the requests that use it; it ends when the upstream
+        // closes it, or when its sender and any response body are dropped.
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Idle upstream connections, most recently used last.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<Vec<(SendRequest<RequestBody>, Instant)>>,
+}
+
+impl Pool {
+    /// The most recently used connection that is ready for a request now. One that is not
+    /// ready yet (finishing its last exchange, or still writing a request body that the
+    /// upstream answered without reading) stays for later and is never waited for, so no
+    /// request queues behind another's exchange. Closed and expired ones are dropped.
+    fn checkout(&self) -> Option<SendRequest<RequestBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let (sender, since) = &idle[i];
+            if sender.is_closed() || since.elapsed() > POOL_IDLE_TIMEOUT {
+                idle.remove(i);
+            } else if sender.is_ready() {
+                return Some(idle.remove(i).0);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        // The oldest entry is the first: drop it once it has been idle too long.
+        if idle
+            .first()
+            .is_some_and(|(_, since)| since.elapsed() > POOL_IDLE_TIMEOUT)
+        {
+            idle.remove(0);
+        }
+        if idle.len() < POOL_MAX_IDLE {
+            idle.push((sender, Instant::now()));
         }
     }
 }
 
-/// Names an upstream failure. A failure caused by the client's own body (too large, or the
-/// client hung up mid-upload) is the client's, not the upstream's.
-fn classify(e: hyper_util::client::legacy::Error) -> ProxyError {
+/// An upstream connection lent to one exchange. [`Lease::release`] gives it back to the pool;
+/// dropping the lease closes the connection.
+pub struct Lease {
+    sender: Option<SendRequest<RequestBody>>,
+    pool: Arc<Pool>,
+}
+
+impl Lease {
+    /// Gives the connection back for the next request: only after a response body that
+    /// ended cleanly, so no unread byte is left on it.
+    pub fn release(mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.pool.checkin(sender);
+        }
+    }
+}
+
+/// Names a failure of a sent request. A failure caused by the client's own body (too large,
+/// or the client hung up mid-upload) is the client's, not the upstream's.
+fn classify(e: hyper::Error) -> ProxyError {
     let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {
         match cause.downcast_ref::<ProxyError>() {
@@ -110,9 +251,5 @@ fn classify(e: hyper_util::client::legacy::Error) -> ProxyError {
             _ => source = cause.source(),
         }
     }
-    if e.is_connect() {
-        ProxyError::UpstreamUnreachable(e)
-    } else {
-        ProxyError::UpstreamFailed(e)
-    }
+    ProxyError::UpstreamFailed(e)
 }

@@ -19,6 +19,7 @@ use crate::headers::{
     FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_API_KEY, X_FORWARDED_FOR, X_FORWARDED_HOST,
     X_FORWARDED_PROTO, X_REQUEST_ID,
 };
+use crate::upgrade::TunnelSlot;
 
 /// The rules, fixed at start-up.
 #[derive(Debug)]
@@ -43,6 +44,10 @@ pub struct Peer {
     pub ip: HeaderValue,
     /// Accepted beyond `max_connections`: only the probe is served on this connection.
     pub over_capacity: bool,
+    /// The connection came over TLS: `X-Forwarded-Proto: https`.
+    pub tls: bool,
+    /// A WebSocket tunnel for the connection to run once its 101 response is written.
+    pub tunnel: TunnelSlot,
 }
 
 impl Peer {
@@ -53,6 +58,8 @@ impl Peer {
             addr,
             ip,
             over_capacity,
+            tls: false,
+            tunnel: TunnelSlot::default(),
         }
     }
 }
@@ -145,7 +152,8 @@ impl Rules {
         let chain = chain.unwrap_or_else(|| origin.peer.ip.clone());
         headers.insert(X_FORWARDED_FOR, chain);
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            let proto = if origin.peer.tls { "https" } else { "http" };
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         }
         if !headers.contains_key(&X_FORWARDED_HOST) {
             if let Some(host) = origin.host {

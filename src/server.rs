@@ -1,18 +1,22 @@
-//! The listener: accept under a connection limit, choose HTTP/1.1 or h2c, serve each
-//! connection with hyper, and drain gracefully when the shutdown future completes.
+//! The listener: accept under a connection limit, complete the TLS handshake when TLS is on,
+//! choose the protocol (ALPN over TLS; HTTP/1.1 or h2c by the first bytes otherwise), serve
+//! each connection with hyper, run a WebSocket tunnel once its connection hands it the
+//! socket, and drain gracefully when the shutdown future completes.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -20,9 +24,12 @@ use crate::config::{self, Config};
 use crate::handler::Gateway;
 use crate::metrics::Metrics;
 use crate::preface::{self, Protocol, Rewind};
+use crate::redirect::Redirector;
 use crate::rewrite::Peer;
 use crate::secrets::ProcessSecrets;
+use crate::streams::{Streams, Tracked};
 use crate::throttle;
+use crate::tls::ServerTls;
 use crate::{access, admin};
 
 /// Largest request head (request line and headers) accepted; over it, 431.
@@ -40,8 +47,8 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// answerable and other clients get a clear 503 instead of waiting in the listen backlog.
 /// Beyond these, new connections wait in the backlog.
 pub const OVERFLOW_CONNECTIONS: usize = 256;
-/// How often the key files are checked for changes.
-const KEY_FILE_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often the key and certificate files are checked for changes.
+const FILE_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -50,23 +57,34 @@ pub(crate) const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: Option<TcpListener>,
+    /// The plain listener redirecting to https (`redirect_http_listen`).
+    pub redirect: Option<TcpListener>,
 }
 
 impl Listeners {
     /// Binds the addresses the config names.
     pub async fn bind(config: &Config) -> io::Result<Self> {
         let proxy = TcpListener::bind(config.server.listen).await?;
-        let admin = match config.admin {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
-            None => None,
-        };
-        Ok(Self { proxy, admin })
+        let admin = bind_optional(config.admin).await?;
+        let redirect = bind_optional(config.server.redirect.as_ref().map(|r| r.listen)).await?;
+        Ok(Self {
+            proxy,
+            admin,
+            redirect,
+        })
+    }
+}
+
+async fn bind_optional(addr: Option<SocketAddr>) -> io::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => TcpListener::bind(addr).await.map(Some),
+        None => Ok(None),
     }
 }
 
 /// Runs the proxy until `shutdown` completes, then stops accepting, answers the probe with
-/// 503, and lets open requests finish for up to `shutdown_grace`. Each message on `reloads`
-/// (SIGHUP, in the binary) re-reads the key files.
+/// 503, and lets open requests, streams and tunnels finish for up to `shutdown_grace`. Each
+/// message on `reloads` (SIGHUP, in the binary) re-reads the key files and the certificate.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -78,13 +96,27 @@ pub async fn run(
     let server = Arc::new(Connections::new(&config));
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
-    let graceful = GracefulShutdown::new();
+    let (drain, draining) = watch::channel(false);
     tokio::pin!(shutdown);
-    let housekeeping = tokio::spawn(housekeeping(server.gateway.clone(), reloads));
-    let admin = listeners
-        .admin
-        .map(|admin| tokio::spawn(admin::serve(admin, server.gateway.clone())));
-    info!(listen = %listener.local_addr()?, "accepting connections");
+    let housekeeping = tokio::spawn(housekeeping(
+        server.gateway.clone(),
+        server.tls.clone(),
+        reloads,
+    ));
+    let mut side_tasks = JoinSet::new();
+    if let Some(admin) = listeners.admin {
+        side_tasks.spawn(admin::serve(admin, server.gateway.clone()));
+    }
+    if let (Some(plain), Some(settings)) = (listeners.redirect, &settings.redirect) {
+        let redirect = Redirector::new(settings, server.gateway.clone());
+        side_tasks.spawn(redirect.serve(plain, server.http1.clone()));
+    }
+    let scheme = if server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    info!(listen = %listener.local_addr()?, scheme, "accepting connections");
     // Every connection task lives in this set: finished ones are reaped as the loop goes, and
     // those still open when the grace expires are aborted, so nothing outlives `run`.
     let mut connections = JoinSet::new();
@@ -113,22 +145,24 @@ pub async fn run(
             debug!(%peer, "at max_connections: serving only the probe on this connection");
         }
         let server = server.clone();
-        let watcher = graceful.watcher();
+        let draining = draining.clone();
         connections.spawn(async move {
             server
-                .serve(stream, Peer::new(peer, over_capacity), watcher)
+                .serve(stream, Peer::new(peer, over_capacity), draining)
                 .await;
             drop(permit);
         });
     }
     drop(listener);
     server.gateway.start_draining();
+    let _ = drain.send(true);
     info!(
-        connections = graceful.count(),
+        connections = connections.len(),
         grace_s = settings.shutdown_grace.as_secs_f64(),
         "shutting down: draining open connections"
     );
-    match tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await {
+    let drained = async { while connections.join_next().await.is_some() {} };
+    match tokio::time::timeout(settings.shutdown_grace, drained).await {
         Ok(()) => info!("all connections drained"),
         Err(_) => {
             warn!(
@@ -139,9 +173,7 @@ pub async fn run(
         }
     }
     housekeeping.abort();
-    if let Some(admin) = admin {
-        admin.abort();
-    }
+    side_tasks.shutdown().await;
     access::flush();
     Ok(())
 }
@@ -163,30 +195,53 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// Periodic chores and reloads: writing pending access lines, the failed-authentication
-/// summary, and re-reading the key files when asked (SIGHUP) or when one of them changed.
-async fn housekeeping(gateway: Arc<Gateway>, mut reloads: mpsc::UnboundedReceiver<()>) {
+/// Periodic chores and reloads: writing pending access lines, the failed-authentication and
+/// failed-handshake summaries, re-reading the key files and the certificate when asked
+/// (SIGHUP) or when one of their files changed, and warnings of keys that expire soon or
+/// have expired (the first at start-up).
+async fn housekeeping(
+    gateway: Arc<Gateway>,
+    tls: Option<Arc<ServerTls>>,
+    mut reloads: mpsc::UnboundedReceiver<()>,
+) {
     let mut flush = tokio::time::interval(access::FLUSH_EVERY);
     let mut report = tokio::time::interval(throttle::REPORT_EVERY);
-    let mut look_at_key_files = tokio::time::interval(KEY_FILE_CHECK_EVERY);
+    let mut look_at_files = tokio::time::interval(FILE_CHECK_EVERY);
     loop {
         tokio::select! {
             _ = flush.tick() => access::flush(),
-            _ = report.tick() => gateway.report_failed_auth(),
-            Some(()) = reloads.recv() => gateway.reload_keys(&ProcessSecrets),
-            _ = look_at_key_files.tick() => {
+            _ = report.tick() => {
+                gateway.report_failed_auth();
+                if let Some(tls) = &tls {
+                    tls.report_failed_handshakes();
+                }
+            }
+            Some(()) = reloads.recv() => {
+                gateway.reload_keys(&ProcessSecrets);
+                if let Some(tls) = &tls {
+                    tls.reload();
+                }
+            }
+            _ = look_at_files.tick() => {
                 if gateway.key_files_changed() {
                     info!("a key file changed; re-reading the key files");
                     gateway.reload_keys(&ProcessSecrets);
                 }
+                if let Some(tls) = tls.as_ref().filter(|tls| tls.files_changed()) {
+                    info!("a certificate file changed; reloading the certificate");
+                    tls.reload();
+                }
+                gateway.warn_of_expiring_keys();
             }
         }
     }
 }
 
-/// What every connection shares: the request handler and the protocol builders.
+/// What every connection shares: the request handler, the certificate and the protocol
+/// builders.
 struct Connections {
     gateway: Arc<Gateway>,
+    tls: Option<Arc<ServerTls>>,
     http1: http1::Builder,
     /// For connections over `max_connections`: one request, then close.
     http1_over_capacity: http1::Builder,
@@ -211,8 +266,14 @@ impl Connections {
             .keep_alive_timeout(H2_PING_TIMEOUT);
         let mut h1_over_capacity = h1.clone();
         h1_over_capacity.keep_alive(false);
+        let gateway = Arc::new(Gateway::new(config));
+        let tls = s
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(ServerTls::new(t, gateway.metrics().clone())));
         Self {
-            gateway: Arc::new(Gateway::new(config)),
+            gateway,
+            tls,
             http1: h1,
             http1_over_capacity: h1_over_capacity,
             http2: h2,
@@ -220,20 +281,67 @@ impl Connections {
         }
     }
 
-    async fn serve(&self, mut stream: TcpStream, client: Peer, watcher: Watcher) {
+    async fn serve(
+        &self,
+        mut stream: TcpStream,
+        mut client: Peer,
+        draining: watch::Receiver<bool>,
+    ) {
         let peer = client.addr;
         let _open = OpenConnection::new(self.gateway.metrics());
         // Small SSE events must leave at once, never corked behind Nagle's algorithm.
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
-        let sniffed = tokio::time::timeout(self.header_read_timeout, preface::sniff(&mut stream));
-        let (protocol, prefix) = match sniffed.await {
-            Ok(Ok(sniffed)) => sniffed,
-            Ok(Err(e)) => return debug!(%peer, error = %e, "connection closed before a request"),
-            Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
+        let Some(tls) = &self.tls else {
+            let sniffed =
+                tokio::time::timeout(self.header_read_timeout, preface::sniff(&mut stream));
+            let (protocol, prefix) = match sniffed.await {
+                Ok(Ok(sniffed)) => sniffed,
+                Ok(Err(e)) => {
+                    return debug!(%peer, error = %e, "connection closed before a request")
+                }
+                Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
+            };
+            let io = TokioIo::new(Rewind::new(prefix, stream));
+            return self.serve_http(io, protocol, client, draining).await;
         };
-        let io = TokioIo::new(Rewind::new(prefix, stream));
+        // The handshake is bounded like a request head: a client that stalls in it is cut.
+        let handshake =
+            tokio::time::timeout(self.header_read_timeout, tls.acceptor().accept(stream));
+        let stream = match handshake.await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tls.handshake_failed(false);
+                return debug!(%peer, error = %e, "tls handshake failed");
+            }
+            Err(_) => {
+                tls.handshake_failed(true);
+                return debug!(%peer, "tls handshake not done within header_read_timeout; closing");
+            }
+        };
+        let protocol = match stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => Protocol::Http2,
+            _ => Protocol::Http1,
+        };
+        client.tls = true;
+        self.serve_http(TokioIo::new(stream), protocol, client, draining)
+            .await;
+    }
+
+    /// Serves HTTP on an open connection until it closes, or, when draining starts, until its
+    /// requests in flight are answered; then runs the WebSocket tunnel the connection handed
+    /// over, if any.
+    async fn serve_http<I>(
+        &self,
+        io: TokioIo<I>,
+        protocol: Protocol,
+        client: Peer,
+        mut draining: watch::Receiver<bool>,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = client.addr;
         let gateway = self.gateway.clone();
         let http1 = if client.over_capacity {
             &self.http1_over_capacity
@@ -241,21 +349,127 @@ impl Connections {
             &self.http1
         };
         let client = Arc::new(client);
+        let handler_client = client.clone();
+        // HTTP/1.1 idles out by hyper's header timer; HTTP/2 by its open streams.
+        let streams = (protocol == Protocol::Http2).then(Streams::new);
+        let service_streams = streams.clone();
         let service = service_fn(move |req| {
             let gateway = gateway.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(gateway.handle(&client, req).await) }
+            let client = handler_client.clone();
+            let stream = service_streams.as_ref().map(Streams::opened);
+            async move {
+                let response = gateway.handle(&client, req).await;
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, stream)))
+            }
         });
+        let idle_timeout = self.header_read_timeout;
+        // Completes when the connection should close, with how long it may take to: a drain
+        // has the shutdown grace, an idle connection (maybe one that never finished its
+        // HTTP/2 handshake, which a graceful close would wait for) gets the idle timeout.
+        let drain = async move {
+            let draining = async {
+                let _ = draining.wait_for(|&draining| draining).await;
+            };
+            match streams {
+                Some(streams) => tokio::select! {
+                    () = draining => None,
+                    () = streams.idle(idle_timeout) => {
+                        debug!(%peer, "idle HTTP/2 connection; closing");
+                        Some(idle_timeout)
+                    }
+                },
+                None => {
+                    draining.await;
+                    None
+                }
+            }
+        };
         let served = match protocol {
-            Protocol::Http1 => watcher.watch(http1.serve_connection(io, service)).await,
+            Protocol::Http1 => {
+                let connection = http1.serve_connection(io, service).with_upgrades();
+                until_drained(connection, drain, |c| c.graceful_shutdown()).await
+            }
             Protocol::Http2 => {
-                watcher
-                    .watch(self.http2.serve_connection(io, service))
-                    .await
+                let connection = self.http2.serve_connection(io, service);
+                until_drained(connection, drain, |c| c.graceful_shutdown()).await
             }
         };
         if let Err(e) = served {
             debug!(%peer, error = %e, "connection ended with an error");
         }
+        if let Some(tunnel) = client.tunnel.take() {
+            tunnel.await;
+        }
+    }
+}
+
+/// Drives a connection; once `drain` completes (shutdown, or an idle HTTP/2 connection), asks
+/// it to finish the requests it has and close, then waits for that, at most as long as
+/// `drain` said (the connection is dropped then).
+async fn until_drained<C>(
+    connection: C,
+    drain: impl Future<Output = Option<Duration>>,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(connection, drain);
+    let bound = tokio::select! {
+        served = connection.as_mut() => return served,
+        bound = drain => bound,
+    };
+    graceful_shutdown(connection.as_mut());
+    match bound {
+        Some(bound) => tokio::time::timeout(bound, connection)
+            .await
+            .unwrap_or(Ok(())),
+        None => connection.await,
+    }
+}
+
+/// Connections open at once on a plain side listener (admin, redirect); more wait in the
+/// backlog, so a flood there cannot take the file descriptors the proxy needs.
+const SIDE_LISTENER_CONNECTIONS: usize = 1024;
+
+/// Accepts on a side listener and serves each connection over HTTP/1.1 with the service
+/// `service_for` makes for its peer, until the task is aborted (when [`run`] returns). The
+/// connection tasks live in a `JoinSet`, so aborting this closes them too.
+pub(crate) async fn serve_plain<S, B>(
+    listener: TcpListener,
+    builder: http1::Builder,
+    service_for: impl Fn(SocketAddr) -> S,
+) where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limit = Arc::new(Semaphore::new(SIDE_LISTENER_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                debug!(error = %e, "accept failed on a side listener");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let connection = builder.serve_connection(TokioIo::new(stream), service_for(peer));
+        connections.spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%peer, error = %e, "side listener connection ended with an error");
+            }
+            drop(permit);
+        });
     }
 }

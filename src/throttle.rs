@@ -28,6 +28,7 @@ pub struct FailedAuth {
     missing: AtomicU64,
     malformed: AtomicU64,
     invalid: AtomicU64,
+    expired: AtomicU64,
     slowed: AtomicU64,
 }
 
@@ -40,6 +41,7 @@ impl Default for FailedAuth {
             missing: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             invalid: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
             slowed: AtomicU64::new(0),
         }
     }
@@ -56,6 +58,8 @@ impl FailedAuth {
             }
             ProxyError::MalformedCredentials => &self.malformed,
             ProxyError::InvalidCredentials => &self.invalid,
+            // Refused as an invalid key is, and slowed the same way.
+            ProxyError::KeyExpired => &self.expired,
             _ => return None,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -70,17 +74,19 @@ impl FailedAuth {
     /// quiet long enough to be allowed a full burst again.
     pub fn report(&self) {
         let take = |c: &AtomicU64| c.swap(0, Ordering::Relaxed);
-        let (missing, malformed, invalid, slowed) = (
+        let (missing, malformed, invalid, expired, slowed) = (
             take(&self.missing),
             take(&self.malformed),
             take(&self.invalid),
+            take(&self.expired),
             take(&self.slowed),
         );
-        if missing + malformed + invalid > 0 {
+        if missing + malformed + invalid + expired > 0 {
             tracing::warn!(
                 missing,
                 malformed,
                 invalid,
+                expired,
                 slowed,
                 period_s = REPORT_EVERY.as_secs(),
                 "failed authentication"

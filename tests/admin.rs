@@ -8,23 +8,6 @@ use support::*;
 
 const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
 
-async fn scrape(proxy: &Proxy) -> String {
-    let reply = send(proxy.admin.expect("admin listener"), get("/metrics", &[])).await;
-    assert_eq!(reply.status, StatusCode::OK);
-    assert!(reply.headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("application/openmetrics-text"));
-    reply.text()
-}
-
-/// The value of the sample whose line starts with `series` (name and labels), 0 if absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_count_requests_by_key_method_and_status() {
     let upstream = start_upstream().await;
@@ -155,7 +138,8 @@ async fn client_hangup_before_headers_is_logged_and_counted_once() {
 
 #[tokio::test]
 async fn livez_and_readyz_follow_the_process_and_the_upstream() {
-    let proxy = start_proxy_with(&config_text(closed_port().await, ADMIN)).await;
+    let upstream = closed_port();
+    let proxy = start_proxy_with(&config_text(upstream.addr, ADMIN)).await;
     let admin = proxy.admin.unwrap();
     assert_eq!(send(admin, get("/livez", &[])).await.status, StatusCode::OK);
     assert_eq!(
@@ -201,15 +185,15 @@ async fn admin_endpoints_are_not_on_the_proxy_port() {
 async fn readyz_recovers_when_the_upstream_comes_back_without_traffic() {
     // The upstream's port is closed at first, then an origin starts on it; no proxied request
     // arrives in between, yet readiness recovers.
-    let port = closed_port().await;
-    let proxy = start_proxy_with(&config_text(port, ADMIN)).await;
+    let upstream = closed_port();
+    let proxy = start_proxy_with(&config_text(upstream.addr, ADMIN)).await;
     let admin = proxy.admin.unwrap();
     send(proxy.addr, get("/health", &[])).await;
     assert_eq!(
         send(admin, get("/readyz", &[])).await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
-    let listener = tokio::net::TcpListener::bind(port).await.unwrap();
+    let listener = upstream.open();
     assert_eq!(
         send(admin, get("/readyz", &[])).await.status,
         StatusCode::OK

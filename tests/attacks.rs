@@ -1,8 +1,9 @@
 //! Attacks on SPEC §5 ("Never") that the other test files do not try: HTTP/2 → HTTP/1.1
 //! downgrade tricks with hand-made frames, framing headers that an origin could read
 //! differently, hop-by-hop and upgrade tricks, odd request-target forms, authentication
-//! state across requests of one connection, odd bytes, and `Debug` output of the types on the
-//! request path. Each test asserts the safe behaviour.
+//! state across requests of one connection, odd bytes, `Debug` output of the types on the
+//! request path, and the TLS listener, the redirect listener, https upstreams and WebSocket
+//! upgrades. Each test asserts the safe behaviour.
 
 mod support;
 
@@ -816,5 +817,1348 @@ async fn response_trailers_never_carry_an_injected_header_to_the_client() {
             );
         }
     }
+    proxy.stop().await;
+}
+
+// ---------------------------------------------------------------- TLS, redirect, upgrades
+
+const H2_ALPN: &[u8] = b"h2";
+const H1_ALPN: &[u8] = b"http/1.1";
+
+/// An upstream that answers every request with a 101 to WebSocket (reflecting nothing).
+async fn start_always_switching_upstream() -> Upstream {
+    start_upstream_with(|_| {
+        let mut response = fixed(StatusCode::SWITCHING_PROTOCOLS, "");
+        let headers = response.headers_mut();
+        headers.insert("upgrade", http::HeaderValue::from_static("websocket"));
+        headers.insert("connection", http::HeaderValue::from_static("Upgrade"));
+        headers.insert(
+            "sec-websocket-accept",
+            http::HeaderValue::from_static("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        );
+        response
+    })
+    .await
+}
+
+const WS_HEADERS: &str =
+    "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+
+#[tokio::test]
+async fn a_tls_http1_client_that_sends_nothing_is_cut_at_header_read_timeout() {
+    let upstream = start_upstream().await;
+    let (ca, dir) = (
+        support::tls::Ca::new(),
+        support::process::TempDir::new("attack-tls-silent-h1"),
+    );
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let mut silent = support::tls::connect(proxy.addr, &ca.pem(), &[H1_ALPN])
+        .await
+        .unwrap();
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(H1_ALPN));
+    // header_read_timeout is 2 s in the test config; DEADLINE is well beyond it.
+    let got = read_to_close(&mut silent).await;
+    assert!(
+        !String::from_utf8_lossy(&got).contains("HTTP/1.1 2"),
+        "{got:?}"
+    );
+    assert!(upstream.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn alpn_h2_spoken_as_http1_and_alpn_http1_spoken_as_h2_reach_nothing() {
+    let upstream = start_upstream().await;
+    let (ca, dir) = (
+        support::tls::Ca::new(),
+        support::process::TempDir::new("attack-tls-alpn-mismatch"),
+    );
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    // ALPN h2, then an HTTP/1.1 request with a key.
+    let mut h2 = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
+        .await
+        .unwrap();
+    assert_eq!(h2.get_ref().1.alpn_protocol(), Some(H2_ALPN));
+    let http1 =
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+    h2.write_all(http1.as_bytes()).await.unwrap();
+    let got = read_to_close(&mut h2).await;
+    assert!(!got.starts_with(b"HTTP/1.1"), "{got:?}");
+    // ALPN http/1.1, then the HTTP/2 preface and a keyed HEADERS frame.
+    let mut h1 = support::tls::connect(proxy.addr, &ca.pem(), &[H1_ALPN])
+        .await
+        .unwrap();
+    let mut frames = H2_PREFACE.to_vec();
+    frames.extend(frame(SETTINGS, 0, 0, &[]));
+    frames.extend(frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        1,
+        &keyed("GET", "/v1/models", &[]),
+    ));
+    h1.write_all(&frames).await.unwrap();
+    let got = String::from_utf8_lossy(&read_to_close(&mut h1).await).into_owned();
+    assert!(!got.contains(" 200 "), "{got}");
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+    proxy.stop().await;
+}
+
+/// A leaf for `names` signed by a CA made here (the harness's `Ca` only issues for
+/// localhost), with that CA's PEM.
+fn leaf_for(names: &[&str]) -> (support::tls::Leaf, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "keygate attack CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let params = rcgen::CertificateParams::new(names).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let leaf = support::tls::Leaf {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        der: cert.der().to_vec(),
+    };
+    (leaf, ca.pem())
+}
+
+/// `config_text` with an `https://{host}:{port}{prefix}` upstream trusting `ca_file`.
+fn https_upstream_text(port: u16, host: &str, prefix: &str, ca_file: &std::path::Path) -> String {
+    let placeholder: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    config_text(placeholder, "")
+        .replace(
+            "url = \"http://127.0.0.1:9\"",
+            &format!("url = \"https://{host}:{port}{prefix}\""),
+        )
+        .replace(
+            "[upstream]\n",
+            &format!("[upstream]\nca_file = \"{}\"\n", ca_file.display()),
+        )
+}
+
+#[tokio::test]
+async fn an_https_upstream_must_present_a_certificate_for_its_own_name() {
+    let dir = support::process::TempDir::new("attack-upstream-name");
+    let auth = bearer(KEY);
+    // (names on the upstream's certificate, host in the upstream URL, expected status)
+    let cases = [
+        (&["other.example"][..], "localhost", StatusCode::BAD_GATEWAY),
+        (&["localhost"][..], "127.0.0.1", StatusCode::BAD_GATEWAY),
+        (&["127.0.0.1"][..], "localhost", StatusCode::BAD_GATEWAY),
+        (&["localhost"][..], "localhost", StatusCode::OK),
+    ];
+    for (names, host, expected) in cases {
+        let (leaf, ca_pem) = leaf_for(names);
+        let (addr, seen) = support::tls::start_tls_upstream(&leaf).await;
+        let ca_file = dir.write("ca.pem", &ca_pem);
+        let text = https_upstream_text(addr.port(), host, "/prefix", &ca_file);
+        let proxy = start_proxy_with(&text).await;
+        let reply = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
+        assert_eq!(
+            reply.status,
+            expected,
+            "{names:?} for {host}: {}",
+            reply.text()
+        );
+        let seen = seen.lock().unwrap().clone();
+        if expected == StatusCode::OK {
+            assert_eq!(seen.len(), 1);
+            assert_eq!(
+                seen[0].headers["host"],
+                format!("{host}:{}", addr.port()).as_str()
+            );
+            assert_eq!(seen[0].headers["x-shared-secret"], SHARED_SECRET);
+        } else {
+            assert!(
+                seen.is_empty(),
+                "{names:?} for {host}: a request got through"
+            );
+            assert!(!reply.text().contains(SHARED_SECRET));
+        }
+        proxy.stop().await;
+    }
+}
+
+/// An upstream whose first connection answers its first request with a 101 followed at once
+/// by a complete `200 POISON` response, then keeps that connection open and silent; every
+/// later connection answers `200 clean` to each request.
+async fn start_poisoning_upstream(switch_to: &'static str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let poison = std::mem::take(&mut first);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                loop {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                    if !head.ends_with(b"\r\n\r\n") {
+                        continue;
+                    }
+                    head.clear();
+                    let answer = if poison {
+                        format!(
+                            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {switch_to}\r\n\r\n\
+                             HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
+                        )
+                    } else {
+                        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean".to_owned()
+                    };
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if poison {
+                        // Hold the connection: if keygate pooled it, the next request on it
+                        // would read the POISON response.
+                        let mut sink = [0u8; 1024];
+                        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_unasked_101_with_bytes_after_it_never_poisons_the_upstream_pool() {
+    let auth = bearer(KEY);
+    // A plain keyed GET, a key-less probe, and a keyed WebSocket answered with another
+    // protocol: each gets a 101 it cannot use, and the next client must get a clean answer.
+    let first_requests = [
+        format!("GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned(),
+        format!("GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{WS_HEADERS}\r\n"),
+    ];
+    for (first, switch_to) in first_requests.iter().zip(["websocket", "websocket", "h2c"]) {
+        let upstream = start_poisoning_upstream(switch_to).await;
+        let proxy = start_proxy(upstream).await;
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(first.as_bytes()).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(DEADLINE, stream.read_exact(&mut head))
+            .await
+            .expect("a response within the deadline")
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 502", "{first}");
+        drop(stream);
+        for _ in 0..3 {
+            let reply = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
+            assert_eq!(reply.status, StatusCode::OK, "{first}");
+            assert_eq!(reply.body, "clean", "{first}");
+        }
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_handshake_carries_only_keygates_injected_identity_and_forwarding_values() {
+    let upstream = start_always_switching_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let (ca, dir) = (
+        support::tls::Ca::new(),
+        support::process::TempDir::new("attack-ws-forged"),
+    );
+    let tls = support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let forged = "x-shared-secret: forged\r\nx_shared_secret: forged\r\nx-upstream-token: forged\r\n\
+                  x-keygate-key: forged\r\nx_keygate_key: forged\r\nx-forwarded-for: 6.6.6.6forged\r\n\
+                  x-forwarded-proto: forged\r\nx-forwarded-host: forged\r\nforwarded: for=forged\r\n\r\n";
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: Upgrade, x-shared-secret, x-keygate-key\r\nUpgrade: websocket\r\n{WS_HEADERS}{forged}"
+    );
+    // Over plain HTTP/1.1 and over TLS: the 101 comes back and the tunnel then closes.
+    let mut plain = TcpStream::connect(proxy.addr).await.unwrap();
+    plain.write_all(request.as_bytes()).await.unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut plain).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let mut secure = support::tls::connect(tls.addr, &ca.pem(), &[H1_ALPN])
+        .await
+        .unwrap();
+    secure.write_all(request.as_bytes()).await.unwrap();
+    let answer = String::from_utf8_lossy(&read_to_close(&mut secure).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let seen = upstream.wait_for_requests(2).await;
+    assert_eq!(seen.len(), 2);
+    assert_clean(&seen);
+    for (s, proto) in seen.iter().zip(["http", "https"]) {
+        assert_eq!(s.headers["upgrade"], "websocket");
+        assert_eq!(
+            s.headers["x-upstream-token"],
+            format!("Bearer {UPSTREAM_TOKEN}")
+        );
+        assert_eq!(s.headers["x-keygate-key"], "default");
+        assert_eq!(s.headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(s.headers["x-forwarded-proto"], proto);
+        assert!(!s.headers.contains_key("authorization"));
+        assert!(!s.headers.contains_key("x_shared_secret"));
+    }
+    proxy.stop().await;
+    tls.stop().await;
+}
+
+#[tokio::test]
+async fn a_keyed_upgrade_with_a_body_and_a_pipelined_request_smuggles_nothing() {
+    // The upstream declines every upgrade (200), so the client's connection stays HTTP.
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let auth = bearer(KEY);
+    let upgrade =
+        format!("GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{WS_HEADERS}");
+    let chunked_body = format!("{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n", SMUGGLED.len());
+    let bodies = [
+        format!("Content-Length: {}\r\n\r\n{SMUGGLED}", SMUGGLED.len()),
+        format!("Transfer-Encoding: chunked\r\n\r\n{chunked_body}"),
+        format!("Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{chunked_body}"),
+    ];
+    for body in &bodies {
+        let exchange =
+            format!("{upgrade}{body}GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, text) = raw(proxy.addr, exchange.as_bytes()).await;
+        assert!(matches!(status, 200 | 400), "{text}");
+        let statuses: Vec<_> = text
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &text[i + 9..i + 12])
+            .collect();
+        assert!(
+            !statuses[1..].contains(&"200"),
+            "the pipelined key-less request was answered: {text}"
+        );
+    }
+    for s in upstream.requests() {
+        assert_eq!(s.uri, "/ws", "{s:?}");
+        assert!(s.body.is_empty() || s.body == SMUGGLED.as_bytes(), "{s:?}");
+        assert_eq!(s.headers["x-shared-secret"], SHARED_SECRET);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn upgrade_requests_that_are_not_exactly_websocket_never_become_a_tunnel() {
+    let upstream = start_always_switching_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let auth = bearer(KEY);
+    let variants = [
+        "GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n",
+        "GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nUpgrade: websocket\r\n",
+        "GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nUpgrade: h2c\r\n",
+        "GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: WebSocket/13\r\n",
+        "GET /ws HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+        "GET /ws HTTP/1.1\r\nConnection: keep-alive\r\nUpgrade: websocket\r\n",
+        "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n",
+        "POST /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n",
+        "OPTIONS /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n",
+    ];
+    for head in variants {
+        // The variant, then a key-less request on the same connection: answered by keygate
+        // (401), never carried to the upstream as tunnel bytes.
+        let exchange = format!(
+            "{head}Host: x\r\nAuthorization: {auth}\r\n{WS_HEADERS}\r\nGET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let (status, text) = raw(proxy.addr, exchange.as_bytes()).await;
+        assert_eq!(status, 502, "{head}: {text}");
+        assert!(text.contains("HTTP/1.1 401"), "{head}: {text}");
+    }
+    // HTTP/1.0 has no upgrades.
+    let old = format!(
+        "GET /ws HTTP/1.0\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{WS_HEADERS}\r\n"
+    );
+    let (_, text) = raw(proxy.addr, old.as_bytes()).await;
+    assert!(
+        text.starts_with("HTTP/1.0 502") || text.starts_with("HTTP/1.1 502"),
+        "{text}"
+    );
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), variants.len() + 1);
+    for s in &seen {
+        assert_eq!(s.uri, "/ws");
+        assert!(!s.headers.contains_key("upgrade"), "{s:?}");
+        assert!(!s.headers.contains_key("http2-settings"), "{s:?}");
+    }
+    proxy.stop().await;
+}
+
+/// A TLS keygate with a redirect listener (https port 8443) and `lines` more in `[server]`.
+async fn redirecting_proxy(upstream: std::net::SocketAddr, tag: &str, lines: &str) -> Proxy {
+    let (ca, dir) = (support::tls::Ca::new(), support::process::TempDir::new(tag));
+    let lines =
+        format!("redirect_http_listen = \"127.0.0.1:0\"\nredirect_https_port = 8443\n{lines}");
+    support::tls::start_tls_proxy(&ca, &dir, upstream, &lines, "").await
+}
+
+/// The value of the response's `location` header, if any.
+fn location_of(text: &str) -> Option<&str> {
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    head.split("\r\n")
+        .find_map(|line| line.strip_prefix("location: "))
+}
+
+#[tokio::test]
+async fn the_redirect_listener_never_reflects_a_malformed_host_or_injects_a_header() {
+    let upstream = start_upstream().await;
+    let proxy = redirecting_proxy(upstream.addr, "attack-redirect-host", "").await;
+    let plain = proxy.redirect.unwrap();
+    let long = "a".repeat(254);
+    let long_label = format!("Host: {long}\r\n");
+    // (request line and headers, the Location expected; None: 400)
+    let cases: Vec<(String, Option<&str>)> = vec![
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example\r\n".into(),
+            Some("https://good.example:8443/p"),
+        ),
+        ("GET /p HTTP/1.1\r\nHost: a@evil.example\r\n".into(), None),
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example:80@evil.example\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example\r\n x-folded: evil\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example\rSet-Cookie: x=1\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: \u{e9}vil.example\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: xn--vil-9la.example\r\n".into(),
+            Some("https://xn--vil-9la.example:8443/p"),
+        ),
+        (format!("GET /p HTTP/1.1\r\n{long_label}"), None),
+        ("GET /p HTTP/1.1\r\nHost: [fe80::1%25eth0]\r\n".into(), None),
+        (
+            "GET /p HTTP/1.1\r\nHost: [fe80::1%eth0]:80\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: [::1]:80\r\n".into(),
+            Some("https://[::1]:8443/p"),
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example%2f.evil.example\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example/.evil.example\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example?.evil.example\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example#.evil.example\r\n".into(),
+            None,
+        ),
+        (
+            "GET /p HTTP/1.1\r\nHost: good.example\\.evil.example\r\n".into(),
+            None,
+        ),
+        (
+            "GET //evil.example/p HTTP/1.1\r\nHost: good.example\r\n".into(),
+            Some("https://good.example:8443//evil.example/p"),
+        ),
+        (
+            "GET /%0d%0aSet-Cookie:%20x=1 HTTP/1.1\r\nHost: good.example\r\n".into(),
+            Some("https://good.example:8443/%0d%0aSet-Cookie:%20x=1"),
+        ),
+        // Absolute-form: the target's authority is the host asked for (RFC 9112 §3.2.2),
+        // whatever its scheme; user info in it is refused like in Host.
+        (
+            "GET ftp://good.example/p HTTP/1.1\r\nHost: other.example\r\n".into(),
+            Some("https://good.example:8443/p"),
+        ),
+        (
+            "GET http://u@evil.example/p HTTP/1.1\r\nHost: good.example\r\n".into(),
+            None,
+        ),
+        ("GET * HTTP/1.1\r\nHost: good.example\r\n".into(), None),
+        (
+            "CONNECT good.example:443 HTTP/1.1\r\nHost: good.example\r\n".into(),
+            None,
+        ),
+    ];
+    for (head, expected) in &cases {
+        let request = format!("{head}Connection: close\r\n\r\n");
+        let (status, text) = raw(plain, request.as_bytes()).await;
+        let lower = text.to_ascii_lowercase();
+        assert!(!lower.contains("\r\nset-cookie"), "{head:?}: {text}");
+        match expected {
+            Some(location) => {
+                assert_eq!(status, 308, "{head:?}: {text}");
+                assert_eq!(location_of(&text), Some(*location), "{head:?}: {text}");
+            }
+            None => {
+                assert_eq!(status, 400, "{head:?}: {text}");
+                assert_eq!(location_of(&text), None, "{head:?}: {text}");
+            }
+        }
+    }
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_redirect_listener_forwards_only_get_and_head_on_the_exact_probe_path() {
+    let upstream = start_upstream().await;
+    let proxy = redirecting_proxy(
+        upstream.addr,
+        "attack-redirect-probe",
+        "redirect_serves_probe = true\n",
+    )
+    .await;
+    let plain = proxy.redirect.unwrap();
+    let auth = bearer(KEY);
+    // Answered as the probe, i.e. forwarded to the upstream's /health.
+    let probes = [
+        "GET /health HTTP/1.1",
+        "HEAD /health HTTP/1.1",
+        "GET /health?x=/../v1/models HTTP/1.1",
+        "GET http://evil.example/health HTTP/1.1",
+        "GET /health HTTP/1.0",
+    ];
+    for line in probes {
+        let request = format!("{line}\r\nHost: h\r\nConnection: close\r\n\r\n");
+        let (_, text) = raw(plain, request.as_bytes()).await;
+        assert!(text.contains(" 200 OK\r\n"), "{line}: {text}");
+    }
+    // Anything else: a redirect or a refusal, never forwarded, with or without a key, and
+    // never a tunnel (the key-less request written after it is not forwarded either).
+    let mut others: Vec<String> = LOOKALIKE_TARGETS
+        .iter()
+        .map(|t| format!("GET {t} HTTP/1.1"))
+        .collect();
+    for method in [
+        "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT",
+    ] {
+        others.push(format!("{method} /health HTTP/1.1"));
+    }
+    others.push("GET /v1/models HTTP/1.1".into());
+    others.push("GET http://evil.example//health HTTP/1.1".into());
+    others.push("GET /docs HTTP/1.1".into());
+    for line in &others {
+        for key in ["", &format!("Authorization: {auth}\r\n")] {
+            let request = format!(
+                "{line}\r\nHost: h\r\n{key}Connection: Upgrade\r\nUpgrade: websocket\r\n{WS_HEADERS}Content-Length: 0\r\n\r\n\
+                 GET /admin HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+            );
+            let (status, text) = raw(plain, request.as_bytes()).await;
+            assert!(matches!(status, 308 | 400), "{line}: {text}");
+        }
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), probes.len(), "{seen:?}");
+    for s in &seen {
+        assert!(s.method == Method::GET || s.method == Method::HEAD, "{s:?}");
+        assert!(s.uri == "/health" || s.uri.starts_with("/health?"), "{s:?}");
+        assert!(!s.headers.contains_key("x-keygate-key"), "{s:?}");
+        assert!(!s.headers.contains_key("upgrade"), "{s:?}");
+        assert_eq!(s.headers["x-shared-secret"], SHARED_SECRET);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn h2_extended_connect_with_a_protocol_never_reaches_the_upstream() {
+    let upstream = start_always_switching_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let auth = bearer(KEY);
+    let mut frames = Vec::new();
+    for (id, path, key) in [
+        (1, "/ws", true),
+        (3, "/health", false),
+        (5, "/health", true),
+    ] {
+        let mut fields: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"http"),
+            (b":authority", b"keygate.test"),
+            (b":path", path.as_bytes()),
+            (b"sec-websocket-version", b"13"),
+        ];
+        if key {
+            fields.push((b"authorization", auth.as_bytes()));
+        }
+        frames.push(frame(HEADERS, END_HEADERS, id, &header_block(&fields)));
+    }
+    let outcome = h2_exchange(proxy.addr, &frames, &[1, 3, 5]).await;
+    assert!(
+        outcome.answered.len() + outcome.reset.len() == 3 || outcome.connection_ended,
+        "{outcome:?}"
+    );
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_before_its_key_keeps_the_old_pair_until_both_match() {
+    let upstream = start_upstream().await;
+    let (ca, dir) = (
+        support::tls::Ca::new(),
+        support::process::TempDir::new("attack-cert-race"),
+    );
+    let first = ca.issue(30);
+    let lines = first.install(&dir);
+    let text = support::tls::with_server_lines(&config_text(upstream.addr, ""), &lines);
+    let proxy = start_proxy_with(&text).await;
+    let second = ca.issue(60);
+    // A rotation caught half-way: the new certificate with the old key, then a key file cut
+    // off mid-write. Each reload must keep the old pair serving.
+    dir.write("cert.pem", &second.cert_pem);
+    proxy.reload();
+    let half = &second.key_pem[..second.key_pem.len() / 2];
+    dir.write("key.pem", half);
+    proxy.reload();
+    for _ in 0..5 {
+        let got =
+            support::tls::send_tls(proxy.addr, &ca.pem(), &[H1_ALPN], get("/health", &[])).await;
+        assert_eq!(got.server_cert, first.der);
+        assert_eq!(got.reply.status, StatusCode::OK);
+    }
+    dir.write("key.pem", &second.key_pem);
+    proxy.reload();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let got =
+            support::tls::send_tls(proxy.addr, &ca.pem(), &[H2_ALPN], get("/health", &[])).await;
+        assert_eq!(got.reply.status, StatusCode::OK);
+        if got.server_cert == second.der {
+            break;
+        }
+        assert_eq!(got.server_cert, first.der, "neither certificate was served");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the completed pair was never served"
+        );
+        tokio::task::yield_now().await;
+    }
+    proxy.stop().await;
+}
+
+/// Sends keyed GETs over plain HTTP/1.1 until one is answered 200 or the deadline passes;
+/// the last status seen.
+async fn status_once_a_slot_frees(addr: std::net::SocketAddr) -> http::StatusCode {
+    let auth = bearer(KEY);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let reply = send(addr, get("/v1/models", &[("authorization", &auth)])).await;
+        if reply.status == http::StatusCode::OK || tokio::time::Instant::now() >= deadline {
+            return reply.status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+// An HTTP/2 connection without open streams is cut at header_read_timeout like an idle
+// HTTP/1.1 one: hyper's h2 server has no timer of its own (src/streams.rs), so without this a
+// silent connection would hold a max_connections slot for ever.
+
+#[tokio::test]
+async fn a_tls_client_that_picks_h2_and_never_sends_its_preface_is_cut_at_header_read_timeout() {
+    let upstream = start_upstream().await;
+    let (ca, dir) = (
+        support::tls::Ca::new(),
+        support::process::TempDir::new("found-h2-silent"),
+    );
+    let proxy =
+        support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
+    // The handshake completes with ALPN h2; then the client says nothing at all. The test
+    // config's header_read_timeout is 2 s; DEADLINE is 10 s.
+    let mut silent = support::tls::connect(proxy.addr, &ca.pem(), &[b"h2"])
+        .await
+        .unwrap();
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // Panics if the connection is still open at the deadline (5x header_read_timeout).
+    read_to_close(&mut silent).await;
+    drop(silent);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn silent_tls_h2_connections_cannot_keep_keyed_clients_out_past_header_read_timeout() {
+    let upstream = start_upstream().await;
+    let (ca, dir) = (
+        support::tls::Ca::new(),
+        support::process::TempDir::new("found-h2-slot"),
+    );
+    let proxy =
+        support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
+    let silent = support::tls::connect(proxy.addr, &ca.pem(), &[b"h2"])
+        .await
+        .unwrap();
+    // Keyed clients over TLS/http1.1 are refused with 503 while the slot is held; once the
+    // silent connection is cut (header_read_timeout, 2 s), one must get through.
+    let auth = bearer(KEY);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let last = loop {
+        let got = support::tls::send_tls(
+            proxy.addr,
+            &ca.pem(),
+            &[b"http/1.1"],
+            get("/v1/models", &[("authorization", &auth)]),
+        )
+        .await;
+        if got.reply.status == http::StatusCode::OK || tokio::time::Instant::now() >= deadline {
+            break got.reply.status;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        last,
+        http::StatusCode::OK,
+        "one silent h2 connection kept every keyed client out for DEADLINE"
+    );
+    drop(silent);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_tls_h2_connection_that_answers_pings_is_cut_like_an_idle_http1_one() {
+    let upstream = start_upstream().await;
+    let (ca, dir) = (
+        support::tls::Ca::new(),
+        support::process::TempDir::new("found-h2-idle"),
+    );
+    let proxy =
+        support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
+    // A well-behaved h2 client (hyper's) that connects and never sends a request. An idle
+    // HTTP/1.1 keep-alive connection is cut by header_read_timeout (2 s); this one must be too.
+    let stream = support::tls::connect(proxy.addr, &ca.pem(), &[b"h2"])
+        .await
+        .unwrap();
+    let (_sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+    let idle = tokio::spawn(conn);
+    let ended = tokio::time::timeout(DEADLINE, idle).await;
+    assert!(
+        ended.is_ok(),
+        "an idle h2 connection is still open (holding the only max_connections slot) after 5x header_read_timeout"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_h2c_client_that_sends_only_the_preface_is_cut_at_header_read_timeout() {
+    let upstream = start_upstream().await;
+    let text =
+        support::tls::with_server_lines(&config_text(upstream.addr, ""), "max_connections = 1\n");
+    let proxy = start_proxy_with(&text).await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut silent, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        status_once_a_slot_frees(proxy.addr).await,
+        http::StatusCode::OK
+    );
+    drop(silent);
+    proxy.stop().await;
+}
+
+// Two Host lines are refused with 400 (RFC 9112 §3.2), on both listeners: a front proxy or
+// cache reading the last one must not disagree with keygate about the host.
+
+#[tokio::test]
+async fn two_host_header_lines_are_refused_on_the_redirect_and_proxy_listeners() {
+    let upstream = start_upstream().await;
+    let (ca, dir) = (
+        support::tls::Ca::new(),
+        support::process::TempDir::new("found-two-hosts"),
+    );
+    let proxy = support::tls::start_tls_proxy(
+        &ca,
+        &dir,
+        upstream.addr,
+        "redirect_http_listen = \"127.0.0.1:0\"\n",
+        "",
+    )
+    .await;
+    let two_hosts =
+        "GET /p HTTP/1.1\r\nHost: good.example\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
+    let plain = start_proxy(upstream.addr).await;
+    let keyed = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: good.example\r\nHost: evil.example\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let (status, text) = raw(plain.addr, keyed.as_bytes()).await;
+    assert_eq!(
+        status,
+        400,
+        "proxy listener: {text} / upstream saw {:?}",
+        upstream.requests()
+    );
+    let (status, text) = raw(proxy.redirect.unwrap(), two_hosts.as_bytes()).await;
+    assert_eq!(status, 400, "redirect listener: {text}");
+    drop(text);
+    plain.stop().await;
+    proxy.stop().await;
+}
+
+// ---------------------------------------------------------------- scopes, presets, pool, SSE
+
+/// A complete response that must never reach a client: if it does, a connection with
+/// leftover bytes was reused.
+const POISON_RESPONSE: &str = "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON";
+
+/// An origin whose first connection answers its first request with `answer` as is, then
+/// holds the connection and answers nothing more; every later connection answers `clean`.
+async fn start_misframing_upstream(answer: String) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let misframed = std::mem::take(&mut first).then(|| answer.clone());
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut stream).await {
+                    let mut body = vec![0u8; declared_length(&head)];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let clean = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean";
+                    let out = misframed.as_deref().unwrap_or(clean);
+                    if stream.write_all(out.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if misframed.is_some() {
+                        let mut sink = [0u8; 1024];
+                        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn misframed_upstream_responses_never_poison_the_pool_for_the_next_client() {
+    let len = POISON_RESPONSE.len();
+    let p = POISON_RESPONSE;
+    // A body on HEAD, 204 and 304; bytes beyond Content-Length or after the last chunk; a
+    // 100 Continue; duplicate or conflicting framing; an event stream; HTTP/1.0 keep-alive.
+    let cases = [
+        ("HEAD", format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n{p}")),
+        ("HEAD", format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{len:x}\r\n{p}\r\n0\r\n\r\n")),
+        ("GET", format!("HTTP/1.1 204 No Content\r\nContent-Length: {len}\r\n\r\n{p}")),
+        ("GET", format!("HTTP/1.1 204 No Content\r\n\r\n{p}")),
+        ("GET", format!("HTTP/1.1 304 Not Modified\r\nContent-Length: {len}\r\n\r\n{p}")),
+        ("GET", format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok{p}")),
+        ("GET", format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n{p}")),
+        ("GET", format!("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok{p}")),
+        ("GET", format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok{p}")),
+        ("GET", format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n{p}")),
+        ("GET", format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 2\r\n\r\nok{p}")),
+        ("GET", format!("HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok{p}")),
+    ];
+    for (method, answer) in cases {
+        let upstream = start_misframing_upstream(answer.clone()).await;
+        let proxy = start_proxy(upstream).await;
+        let first = request(
+            method.parse().unwrap(),
+            "/v1/models",
+            &[("authorization", &bearer(KEY))],
+            "",
+        );
+        let first = send(proxy.addr, first).await;
+        assert!(!first.text().contains("POISON"), "{answer:?}");
+        // The next clients, with another key, must each get their own answer.
+        for _ in 0..3 {
+            let reply = send(
+                proxy.addr,
+                get("/v1/models", &[("authorization", &bearer(CI_KEY))]),
+            )
+            .await;
+            assert_eq!(reply.status, StatusCode::OK, "{answer:?}");
+            assert_eq!(reply.body, "clean", "{answer:?}");
+        }
+        proxy.stop().await;
+    }
+}
+
+/// The test config with the vLLM preset, `keys` for `[auth] keys` and no public path.
+fn vllm_preset_config(upstream: std::net::SocketAddr, keys: &str) -> String {
+    config_text(upstream, "")
+        .replace(
+            "keys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ci\", env = \"CI_KEY\" }]",
+            &format!("keys = [{keys}]"),
+        )
+        .replace(
+            "idle_timeout = \"2s\"",
+            "idle_timeout = \"2s\"\npreset = \"vllm\"",
+        )
+        .replace("[\"/docs\"]", "[]")
+}
+
+/// Targets an ordinary key might use to reach vLLM's admin routes, or routes the preset
+/// does not list, through an origin that decodes or normalises paths.
+const PRESET_ESCAPES: [&str; 30] = [
+    "/%73tart_profile",
+    "/start_profile/",
+    "/start_profile;x",
+    "/start_profile%3bx",
+    "//start_profile",
+    "/v1/../start_profile",
+    "/./start_profile",
+    "/START_PROFILE",
+    "http://x/start_profile",
+    "http://x//start_profile",
+    "/v1/chat/completions/../../start_profile",
+    "/v1/responses/..%2f..%2fstart_profile",
+    "/v1/responses/%2e%2e/cancel",
+    "/v1/responses/%2E./cancel",
+    "/v1/responses/",
+    "/v1/responses//cancel",
+    "/v1/responses/a/..;/cancel",
+    "/start_profile%00",
+    "/start_profile%20",
+    "/%2fstart_profile",
+    "/v1/responses/..",
+    "/v1/responses/.",
+    "*",
+    "/start_profile#x",
+    "/metrics",
+    "/v1/models/../metrics",
+    "/v1/models%2f..%2fmetrics",
+    "/v1%2fmodels",
+    "/%76%31/models",
+    "/v1/models/",
+];
+
+#[tokio::test]
+async fn preset_admin_and_unlisted_routes_cannot_be_reached_by_path_or_method_tricks() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy_with(&vllm_preset_config(
+        upstream.addr,
+        r#"{ name = "default", env = "API_KEY" }"#,
+    ))
+    .await;
+    let auth = bearer(KEY);
+    let methods = [
+        "GET", "POST", "HEAD", "OPTIONS", "get", "post", "PROPFIND", "PUT", "DELETE",
+    ];
+    for method in methods {
+        for target in PRESET_ESCAPES {
+            let req = format!("{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let (status, _) = raw(proxy.addr, req.as_bytes()).await;
+            assert_ne!(status, 200, "{method} {target}");
+        }
+    }
+    // The same over HTTP/2, where `:path` need not start with a slash or be origin-form.
+    for path in PRESET_ESCAPES.iter().chain(&[
+        "start_profile",
+        "%2fstart_profile",
+        "/v1/models#/../start_profile",
+    ]) {
+        for method in ["POST", "GET"] {
+            let block = keyed(method, path, &[]);
+            let outcome = h2_exchange(
+                proxy.addr,
+                &[frame(HEADERS, END_HEADERS | END_STREAM, 1, &block)],
+                &[1],
+            )
+            .await;
+            assert!(
+                !outcome.answered.is_empty() || !outcome.reset.is_empty(),
+                "{method} {path}: {outcome:?}"
+            );
+        }
+    }
+    // Only `GET /v1/models#/../start_profile` passes: the fragment is no part of the path,
+    // so keygate checks and forwards plain `/v1/models`, an inference route.
+    let seen = upstream.requests();
+    let reached: Vec<_> = seen
+        .iter()
+        .map(|s| (s.method.as_str(), s.uri.as_str()))
+        .collect();
+    assert_eq!(reached, [("GET", "/v1/models")]);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn an_allow_path_prefix_cannot_be_escaped_by_path_tricks() {
+    let upstream = start_upstream().await;
+    let keys = r#"{ name = "default", env = "API_KEY", allow = [{ path_prefix = "/v1/chat/" }] }"#;
+    let text =
+        config_text(upstream.addr, "").replace("{ name = \"default\", env = \"API_KEY\" }", keys);
+    let proxy = start_proxy_with(&text).await;
+    let auth = bearer(KEY);
+    for target in [
+        "/v1/chat/../../start_profile",
+        "/v1/chat/%2e%2e/%2e%2e/start_profile",
+        "/v1/chat/.%2E/.%2e/start_profile",
+        "/v1/chat/..%2f..%2fstart_profile",
+        "/v1/chat/..%5c..%5cstart_profile",
+        "/v1/chat/..\\..\\start_profile",
+        "/v1/chat//../start_profile",
+        "/v1/chat/./../../start_profile",
+        "http://x/v1/chat/../../start_profile",
+        "/v1/chat/..",
+        "/V1/chat/completions",
+        "//v1/chat/completions",
+    ] {
+        let req = format!("POST {target} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let (status, _) = raw(proxy.addr, req.as_bytes()).await;
+        assert!(matches!(status, 400 | 403), "{target}: {status}");
+    }
+    let inside = request(
+        Method::POST,
+        "http://x/v1/chat/completions?stream=true#frag",
+        &[("authorization", &auth)],
+        "",
+    );
+    assert_eq!(send(proxy.addr, inside).await.status, StatusCode::OK);
+    let seen = upstream.requests();
+    let uris: Vec<&str> = seen.iter().map(|s| s.uri.as_str()).collect();
+    assert_eq!(
+        uris,
+        ["/v1/chat/completions?stream=true"],
+        "exactly the path keygate checked"
+    );
+    proxy.stop().await;
+}
+
+/// An origin that never answers a request for `/v1/responses/hang` (it holds the connection
+/// and reports it on the channel) and answers `ok` to anything else after reading its body.
+async fn start_hanging_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(head) = read_request_head(&mut stream).await {
+                    if head.contains(" /v1/responses/hang ") {
+                        let _ = tx.send(());
+                        let mut sink = [0u8; 1024];
+                        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                        return;
+                    }
+                    let mut body = vec![0u8; declared_length(&head)];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if stream.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Keyed GETs until one is admitted (the key's one slot is free again), or the deadline.
+async fn one_slot_comes_back(addr: std::net::SocketAddr) -> bool {
+    let auth = bearer(KEY);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let reply = send(addr, get("/v1/models", &[("authorization", &auth)])).await;
+        if reply.status == StatusCode::OK {
+            return true;
+        }
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Opens an h2c connection, sends `frames` on it, and waits until the hanging upstream has
+/// the request; returns the connection, still open.
+async fn h2_hanging(
+    addr: std::net::SocketAddr,
+    frames: &[Vec<u8>],
+    hung: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut out = H2_PREFACE.to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    for f in frames {
+        out.extend(f);
+    }
+    stream.write_all(&out).await.unwrap();
+    tokio::time::timeout(DEADLINE, hung.recv())
+        .await
+        .expect("the request reaches the upstream")
+        .unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn a_max_concurrent_slot_comes_back_after_resets_hang_ups_and_refused_bodies() {
+    let (upstream, mut hung) = start_hanging_upstream().await;
+    let key = r#"{ name = "default", env = "API_KEY", max_concurrent = 1 }"#;
+    let text = config_text(upstream, "").replace(r#"{ name = "default", env = "API_KEY" }"#, key);
+    let proxy = start_proxy_with(&text).await;
+    let auth = bearer(KEY);
+    let cancel = 8u32.to_be_bytes();
+
+    // HTTP/2 RST_STREAM while keygate waits for the response headers.
+    let headers = keyed("GET", "/v1/responses/hang", &[]);
+    let held = [frame(HEADERS, END_HEADERS | END_STREAM, 1, &headers)];
+    let mut h2 = h2_hanging(proxy.addr, &held, &mut hung).await;
+    let busy = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
+    assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS);
+    h2.write_all(&frame(RST_STREAM, 0, 1, &cancel))
+        .await
+        .unwrap();
+    assert!(
+        one_slot_comes_back(proxy.addr).await,
+        "h2 reset before headers"
+    );
+    drop(h2);
+
+    // HTTP/2 RST_STREAM in the middle of an upload.
+    let headers = keyed("POST", "/v1/responses/hang", &[(b"content-length", b"100")]);
+    let held = [
+        frame(HEADERS, END_HEADERS, 1, &headers),
+        frame(DATA, 0, 1, b"0123456789"),
+    ];
+    let mut h2 = h2_hanging(proxy.addr, &held, &mut hung).await;
+    h2.write_all(&frame(RST_STREAM, 0, 1, &cancel))
+        .await
+        .unwrap();
+    assert!(one_slot_comes_back(proxy.addr).await, "h2 reset mid-upload");
+    drop(h2);
+
+    // An HTTP/2 connection closed with the stream in flight.
+    let headers = keyed("GET", "/v1/responses/hang", &[]);
+    let held = [frame(HEADERS, END_HEADERS | END_STREAM, 1, &headers)];
+    drop(h2_hanging(proxy.addr, &held, &mut hung).await);
+    assert!(
+        one_slot_comes_back(proxy.addr).await,
+        "h2 connection closed"
+    );
+
+    // An HTTP/1.1 client that hangs up mid-upload.
+    let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
+    let upload = format!("POST /v1/responses/hang HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 100\r\n\r\n0123");
+    h1.write_all(upload.as_bytes()).await.unwrap();
+    tokio::time::timeout(DEADLINE, hung.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(h1);
+    assert!(
+        one_slot_comes_back(proxy.addr).await,
+        "h1 hang-up mid-upload"
+    );
+
+    // A body refused by its declared length, and one refused mid-stream (chunked).
+    let declared = format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 2000000\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw(proxy.addr, declared.as_bytes()).await.0, 413);
+    assert!(one_slot_comes_back(proxy.addr).await, "declared too large");
+    let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    h1.write_all(head.as_bytes()).await.unwrap();
+    let chunk = [b'a'; 64 * 1024];
+    for _ in 0..20 {
+        let sent = async {
+            h1.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                .await?;
+            h1.write_all(&chunk).await?;
+            h1.write_all(b"\r\n").await
+        };
+        if sent.await.is_err() {
+            break;
+        }
+    }
+    let answer = read_to_close(&mut h1).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 413"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        one_slot_comes_back(proxy.addr).await,
+        "too large mid-stream"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn refused_requests_take_no_slot_and_are_refused_for_their_own_reason() {
+    let (upstream, mut hung) = start_hanging_upstream().await;
+    let keys = r#"{ name = "default", env = "API_KEY", max_concurrent = 1, allow = [{ methods = ["GET"], path_prefix = "/v1/" }] }"#;
+    let proxy = start_proxy_with(&vllm_preset_config(upstream, keys)).await;
+    let auth = bearer(KEY);
+    let mut holder = TcpStream::connect(proxy.addr).await.unwrap();
+    let held =
+        format!("GET /v1/responses/hang HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n");
+    holder.write_all(held.as_bytes()).await.unwrap();
+    tokio::time::timeout(DEADLINE, hung.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let cases = [
+        (Method::GET, "/nonexistent", KEY, StatusCode::NOT_FOUND),
+        (Method::HEAD, "/v1/models", KEY, StatusCode::NOT_FOUND),
+        (Method::GET, "/metrics", KEY, StatusCode::FORBIDDEN),
+        (
+            Method::POST,
+            "/v1/chat/completions",
+            KEY,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Method::GET,
+            "/v1/models",
+            "kg-never-issued-key-000000000",
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            Method::GET,
+            "/v1/models",
+            KEY,
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
+    ];
+    for _ in 0..3 {
+        for (method, path, key, want) in &cases {
+            let auth = bearer(key);
+            let reply = send(
+                proxy.addr,
+                request(method.clone(), path, &[("authorization", &auth)], ""),
+            )
+            .await;
+            assert_eq!(reply.status, *want, "{method} {path}");
+        }
+    }
+    drop(holder);
+    assert!(one_slot_comes_back(proxy.addr).await);
+    proxy.stop().await;
+}
+
+/// Whether `prefix` of an event stream ends between events by the SSE line rules (CR LF, LF
+/// or CR each end a line; an empty line ends an event), worked out independently of keygate.
+fn sse_between_events(prefix: &[u8]) -> bool {
+    let (mut line, mut last_empty, mut at_line_end) = (0usize, false, false);
+    let mut i = 0;
+    while i < prefix.len() {
+        if matches!(prefix[i], b'\r' | b'\n') {
+            if prefix[i] == b'\r' && prefix.get(i + 1) == Some(&b'\n') {
+                i += 1;
+            }
+            (last_empty, line, at_line_end) = (line == 0, 0, true);
+        } else {
+            (line, at_line_end) = (line + 1, false);
+        }
+        i += 1;
+    }
+    prefix.is_empty() || (at_line_end && last_empty)
+}
+
+#[tokio::test]
+async fn sse_keepalives_and_the_error_event_land_only_between_events_whatever_the_line_ends() {
+    const KEEP_ALIVE: &str = ": keep-alive\n\n";
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let text = config_text(upstream.addr, "").replace(
+        "idle_timeout = \"2s\"",
+        "idle_timeout = \"5s\"\nsse_keepalive = \"10ms\"",
+    );
+    let proxy = start_proxy_with(&text).await;
+    let chat = request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(KEY))],
+        "{}",
+    );
+    let mut body = open(proxy.addr, chat).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    let stream: &[u8] =
+        b"data: a\r\n\r\ndata: b\rdata: c\r\r: note\n\nevent: x\ndata: d\n\r\ndata: e\r\n\r";
+    // One byte at a time: after each, a keep-alive must come when the stream is between
+    // events and nothing may come for three intervals when it is not.
+    for (i, byte) in stream.iter().enumerate() {
+        sender
+            .send_data(bytes::Bytes::copy_from_slice(&[*byte]))
+            .await
+            .unwrap();
+        let mut frame = next_frame(&mut body)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        while frame == KEEP_ALIVE {
+            frame = next_frame(&mut body)
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap();
+        }
+        assert_eq!(frame, [*byte][..]);
+        let prefix = &stream[..=i];
+        if sse_between_events(prefix) {
+            let next = next_frame(&mut body)
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap();
+            assert_eq!(
+                next,
+                KEEP_ALIVE,
+                "after {:?}",
+                String::from_utf8_lossy(prefix)
+            );
+        } else {
+            let quiet = std::time::Duration::from_millis(30);
+            if let Ok(frame) = tokio::time::timeout(quiet, body.frame()).await {
+                panic!(
+                    "{frame:?} inside an event, after {:?}",
+                    String::from_utf8_lossy(prefix)
+                );
+            }
+        }
+    }
+    // The stream ends between events (its last blank line is a lone CR): the error event
+    // comes, whole, then the abnormal end.
+    sender.abort("upstream crashed".into());
+    let mut frame = next_frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    while frame == KEEP_ALIVE {
+        frame = next_frame(&mut body)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+    }
+    let event = String::from_utf8_lossy(&frame).into_owned();
+    assert!(
+        event.starts_with("event: error\ndata: {") && event.ends_with("}\n\n"),
+        "{event}"
+    );
+    assert!(matches!(next_frame(&mut body).await, Some(Err(_))));
     proxy.stop().await;
 }

@@ -57,8 +57,12 @@ fn check_output_is_exactly_the_summary() {
     let expected = format!(
         "{}: OK\n\
          listen:          127.0.0.1:0\n\
+         tls:             off (plain HTTP/1.1 and h2c)\n\
+         redirect:        none\n\
          upstream:        http://127.0.0.1:8000\n\
          keys:            default, ci, next (optional, not set)\n\
+         preset:          none (every route is forwarded)\n\
+         sse keep-alive:  off (error events only)\n\
          identity header: none\n\
          probe path:      /health\n\
          public paths:    /docs\n\
@@ -152,17 +156,34 @@ fn example_configs_pass_check() {
         ("SHARED_SECRET", SHARED_SECRET),
         ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
     ];
+    // An example naming certificate files is checked with made-up files in their place.
+    let certs = TempDir::new("example-certs");
+    let leaf = support::tls::Ca::new().issue(90);
+    leaf.install(&certs);
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
+        let mut path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if text.contains("tls_cert") {
+                let text = text
+                    .replace(
+                        "/etc/keygate/tls/tls.crt",
+                        certs.0.join("cert.pem").to_str().unwrap(),
+                    )
+                    .replace(
+                        "/etc/keygate/tls/tls.key",
+                        certs.0.join("key.pem").to_str().unwrap(),
+                    );
+                path = certs.write(path.file_name().unwrap().to_str().unwrap(), &text);
+            }
             let (status, _, stderr) =
                 run_to_end(&["check", "--config", path.to_str().unwrap()], &env);
             assert!(status.success(), "{}: {stderr}", path.display());
             checked += 1;
         }
     }
-    assert!(checked >= 2, "examples found: {checked}");
+    assert!(checked >= 3, "examples found: {checked}");
 }
 
 #[test]
@@ -204,9 +225,11 @@ const EVERY_KEY: &[(&str, &str)] = &[
     ("upstream", "connect_timeout = \"5s\""),
     ("upstream", "response_timeout = \"600s\""),
     ("upstream", "idle_timeout = \"300s\""),
+    ("upstream", "preset = \"none\""),
+    ("upstream", "sse_keepalive = \"15s\""),
     (
         "auth",
-        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false }]",
+        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false, allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }], max_concurrent = 8, not_after = \"2099-01-01T00:00:00Z\" }]",
     ),
     ("auth", "identity_header = \"x-keygate-key\""),
     ("auth", "forward_authorization = false"),
@@ -249,7 +272,20 @@ fn default_config_documents_every_key() {
             "[{t}] {key} is not documented in config/keygate.toml"
         );
     }
-    for key in ["name", "env", "file", "optional", "value", "[[inject]]"] {
+    for key in [
+        "name",
+        "env",
+        "file",
+        "optional",
+        "allow",
+        "methods",
+        "path_prefix",
+        "routes",
+        "max_concurrent",
+        "not_after",
+        "value",
+        "[[inject]]",
+    ] {
         assert!(
             documented.contains(key),
             "{key} is not documented in config/keygate.toml"

@@ -16,7 +16,8 @@ fn assert_upstream_error(reply: &Reply, status: StatusCode) {
 
 #[tokio::test]
 async fn refused_upstream_is_502_json() {
-    let proxy = start_proxy(closed_port().await).await;
+    let upstream = closed_port();
+    let proxy = start_proxy(upstream.addr).await;
     let reply = send(
         proxy.addr,
         get("/v1/models", &[("authorization", &bearer(KEY))]),

@@ -112,7 +112,8 @@ fn never_a_secret_value_in_a_log_line() {
 
 #[tokio::test]
 async fn never_a_secret_value_in_an_error_body() {
-    let proxy = start_proxy(closed_port().await).await;
+    let upstream = closed_port();
+    let proxy = start_proxy(upstream.addr).await;
     let near_miss = &KEY[..KEY.len() - 1];
     let replies = [
         send(
@@ -160,6 +161,21 @@ fn never_a_secret_value_in_debug_output() {
     for secret in secret_values() {
         assert!(!debug.contains(secret), "{debug}");
     }
+    // With TLS on, the private key is held too: neither its PEM text nor its bytes show.
+    let dir = TempDir::new("never-debug-tls");
+    let leaf = support::tls::Ca::new().issue(30);
+    let lines = leaf.install(&dir);
+    let text = support::tls::with_server_lines(&config_text(upstream, ""), &lines);
+    let config = parse_config(&text);
+    let debug = format!("{config:?} {config:#?}");
+    assert!(debug.contains("not_after"), "{debug}");
+    for line in leaf.key_pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!debug.contains(line), "{debug}");
+    }
+    assert!(
+        !debug.contains("PrivateKey") && !debug.contains("SigningKey"),
+        "{debug}"
+    );
 }
 
 #[test]

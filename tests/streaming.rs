@@ -1,6 +1,8 @@
 //! Streaming (SPEC §3.5–3.6): bodies pass frame by frame in both directions, every SSE event
 //! reaches the client before the upstream sends the next, a client that hangs up cancels the
-//! upstream request, and a stream that breaks ends abnormally, never cleanly.
+//! upstream request, and a stream that breaks ends abnormally, never cleanly. (What keygate
+//! adds to SSE streams, keep-alives and the final error event, is in sse.rs; the broken
+//! streams here are NDJSON, which get nothing added.)
 
 mod support;
 
@@ -80,6 +82,60 @@ async fn client_hangup_mid_stream_closes_the_upstream_connection() {
 }
 
 #[tokio::test]
+async fn complete_responses_give_their_upstream_connection_back_and_a_hangup_does_not() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    for _ in 0..3 {
+        let (mut body, sender) = stream_first_event(proxy.addr, &mut senders).await;
+        drop(sender);
+        assert!(next_frame(&mut body).await.is_none(), "a clean end");
+    }
+    assert_eq!(
+        upstream.connections_opened(),
+        1,
+        "one upstream connection serves streams that ended cleanly, one after the other"
+    );
+    let (body, _sender) = stream_first_event(proxy.addr, &mut senders).await;
+    drop(body);
+    upstream
+        .wait_until("the abandoned connection to close", |u| {
+            u.connections_closed() == 1
+        })
+        .await;
+    let next = open(proxy.addr, chat_request()).await;
+    assert_eq!(
+        upstream.connections_opened(),
+        2,
+        "a new connection after the hang-up"
+    );
+    drop(next);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn sized_and_bodiless_responses_give_their_upstream_connection_back() {
+    let upstream = start_upstream().await;
+    let proxy = start_proxy(upstream.addr).await;
+    let auth = bearer(KEY);
+    for method in [
+        Method::GET,
+        Method::HEAD,
+        Method::GET,
+        Method::POST,
+        Method::GET,
+    ] {
+        let reply = send(
+            proxy.addr,
+            request(method, "/v1/models", &[("authorization", &auth)], ""),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.connections_opened(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn client_hangup_before_response_headers_closes_the_upstream_connection() {
     let (silent, mut events) = start_silent_upstream().await;
     let proxy = start_proxy(silent).await;
@@ -133,7 +189,7 @@ async fn assert_upstream_break_ends_abnormally(
 
 #[tokio::test]
 async fn upstream_reset_mid_stream_ends_the_client_stream_abnormally() {
-    let (upstream, mut senders) = start_streaming_upstream().await;
+    let (upstream, mut senders) = start_streaming_upstream_as("application/x-ndjson").await;
     let proxy = start_proxy(upstream.addr).await;
     let body = open(proxy.addr, chat_request()).await.into_body();
     assert_upstream_break_ends_abnormally(body, &mut senders).await;
@@ -142,7 +198,7 @@ async fn upstream_reset_mid_stream_ends_the_client_stream_abnormally() {
 
 #[tokio::test]
 async fn silent_stream_past_idle_timeout_ends_abnormally() {
-    let (upstream, mut senders) = start_streaming_upstream().await;
+    let (upstream, mut senders) = start_streaming_upstream_as("application/x-ndjson").await;
     let text =
         config_text(upstream.addr, "").replace("idle_timeout = \"2s\"", "idle_timeout = \"300ms\"");
     let proxy = start_proxy_with(&text).await;
@@ -183,7 +239,7 @@ async fn steady_stream_longer_than_idle_timeout_is_never_cut() {
 
 #[tokio::test]
 async fn upstream_reset_mid_stream_resets_the_http2_stream() {
-    let (upstream, mut senders) = start_streaming_upstream().await;
+    let (upstream, mut senders) = start_streaming_upstream_as("application/x-ndjson").await;
     let proxy = start_proxy(upstream.addr).await;
     let body = open_h2(proxy.addr, chat_request()).await.into_body();
     assert_upstream_break_ends_abnormally(body, &mut senders).await;

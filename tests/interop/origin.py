@@ -3,7 +3,10 @@
 The interop tests run it with uvicorn behind keygate. Every route except /health refuses a
 request whose x-shared-secret header differs from the SHARED_SECRET environment variable.
 /v1/echo-headers and /v1/reflect exist so the tests can see what reached the origin and
-what an origin that reflects headers sends back.
+what an origin that reflects headers sends back. A streamed chat completion whose last
+message is "slow" waits SLOW_FIRST_TOKEN_S before its first chunk, like a long queue in
+vLLM; one whose last message is "stall" goes silent after its first chunk, like a hung
+worker. (An exception in the generator would not do: uvicorn then ends the response cleanly.)
 """
 
 import asyncio
@@ -19,6 +22,8 @@ SECRET = os.environ["SHARED_SECRET"].encode()
 MODEL = "test-model"
 STREAM_PIECES = ["Hello", " from", " the", " test", " origin."]
 CHUNK_INTERVAL_S = 0.05
+SLOW_FIRST_TOKEN_S = 1.0
+STALL_S = 60
 
 app = FastAPI()
 
@@ -48,9 +53,9 @@ async def models():
 async def chat_completions(request: Request):
     body = await request.json()
     created = int(time.time())
-    if body.get("stream"):
-        return StreamingResponse(_stream_chunks(created), media_type="text/event-stream")
     prompt = body["messages"][-1]["content"]
+    if body.get("stream"):
+        return StreamingResponse(_stream_chunks(created, prompt), media_type="text/event-stream")
     return {
         "id": "chatcmpl-interop",
         "object": "chat.completion",
@@ -78,8 +83,13 @@ def _chunk(created: int, delta: dict, finish_reason: str | None = None) -> str:
     return f"data: {json.dumps(chunk)}\n\n"
 
 
-async def _stream_chunks(created: int):
+async def _stream_chunks(created: int, prompt: str):
+    if prompt == "slow":
+        await asyncio.sleep(SLOW_FIRST_TOKEN_S)
     yield _chunk(created, {"role": "assistant", "content": ""})
+    if prompt == "stall":
+        # Until keygate's idle_timeout gives up and closes the connection.
+        await asyncio.sleep(STALL_S)
     for piece in STREAM_PIECES:
         await asyncio.sleep(CHUNK_INTERVAL_S)
         yield _chunk(created, {"content": piece})

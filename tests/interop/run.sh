@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the Python interop tests (test_interop.py, test_examples.py) against the keygate binary.
+# Runs the Python interop tests (every test_*.py here: the plain and TLS listeners, the examples)
+# against the keygate binary.
 # KEYGATE_BIN: the binary to test; unset, target/debug/keygate is built with cargo first.
 # INTEROP_VENV: where the Python packages are installed (default /tmp/keygate-interop-venv).
 set -euo pipefail

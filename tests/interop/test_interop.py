@@ -33,6 +33,11 @@ MODEL = "test-model"
 STREAM_TEXT = "Hello from the test origin."
 STREAM_PIECES = 5
 STREAM_PROMPT = [{"role": "user", "content": "stream please"}]
+# The origin waits before the first chunk of "slow" (origin.SLOW_FIRST_TOKEN_S, 1 s) and goes
+# silent after the first chunk of "stall"; keygate-interop.toml sets sse_keepalive = "200ms"
+# and idle_timeout = "2s".
+SLOW_PROMPT = [{"role": "user", "content": "slow"}]
+STALL_PROMPT = [{"role": "user", "content": "stall"}]
 WRONG_TOKEN = "wrong-" + secrets.token_urlsafe(32)
 CURL = shutil.which("curl")
 
@@ -99,23 +104,32 @@ def stop(proc: subprocess.Popen) -> None:
     wait_or_kill(proc)
 
 
+def clean_env() -> dict:
+    """This process's environment without the variables the tests set themselves."""
+    return {k: v for k, v in os.environ.items() if k not in ("API_KEY", "SHARED_SECRET", "RUST_LOG")}
+
+
+def start_origin(cleanup: contextlib.ExitStack, env: dict, secret: str, port: int, log: Path) -> None:
+    """Starts origin.py under uvicorn on `port`, stopped by `cleanup`, and waits until it is healthy."""
+    origin = launch(
+        [sys.executable, "-m", "uvicorn", "origin:app", "--port", str(port), "--host", "127.0.0.1"],
+        HERE,
+        {**env, "SHARED_SECRET": secret},
+        log,
+    )
+    cleanup.callback(stop, origin)
+    wait_healthy(f"http://127.0.0.1:{port}/health", origin, log)
+
+
 @contextlib.contextmanager
 def running_stack(logs: Path):
     key, secret = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
     origin_port, keygate_port = free_ports(2)
     origin_url = f"http://127.0.0.1:{origin_port}"
     keygate_url = f"http://127.0.0.1:{keygate_port}"
-    env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "SHARED_SECRET", "RUST_LOG")}
+    env = clean_env()
     with contextlib.ExitStack() as cleanup:
-        origin_log = logs / "origin.log"
-        origin = launch(
-            [sys.executable, "-m", "uvicorn", "origin:app", "--port", str(origin_port), "--host", "127.0.0.1"],
-            HERE,
-            {**env, "SHARED_SECRET": secret},
-            origin_log,
-        )
-        cleanup.callback(stop, origin)
-        wait_healthy(f"{origin_url}/health", origin, origin_log)
+        start_origin(cleanup, env, secret, origin_port, logs / "origin.log")
 
         keygate_log = logs / "keygate.log"
         keygate = launch(
@@ -201,6 +215,54 @@ def test_openai_stream_arrives_chunk_by_chunk(client):
     # The origin spaces its chunks 50 ms apart: a buffering proxy would deliver them all at once.
     assert ended - arrivals[0][0] >= 0.1, f"first chunk only {ended - arrivals[0][0]:.3f} s before the end"
     assert arrivals[-1][0] - arrivals[0][0] >= 0.1, "content chunks arrived together"
+
+
+def stream_lines(http: httpx.Client, stack: Stack, messages: list) -> tuple[list[str], Exception | None]:
+    """The raw lines of a streamed chat completion, and the error that ended it, if any."""
+    lines: list[str] = []
+    body = {"model": MODEL, "messages": messages, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body, headers=[bearer(stack)]) as r:
+        assert r.status_code == 200
+        try:
+            lines.extend(r.iter_lines())
+        except httpx.HTTPError as ended:
+            return lines, ended
+    return lines, None
+
+
+def test_keepalive_comments_arrive_while_the_origin_is_silent(http, stack):
+    lines, ended = stream_lines(http, stack, SLOW_PROMPT)
+    assert ended is None
+    first_data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert lines[:first_data].count(": keep-alive") >= 2, lines[: first_data + 1]
+    assert lines[-2:] == ["data: [DONE]", ""]
+
+
+def test_openai_stream_parser_ignores_keepalive_comments(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=SLOW_PROMPT, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == STREAM_TEXT
+
+
+def test_a_stalled_stream_gets_an_error_event_then_ends_abnormally(http, stack):
+    lines, ended = stream_lines(http, stack, STALL_PROMPT)
+    assert isinstance(ended, httpx.RemoteProtocolError), f"not an abnormal end: {ended!r} {lines}"
+    assert lines[-3] == "event: error" and lines[-1] == "", lines
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "upstream_error"
+    assert error["code"] == "upstream_idle_timeout"
+    # Keep-alives filled the silence, but the origin stayed silent: idle_timeout still applied.
+    assert ": keep-alive" in lines
+
+
+def test_openai_client_raises_the_error_event_of_a_stalled_stream(client):
+    with pytest.raises(openai.APIError) as failed:
+        for _ in client.chat.completions.create(model=MODEL, messages=STALL_PROMPT, stream=True):
+            pass
+    assert not isinstance(failed.value, openai.APIConnectionError), repr(failed.value)
+    assert failed.value.message == "The upstream server sent nothing for longer than idle_timeout."
+    assert failed.value.body["code"] == "upstream_idle_timeout"
 
 
 def test_openai_wrong_key_raises_authentication_error(stack):
@@ -407,7 +469,8 @@ def test_curl_streams_server_sent_events(stack):
         timeout=60,
         check=True,
     )
-    events = [line for line in out.stdout.splitlines() if line]
+    # Blank lines end events; lines starting with ":" are comments (keygate's keep-alives).
+    events = [line for line in out.stdout.splitlines() if line and not line.startswith(":")]
     assert all(line.startswith("data: ") for line in events), out.stdout
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]

@@ -139,6 +139,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     /// The admin listener, when the config has `[admin]` (bound on an ephemeral port).
     pub admin: Option<SocketAddr>,
+    /// The redirect listener, when the config has `redirect_http_listen` (ephemeral port).
+    pub redirect: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     reload: mpsc::UnboundedSender<()>,
     task: JoinHandle<std::io::Result<()>>,
@@ -149,7 +151,11 @@ pub async fn start_proxy(upstream: SocketAddr) -> Proxy {
 }
 
 pub async fn start_proxy_with(toml: &str) -> Proxy {
-    let config = parse_config(toml);
+    start_proxy_config(parse_config(toml)).await
+}
+
+/// Runs keygate with a config the test has built or changed (e.g. its clock).
+pub async fn start_proxy_config(config: Config) -> Proxy {
     let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = proxy.local_addr().unwrap();
     let admin = match config.admin {
@@ -157,9 +163,18 @@ pub async fn start_proxy_with(toml: &str) -> Proxy {
         None => None,
     };
     let admin_addr = admin.as_ref().map(|a| a.local_addr().unwrap());
+    let redirect = match config.server.redirect {
+        Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        None => None,
+    };
+    let redirect_addr = redirect.as_ref().map(|r| r.local_addr().unwrap());
     let (tx, rx) = oneshot::channel();
     let (reload, reloads) = mpsc::unbounded_channel();
-    let listeners = keygate::Listeners { proxy, admin };
+    let listeners = keygate::Listeners {
+        proxy,
+        admin,
+        redirect,
+    };
     let shutdown = async {
         let _ = rx.await;
     };
@@ -167,6 +182,7 @@ pub async fn start_proxy_with(toml: &str) -> Proxy {
     Proxy {
         addr,
         admin: admin_addr,
+        redirect: redirect_addr,
         shutdown: Some(tx),
         reload,
         task,
@@ -200,6 +216,43 @@ impl Proxy {
     }
 }
 
+// ---------------------------------------------------------------- metrics
+
+/// The proxy's `/metrics` text, from its admin listener.
+pub async fn scrape(proxy: &Proxy) -> String {
+    let reply = send(proxy.admin.expect("admin listener"), get("/metrics", &[])).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    reply.text()
+}
+
+/// The value of the sample whose line starts with `series` (name and labels), 0 if absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Scrapes until `series` reaches `at_least` (requests are counted when their response
+/// ends, which the client may see first), or panics at the deadline.
+pub async fn wait_for_sample(proxy: &Proxy, series: &str, at_least: f64) -> String {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let text = scrape(proxy).await;
+        if sample(&text, series) >= at_least {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {at_least}:\n{text}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 // ---------------------------------------------------------------- the recording upstream
 
 /// What the upstream received.
@@ -214,6 +267,7 @@ pub struct Seen {
 #[derive(Default)]
 struct Record {
     requests: Mutex<Vec<Seen>>,
+    connections_opened: AtomicUsize,
     connections_closed: AtomicUsize,
     changed: Notify,
 }
@@ -244,6 +298,7 @@ pub async fn start_upstream_with(
             let record = shared.clone();
             let respond = respond.clone();
             tokio::spawn(async move {
+                record.connections_opened.fetch_add(1, Ordering::SeqCst);
                 let service_record = record.clone();
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let record = service_record.clone();
@@ -280,6 +335,10 @@ pub async fn start_upstream_with(
 impl Upstream {
     pub fn requests(&self) -> Vec<Seen> {
         self.record.requests.lock().unwrap().clone()
+    }
+
+    pub fn connections_opened(&self) -> usize {
+        self.record.connections_opened.load(Ordering::SeqCst)
     }
 
     pub fn connections_closed(&self) -> usize {
@@ -331,9 +390,16 @@ pub fn streamed(content_type: &'static str) -> (Response<UpBody>, BodySender) {
 /// An upstream whose every response is an SSE stream fed by the test: each request's body
 /// sender arrives on the returned channel.
 pub async fn start_streaming_upstream() -> (Upstream, mpsc::UnboundedReceiver<BodySender>) {
+    start_streaming_upstream_as("text/event-stream").await
+}
+
+/// [`start_streaming_upstream`] with another content type.
+pub async fn start_streaming_upstream_as(
+    content_type: &'static str,
+) -> (Upstream, mpsc::UnboundedReceiver<BodySender>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let upstream = start_upstream_with(move |_| {
-        let (response, sender) = streamed("text/event-stream");
+        let (response, sender) = streamed(content_type);
         let _ = tx.send(sender);
         response
     })
@@ -493,6 +559,49 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     (status, text)
 }
 
+/// Everything the server sends on `stream` until it closes it; panics if it is still open
+/// at the deadline.
+pub async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("keygate closes the connection within the deadline");
+    out
+}
+
+/// For hand-written origins: reads one request head from an upstream connection; `None`
+/// at end of stream.
+pub async fn read_request_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The `Content-Length` a request head declares; 0 without one.
+pub fn declared_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
+}
+
 /// Opens a streamed chat completion through the proxy at `addr`, has the upstream send one
 /// event and reads it: the client's body, and the upstream's sender for what comes next.
 pub async fn stream_first_event(
@@ -581,11 +690,26 @@ pub async fn wait_for_close(events: &mut mpsc::UnboundedReceiver<Silent>) {
     .expect("the upstream connection is closed within the deadline");
 }
 
-/// An address on which nothing listens.
-pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    addr
+/// A port bound but not listening: connections to it are refused, and while the test holds
+/// it no other socket can take the port (not even a connection's own ephemeral end, which
+/// would otherwise connect to itself).
+pub struct ClosedPort {
+    pub addr: SocketAddr,
+    socket: tokio::net::TcpSocket,
+}
+
+impl ClosedPort {
+    /// Starts listening on the same port.
+    pub fn open(self) -> TcpListener {
+        self.socket.listen(64).unwrap()
+    }
+}
+
+pub fn closed_port() -> ClosedPort {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    ClosedPort { addr, socket }
 }
 pub mod process;
+pub mod tls;

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# A/B of keygate builds: CPU seconds per 10k requests, req/s and peak RSS of each binary,
+# pinned to CPU 0 in turn, with wrk (-t2 -c64, 2 s warm-up, 8 s measured) and a static nginx
+# origin on CPU 1. The binaries alternate for ROUNDS rounds (default 2), so drift on the VM
+# hits both alike.
+#   benches/ab.sh target/base/release/keygate target/release/keygate
+# CONFIG picks the keygate config (default benches/keygate-bench.toml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=$(mktemp -d /tmp/keygate-ab.XXXXXX)
+cat > "$dir/origin.conf" <<CONF
+worker_processes 1; daemon off; pid $dir/origin.pid; error_log $dir/origin-error.log;
+events { worker_connections 1024; }
+http { access_log off;
+  server { listen 127.0.0.1:18090; keepalive_requests 1000000;
+    location / { default_type application/json; return 200 '{"object":"list","data":[{"id":"m","object":"model","created":0,"owned_by":"bench-origin-0123456789"}]}'; } } }
+CONF
+export API_KEY=kg-ab-key-0123456789abcdef SHARED_SECRET=kg-ab-secret-0123456789
+printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$API_KEY" > "$dir/auth.lua"
+taskset -c 1 nginx -c "$dir/origin.conf" -p "$dir" & origin=$!
+trap 'kill $origin 2>/dev/null; wait; rm -rf "$dir"' EXIT
+until (exec 3<>/dev/tcp/127.0.0.1/18090) 2>/dev/null; do sleep 0.1; done
+for round in $(seq 1 "${ROUNDS:-2}"); do
+  for bin in "$@"; do
+    taskset -c 0 "$bin" --config "${CONFIG:-benches/keygate-bench.toml}" --listen 127.0.0.1:18112 \
+      --upstream http://127.0.0.1:18090 > "$dir/keygate.log" 2>&1 &
+    keygate=$!
+    until (exec 3<>/dev/tcp/127.0.0.1/18112) 2>/dev/null; do sleep 0.05; done
+    taskset -c 1 wrk -t2 -c64 -d2s -s "$dir/auth.lua" http://127.0.0.1:18112/v1/models > /dev/null
+    before=$(awk '{print $14+$15}' /proc/$keygate/stat)
+    out=$(taskset -c 1 wrk -t2 -c64 -d8s -s "$dir/auth.lua" http://127.0.0.1:18112/v1/models)
+    after=$(awk '{print $14+$15}' /proc/$keygate/stat)
+    hwm=$(awk '/VmHWM/{print $2}' /proc/$keygate/status)
+    kill -TERM $keygate; wait $keygate || true
+    requests=$(awk '/requests in/{print $1}' <<<"$out")
+    rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
+    ticks=$(getconf CLK_TCK)
+    cpu=$(awk -v d=$((after - before)) -v n="$requests" -v t="$ticks" 'BEGIN {printf "%.3f", d / t * 10000 / n}')
+    echo "round $round  $bin  req/s $rps  CPU s/10k $cpu  peak RSS ${hwm} KiB"
+  done
+done

@@ -1,0 +1,318 @@
+//! Per-key scopes and limits, checked by `handler` right after a key is matched: the key's
+//! expiry (`not_after`), the classes of preset routes it may use (`routes`), its `allow`
+//! rules, and its concurrency slots (`max_concurrent`).
+//!
+//! A [`Policy`] comes from the config file and is shared by every key set a reload builds
+//! (a reload re-reads key values only), so a key's slots and its expiry warnings carry over
+//! a reload: a rotated key cannot exceed its limit by being reloaded.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::Method;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::ProxyError;
+use crate::preset::{plain_path, Class};
+
+/// How long before its `not_after` a key's coming expiry is logged.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// What one key may do. The default allows everything a key could do before scopes existed.
+#[derive(Debug)]
+pub struct Policy {
+    /// Any rule must match; empty: every method and path.
+    pub allow: Vec<Rule>,
+    /// The preset route classes the key may use; only consulted with a preset.
+    pub routes: Classes,
+    /// Requests and streams the key may have in flight at once, if limited.
+    slots: Option<(usize, Arc<Semaphore>)>,
+    /// After this instant the key is refused as invalid.
+    pub not_after: Option<SystemTime>,
+    /// The last expiry notice logged, so each is logged once.
+    noticed: AtomicU8,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self::new(Vec::new(), Classes::default(), None, None)
+    }
+}
+
+/// One `allow` rule: the methods (any when empty) and the path prefix (any when `None`).
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub methods: Vec<Method>,
+    pub path_prefix: Option<String>,
+}
+
+impl Rule {
+    /// A prefix is compared byte for byte, and only with plain paths, so `/v1/../admin`
+    /// never counts as under `/v1/`.
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|prefix| plain_path(path) && path.starts_with(prefix))
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.methods.as_slice() {
+            [] => f.write_str("any method")?,
+            methods => {
+                let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+                f.write_str(&names.join("|"))?;
+            }
+        }
+        match &self.path_prefix {
+            Some(prefix) => write!(f, " {prefix}*"),
+            None => f.write_str(" any path"),
+        }
+    }
+}
+
+/// The preset route classes a key may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classes {
+    pub inference: bool,
+    pub admin: bool,
+}
+
+impl Default for Classes {
+    /// Ordinary keys: inference routes only.
+    fn default() -> Self {
+        Self {
+            inference: true,
+            admin: false,
+        }
+    }
+}
+
+impl Classes {
+    fn contains(self, class: Class) -> bool {
+        match class {
+            Class::Inference => self.inference,
+            Class::Admin => self.admin,
+        }
+    }
+}
+
+impl fmt::Display for Classes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = [(self.inference, "inference"), (self.admin, "admin")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        f.write_str(&names.join("+"))
+    }
+}
+
+/// An expiry notice to log, at most once each per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Within [`EXPIRY_WARNING`] of `not_after`: this much is left.
+    Soon(Duration),
+    /// Past `not_after`.
+    Expired,
+}
+
+impl Policy {
+    pub fn new(
+        allow: Vec<Rule>,
+        routes: Classes,
+        max_concurrent: Option<usize>,
+        not_after: Option<SystemTime>,
+    ) -> Self {
+        Self {
+            allow,
+            routes,
+            slots: max_concurrent.map(|n| (n, Arc::new(Semaphore::new(n)))),
+            not_after,
+            noticed: AtomicU8::new(0),
+        }
+    }
+
+    pub fn max_concurrent(&self) -> Option<usize> {
+        self.slots.as_ref().map(|(n, _)| *n)
+    }
+
+    /// Whether the key is past its `not_after` at `now`.
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.not_after.is_some_and(|t| now >= t)
+    }
+
+    /// Whether the key may send `method` to `path`, whose preset class is `class` (`None`
+    /// without a preset).
+    pub fn permits(&self, method: &Method, path: &str, class: Option<Class>) -> bool {
+        class.is_none_or(|c| self.routes.contains(c))
+            && (self.allow.is_empty() || self.allow.iter().any(|r| r.matches(method, path)))
+    }
+
+    /// One of the key's concurrency slots: `Ok(None)` for a key without a limit,
+    /// [`ProxyError::KeyBusy`] when all are taken. `in_use` counts the slot while it is held.
+    pub fn slot(&self, in_use: impl FnOnce() -> Gauge) -> Result<Option<Slot>, ProxyError> {
+        let Some((_, slots)) = &self.slots else {
+            return Ok(None);
+        };
+        let permit = slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProxyError::KeyBusy)?;
+        let in_use = in_use();
+        in_use.inc();
+        Ok(Some(Slot {
+            _permit: permit,
+            in_use,
+        }))
+    }
+
+    /// The expiry notice due at `now` that has not been given yet, if any.
+    pub fn expiry_notice(&self, now: SystemTime) -> Option<Expiry> {
+        let not_after = self.not_after?;
+        let (notice, level) = match not_after.duration_since(now) {
+            Err(_) | Ok(Duration::ZERO) => (Expiry::Expired, 2),
+            Ok(left) if left <= EXPIRY_WARNING => (Expiry::Soon(left), 1),
+            Ok(_) => return None,
+        };
+        (self.noticed.fetch_max(level, Ordering::Relaxed) < level).then_some(notice)
+    }
+}
+
+/// A held concurrency slot of a key. The request holds it until its response ends, breaks,
+/// or is dropped because the client went away.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    in_use: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_use.dec();
+    }
+}
+
+/// Where keygate reads the time for key expiry: the system clock, or a test's own.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> SystemTime + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Self(Arc::new(SystemTime::now))
+    }
+
+    pub fn new(now: impl Fn() -> SystemTime + Send + Sync + 'static) -> Self {
+        Self(Arc::new(now))
+    }
+
+    pub fn now(&self) -> SystemTime {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(methods: &[Method], prefix: Option<&str>) -> Rule {
+        Rule {
+            methods: methods.to_vec(),
+            path_prefix: prefix.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn rules_match_method_and_plain_path_prefix() {
+        let p = Policy::new(
+            vec![
+                rule(&[Method::POST], Some("/v1/")),
+                rule(&[], Some("/health")),
+            ],
+            Classes::default(),
+            None,
+            None,
+        );
+        assert!(p.permits(&Method::POST, "/v1/chat/completions", None));
+        assert!(!p.permits(&Method::GET, "/v1/models", None));
+        assert!(!p.permits(&Method::POST, "/v2/rerank", None));
+        assert!(!p.permits(&Method::POST, "/v1", None));
+        assert!(!p.permits(&Method::POST, "/v1/../start_profile", None));
+        assert!(!p.permits(&Method::POST, "/v1/%2e%2e/start_profile", None));
+        assert!(p.permits(&Method::DELETE, "/health_generate", None));
+        assert!(Policy::default().permits(&Method::PATCH, "/anything/..", None));
+    }
+
+    #[test]
+    fn preset_classes_need_the_key_to_have_them() {
+        let ordinary = Policy::default();
+        assert!(ordinary.permits(&Method::POST, "/x", Some(Class::Inference)));
+        assert!(!ordinary.permits(&Method::POST, "/x", Some(Class::Admin)));
+        let admin_only = Policy::new(
+            Vec::new(),
+            Classes {
+                inference: false,
+                admin: true,
+            },
+            None,
+            None,
+        );
+        assert!(admin_only.permits(&Method::POST, "/x", Some(Class::Admin)));
+        assert!(!admin_only.permits(&Method::POST, "/x", Some(Class::Inference)));
+    }
+
+    #[test]
+    fn slots_run_out_and_come_back_when_dropped() {
+        let p = Policy::new(Vec::new(), Classes::default(), Some(2), None);
+        let gauge = Gauge::default();
+        let a = p.slot(|| gauge.clone()).unwrap();
+        let b = p.slot(|| gauge.clone()).unwrap();
+        assert!(a.is_some() && b.is_some());
+        assert!(p.slot(|| gauge.clone()).is_err());
+        assert_eq!(gauge.get(), 2);
+        drop(a);
+        assert_eq!(gauge.get(), 1);
+        assert!(p.slot(|| gauge.clone()).unwrap().is_some());
+        assert!(Policy::default().slot(Gauge::default).unwrap().is_none());
+    }
+
+    #[test]
+    fn expiry_is_noticed_once_when_near_and_once_when_past() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let p = Policy::new(
+            Vec::new(),
+            Classes::default(),
+            None,
+            Some(start + EXPIRY_WARNING * 2),
+        );
+        assert_eq!(p.expiry_notice(start), None);
+        let near = start + EXPIRY_WARNING + Duration::from_secs(60);
+        assert_eq!(
+            p.expiry_notice(near),
+            Some(Expiry::Soon(EXPIRY_WARNING - Duration::from_secs(60)))
+        );
+        assert_eq!(p.expiry_notice(near), None);
+        assert!(!p.expired(near));
+        let past = start + EXPIRY_WARNING * 2;
+        assert!(p.expired(past));
+        assert_eq!(p.expiry_notice(past), Some(Expiry::Expired));
+        assert_eq!(p.expiry_notice(past + EXPIRY_WARNING), None);
+    }
+}

@@ -1,0 +1,222 @@
+//! SSE fidelity (issue 8): keep-alive comments while a `text/event-stream` response is
+//! silent, only between events and without extending `idle_timeout`; and a final
+//! `event: error` before a broken stream ends abnormally.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use hyper::body::Incoming;
+use support::*;
+
+const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+
+/// The test config with `[upstream]` lines changed: `idle_timeout` and `sse_keepalive`.
+fn sse_config(upstream: std::net::SocketAddr, idle: &str, keepalive: Option<&str>) -> String {
+    let keepalive = keepalive.map_or(String::new(), |k| format!("\nsse_keepalive = \"{k}\""));
+    config_text(upstream, ADMIN).replace(
+        "idle_timeout = \"2s\"",
+        &format!("idle_timeout = \"{idle}\"{keepalive}"),
+    )
+}
+
+fn chat() -> http::Request<http_body_util::Full<Bytes>> {
+    request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(KEY))],
+        r#"{"stream":true}"#,
+    )
+}
+
+async fn data(body: &mut Incoming) -> Bytes {
+    next_frame(body)
+        .await
+        .expect("a frame, not the end")
+        .expect("a frame, not an error")
+        .into_data()
+        .expect("a data frame")
+}
+
+/// Asserts that nothing arrives on `body` for `quiet`.
+async fn assert_nothing_for(body: &mut Incoming, quiet: Duration) {
+    use http_body_util::BodyExt;
+    if let Ok(frame) = tokio::time::timeout(quiet, body.frame()).await {
+        panic!("expected silence, got {frame:?}");
+    }
+}
+
+#[tokio::test]
+async fn keepalive_comments_arrive_while_the_upstream_is_silent() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", Some("100ms"))).await;
+    let mut body = open(proxy.addr, chat()).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(data(&mut body).await, ": keep-alive\n\n");
+    }
+    sender
+        .send_data(Bytes::from_static(b"data: {\"token\":1}\n\n"))
+        .await
+        .unwrap();
+    let mut next = data(&mut body).await;
+    while next == ": keep-alive\n\n" {
+        next = data(&mut body).await;
+    }
+    assert_eq!(next, "data: {\"token\":1}\n\n");
+    drop(sender);
+    let mut end = next_frame(&mut body).await;
+    while matches!(&end, Some(Ok(f)) if f.data_ref().is_some_and(|d| d == ": keep-alive\n\n")) {
+        end = next_frame(&mut body).await;
+    }
+    assert!(end.is_none(), "clean end after the upstream's: {end:?}");
+    wait_for_sample(
+        &proxy,
+        r#"keygate_sse_keepalives_total{key="default"}"#,
+        3.0,
+    )
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn keepalive_waits_for_the_end_of_an_event() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", Some("100ms"))).await;
+    let mut body = open(proxy.addr, chat()).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: {\"tok"))
+        .await
+        .unwrap();
+    assert_eq!(data(&mut body).await, "data: {\"tok");
+    assert_nothing_for(&mut body, Duration::from_millis(450)).await;
+    sender
+        .send_data(Bytes::from_static(b"en\":1}\n\n"))
+        .await
+        .unwrap();
+    assert_eq!(data(&mut body).await, "en\":1}\n\n");
+    assert_eq!(data(&mut body).await, ": keep-alive\n\n");
+    drop((body, sender));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn keepalives_do_not_keep_an_idle_stream_alive() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr, "600ms", Some("100ms"))).await;
+    let mut body = open(proxy.addr, chat()).await.into_body();
+    let sender = senders.recv().await.unwrap();
+    let mut keepalives = 0;
+    let error = loop {
+        let frame = data(&mut body).await;
+        if frame != ": keep-alive\n\n" {
+            break frame;
+        }
+        keepalives += 1;
+    };
+    assert!(keepalives >= 3, "{keepalives}");
+    assert_error_event(&error, "upstream_idle_timeout");
+    let end = next_frame(&mut body).await;
+    assert!(matches!(end, Some(Err(_))), "an abnormal end: {end:?}");
+    drop(sender);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn without_sse_keepalive_a_silent_stream_gets_nothing_added() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", None)).await;
+    let mut body = open(proxy.addr, chat()).await.into_body();
+    let sender = senders.recv().await.unwrap();
+    assert_nothing_for(&mut body, Duration::from_millis(300)).await;
+    drop(sender);
+    assert!(next_frame(&mut body).await.is_none());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn only_event_streams_get_keepalives() {
+    let upstream = start_upstream_with(|_| {
+        let (response, sender) = streamed("application/json");
+        // Held open, silent, until the client goes away.
+        tokio::spawn(async move {
+            let _sender = sender;
+            std::future::pending::<()>().await;
+        });
+        response
+    })
+    .await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", Some("100ms"))).await;
+    let mut body = open(proxy.addr, chat()).await.into_body();
+    assert_nothing_for(&mut body, Duration::from_millis(300)).await;
+    drop(body);
+    proxy.stop().await;
+}
+
+/// `frame` is one `event: error` whose data is keygate's OpenAI-shaped error with `code`.
+fn assert_error_event(frame: &Bytes, code: &str) {
+    let text = std::str::from_utf8(frame).unwrap();
+    let json = text
+        .strip_prefix("event: error\ndata: ")
+        .and_then(|rest| rest.strip_suffix("\n\n"))
+        .unwrap_or_else(|| panic!("not an error event: {text:?}"));
+    let value: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(value["error"]["type"], "upstream_error", "{text}");
+    assert_eq!(value["error"]["code"], code, "{text}");
+}
+
+async fn assert_error_event_then_abnormal_end(mut body: Incoming, mut sender: BodySender) {
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    assert_eq!(data(&mut body).await, "data: 1\n\n");
+    sender.abort("upstream crashed".into());
+    assert_error_event(&data(&mut body).await, "upstream_stream_broken");
+    let end = next_frame(&mut body).await;
+    assert!(matches!(end, Some(Err(_))), "never a clean end: {end:?}");
+}
+
+#[tokio::test]
+async fn a_broken_stream_gets_an_error_event_then_ends_abnormally() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", None)).await;
+    let body = open(proxy.addr, chat()).await.into_body();
+    assert_error_event_then_abnormal_end(body, senders.recv().await.unwrap()).await;
+    wait_for_sample(
+        &proxy,
+        r#"keygate_sse_error_events_total{key="default"}"#,
+        1.0,
+    )
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_broken_http2_stream_gets_an_error_event_then_a_reset() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", None)).await;
+    let body = open_h2(proxy.addr, chat()).await.into_body();
+    assert_error_event_then_abnormal_end(body, senders.recv().await.unwrap()).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_broken_inside_an_event_ends_without_an_error_event() {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", None)).await;
+    let mut body = open(proxy.addr, chat()).await.into_body();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: {\"tok"))
+        .await
+        .unwrap();
+    assert_eq!(data(&mut body).await, "data: {\"tok");
+    sender.abort("upstream crashed".into());
+    let end = next_frame(&mut body).await;
+    assert!(matches!(end, Some(Err(_))), "an abnormal end: {end:?}");
+    proxy.stop().await;
+}
