@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A/B of keygate builds: CPU seconds per 10k requests, req/s and peak RSS of each binary,
-# pinned to CPU 0 in turn, with wrk (-t2 -c64, 2 s warm-up, 8 s measured) and a static nginx
-# origin on CPU 1. The binaries alternate for ROUNDS rounds (default 2), so drift on the VM
-# hits both alike.
+# A/B of keygate builds: CPU seconds per 10k requests (split into user and kernel time),
+# req/s and peak RSS of each binary, pinned to CPU 0 in turn, with wrk (-t2 -c64, 2 s
+# warm-up, 8 s measured) and a static nginx origin on CPU 1. The binaries alternate for
+# ROUNDS rounds (default 2), so drift on the VM hits both alike.
 #   benches/ab.sh target/base/release/keygate target/release/keygate
 # CONFIG picks the keygate config (default benches/keygate-bench.toml).
 set -euo pipefail
@@ -27,15 +27,18 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
     keygate=$!
     until (exec 3<>/dev/tcp/127.0.0.1/18112) 2>/dev/null; do sleep 0.05; done
     taskset -c 1 wrk -t2 -c64 -d2s -s "$dir/auth.lua" http://127.0.0.1:18112/v1/models > /dev/null
-    before=$(awk '{print $14+$15}' /proc/$keygate/stat)
+    read -r user0 sys0 < <(awk '{print $14, $15}' /proc/$keygate/stat)
     out=$(taskset -c 1 wrk -t2 -c64 -d8s -s "$dir/auth.lua" http://127.0.0.1:18112/v1/models)
-    after=$(awk '{print $14+$15}' /proc/$keygate/stat)
+    read -r user1 sys1 < <(awk '{print $14, $15}' /proc/$keygate/stat)
     hwm=$(awk '/VmHWM/{print $2}' /proc/$keygate/status)
     kill -TERM $keygate; wait $keygate || true
     requests=$(awk '/requests in/{print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
     ticks=$(getconf CLK_TCK)
-    cpu=$(awk -v d=$((after - before)) -v n="$requests" -v t="$ticks" 'BEGIN {printf "%.3f", d / t * 10000 / n}')
-    echo "round $round  $bin  req/s $rps  CPU s/10k $cpu  peak RSS ${hwm} KiB"
+    per10k() { awk -v d="$1" -v n="$requests" -v t="$ticks" 'BEGIN {printf "%.3f", d / t * 10000 / n}'; }
+    cpu=$(per10k $((user1 + sys1 - user0 - sys0)))
+    user=$(per10k $((user1 - user0)))
+    sys=$(per10k $((sys1 - sys0)))
+    echo "round $round  $bin  req/s $rps  CPU s/10k $cpu (user $user, kernel $sys)  peak RSS ${hwm} KiB"
   done
 done
