@@ -17,15 +17,22 @@ http { access_log off;
 CONF
 export API_KEY=kg-ab-key-0123456789abcdef SHARED_SECRET=kg-ab-secret-0123456789
 printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$API_KEY" > "$dir/auth.lua"
+command -v nginx wrk > /dev/null || { echo "ab.sh needs nginx and wrk: run ../shared/bench/setup.sh" >&2; exit 1; }
 taskset -c 1 nginx -c "$dir/origin.conf" -p "$dir" & origin=$!
 trap 'kill $origin 2>/dev/null; wait; rm -rf "$dir"' EXIT
-until (exec 3<>/dev/tcp/127.0.0.1/18090) 2>/dev/null; do sleep 0.1; done
+until (exec 3<>/dev/tcp/127.0.0.1/18090) 2>/dev/null; do
+  kill -0 $origin 2>/dev/null || { echo "the origin nginx did not start" >&2; exit 1; }
+  sleep 0.1
+done
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for bin in "$@"; do
     taskset -c 0 "$bin" --config "${CONFIG:-benches/keygate-bench.toml}" --listen 127.0.0.1:18112 \
       --upstream http://127.0.0.1:18090 > "$dir/keygate.log" 2>&1 &
     keygate=$!
-    until (exec 3<>/dev/tcp/127.0.0.1/18112) 2>/dev/null; do sleep 0.05; done
+    until (exec 3<>/dev/tcp/127.0.0.1/18112) 2>/dev/null; do
+      kill -0 $keygate 2>/dev/null || { cat "$dir/keygate.log" >&2; exit 1; }
+      sleep 0.05
+    done
     taskset -c 1 wrk -t2 -c64 -d2s -s "$dir/auth.lua" http://127.0.0.1:18112/v1/models > /dev/null
     read -r user0 sys0 < <(awk '{print $14, $15}' /proc/$keygate/stat)
     out=$(taskset -c 1 wrk -t2 -c64 -d8s -s "$dir/auth.lua" http://127.0.0.1:18112/v1/models)

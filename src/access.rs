@@ -326,11 +326,15 @@ fn push_int(out: &mut String, n: impl itoa::Integer) {
 }
 
 /// Appends `s` as a JSON string literal. Logged values are nearly always plain ASCII, so
-/// runs with nothing to escape are copied whole.
+/// runs with nothing to escape are copied whole. The bytes that need escaping are all ASCII,
+/// so a byte scan finds them without decoding UTF-8, and each is a character boundary.
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
     let mut rest = s;
-    while let Some(at) = rest.find(|c: char| c == '"' || c == '\\' || c < ' ') {
+    while let Some(at) = rest
+        .bytes()
+        .position(|b| b == b'"' || b == b'\\' || b < b' ')
+    {
         out.push_str(&rest[..at]);
         let escaped = rest.as_bytes()[at];
         match escaped {
@@ -467,5 +471,8 @@ mod tests {
         let mut out = String::new();
         json_str(&mut out, "a\"b\\c\nd");
         assert_eq!(out, r#""a\"b\\c\u000ad""#);
+        out.clear();
+        json_str(&mut out, "é\"ü\t€");
+        assert_eq!(out, r#""é\"ü\u0009€""#);
     }
 }
