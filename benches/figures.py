@@ -16,8 +16,11 @@ What it measures (everything on 127.0.0.1, ephemeral ports):
                once with nothing else open and once while 1,000 connections each hold a
                half-sent request head (`GET /v1/models HTTP/1.1\\r\\nHost: x\\r\\n`, then
                nothing), well inside header_read_timeout (10 s).
-  With --compare-nginx, figures 1, 2 and 5 are repeated through nginx (1 worker, request and
-  response buffering off, the same key check and injected header; RSS = master + worker).
+  6. idle      10,000 keep-alive connections, each answered once (GET /v1/models with the
+               key) and then held: keygate RSS before and after, in bytes per connection.
+  With --compare-nginx, figures 1, 2, 5 and 6 are repeated through nginx (1 worker, request
+  and response buffering off, the same key check and injected header; RSS = master + worker;
+  figure 6 with 3,000 connections, inside its 4,096 per worker).
   The harness ceiling (the same upload/download straight to the origin, no proxy) is printed
   too: the Python ends, not the proxy, may be the bottleneck of figures 1-2.
 
@@ -600,6 +603,7 @@ def start_keygate(binary: str, tmp: Path, origin_port: int, api_key: str, secret
         'listen = "127.0.0.1:0"\n'
         'max_request_body = "2GiB"\n'
         'header_read_timeout = "10s"\n'
+        "max_connections = 20000\n"
         "[upstream]\n"
         'url = "http://127.0.0.1:8000"\n'
         "[auth]\n"
@@ -625,9 +629,8 @@ def start_keygate(binary: str, tmp: Path, origin_port: int, api_key: str, secret
 
 def start_nginx(nginx: str, tmp: Path, origin_port: int, api_key: str, secret: str) -> tuple[Proxy, Path]:
     d = tmp / "nginx"
-    d.mkdir()
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (d / sub).mkdir()
+        (d / sub).mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = d / "nginx.conf"
     conf.write_text(f"""
@@ -985,6 +988,57 @@ async def fig_probe(proxy: Proxy, held_n: int = 1000) -> dict:
     }
 
 
+async def fig_idle(proxy: Proxy, api_key: str, n: int) -> dict:
+    """n keep-alive connections, each answered once (GET /v1/models with the key; the origin
+    says 404) and then held open: RSS before and after, in bytes per connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = n + 2048
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+    pids = proxy.pids()
+    idle = await idle_rss(pids, settle=0.2)
+    request = f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api_key}\r\n\r\n".encode()
+    held: list[Conn] = []
+    errors: list[str] = []
+
+    async def answered_once() -> None:
+        c = await Conn.open(proxy.port)
+        try:
+            await c.send(request)
+            _, headers = await c.head()
+            await c.body(headers)
+        except BaseException:
+            c.close()
+            raise
+        held.append(c)
+
+    t0 = time.monotonic()
+    try:
+        for b in range(0, n, 100):
+            res = await asyncio.wait_for(
+                asyncio.gather(*(answered_once() for _ in range(min(100, n - b))), return_exceptions=True),
+                timeout=10,
+            )
+            errors += [repr(r) for r in res if isinstance(r, BaseException)]
+        opened_s = time.monotonic() - t0
+        loaded = await idle_rss(pids, settle=0.5)
+    finally:
+        for c in held:
+            c.close()
+    return {
+        "target": n, "held": len(held), "errors": errors[:3], "open_s": round(opened_s, 2),
+        "rss_idle_mib": mib(idle), "rss_held_mib": mib(loaded),
+        "bytes_per_conn": round((loaded - idle) * 1024 / max(1, len(held))),
+        "ok": len(held) == n,
+    }
+
+
+def line_idle(label: str, r: dict) -> str:
+    return (f"{label}: {r['held']}/{r['target']} keep-alive connections answered once and held"
+            f" (opened in {r['open_s']} s); RSS {r['rss_idle_mib']} -> {r['rss_held_mib']} MiB,"
+            f" {r['bytes_per_conn']} bytes/conn; errors {r['errors']}")
+
+
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
@@ -1069,6 +1123,13 @@ async def run(args) -> dict:
         for ln in warn_lines[:10]:
             out(f"  log: {ln[:300]}")
 
+        # A fresh process, so that memory freed by the figures above does not hide the cost.
+        kg, _ = start_keygate(args.keygate, tmp, origin_port, api_key, secret)
+        await wait_health(kg.port, kg.proc)
+        r = k["idle"] = await fig_idle(kg, api_key, 10_000)
+        out(line_idle("6. keygate idle (fresh process)", r))
+        stop_process(kg.proc)
+
         if args.compare_nginx:
             ng, ng_log = start_nginx(args.nginx, tmp, origin_port, api_key, secret)
             report["nginx_log"] = str(ng_log)
@@ -1077,16 +1138,23 @@ async def run(args) -> dict:
             n: dict = {"rss_at_start_mib": mib(await idle_rss(ng.pids())), "pids": ng.pids()}
             report["nginx"] = n
             n["upload"] = await fig_transfer("upload", ng, ng.port, size, api_key)
-            out(line_transfer("6. nginx upload", n["upload"]))
+            out(line_transfer("7. nginx upload", n["upload"]))
             n["download"] = await fig_transfer("download", ng, ng.port, size, api_key)
-            out(line_transfer("6. nginx download", n["download"]))
+            out(line_transfer("7. nginx download", n["download"]))
             r = n["probe"] = await fig_probe(ng)
-            out(f"6. nginx probe GET /health x200: idle p50 {r['baseline']['p50_ms']} / p99 {r['baseline']['p99_ms']}"
+            out(f"7. nginx probe GET /health x200: idle p50 {r['baseline']['p50_ms']} / p99 {r['baseline']['p99_ms']}"
                 f" / max {r['baseline']['max_ms']} ms; with {r['held_opened']} slow-header conns held"
                 f" p50 {r['with_held']['p50_ms']} / p99 {r['with_held']['p99_ms']} / max {r['with_held']['max_ms']} ms"
                 f" ({r['held_still_open_after']} still open after {r['held_for_s']} s);"
                 f" RSS {r['rss_idle_mib']} -> {r['rss_peak_held_mib']} MiB ({r['kib_per_held_conn']} KiB/conn)")
             n["exit_code"] = stop_process(ng.proc)
+            # A fresh process, as for keygate; its config allows 4096 connections per worker.
+            ng, _ = start_nginx(args.nginx, tmp, origin_port, api_key, secret)
+            await wait_health(ng.port, ng.proc)
+            await asyncio.sleep(0.3)
+            r = n["idle"] = await fig_idle(ng, api_key, 3_000)
+            out(line_idle("7. nginx idle (fresh process)", r))
+            stop_process(ng.proc)
             try:
                 n["error_log"] = ng_log.read_text(errors="replace").splitlines()[:10]
             except OSError:

@@ -133,7 +133,10 @@ impl Upstream {
         loop {
             let (mut sender, reused) = match self.pool.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: opening a connection is a large future and rare. Inline, it would
+                // grow every request's future, which hyper keeps allocated for the life of
+                // each client connection.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {

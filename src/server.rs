@@ -304,7 +304,9 @@ impl Connections {
                 Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
             };
             let io = TokioIo::new(Rewind::new(prefix, stream));
-            return self.serve_http(io, protocol, client, draining).await;
+            // Boxed, like the TLS one below: inline, every connection's task would reserve
+            // room for the larger of the two (twice this one's size) for as long as it is open.
+            return Box::pin(self.serve_http(io, protocol, client, draining)).await;
         };
         // The handshake is bounded like a request head: a client that stalls in it is cut.
         let handshake =
@@ -325,8 +327,7 @@ impl Connections {
             _ => Protocol::Http1,
         };
         client.tls = true;
-        self.serve_http(TokioIo::new(stream), protocol, client, draining)
-            .await;
+        Box::pin(self.serve_http(TokioIo::new(stream), protocol, client, draining)).await;
     }
 
     /// Serves HTTP on an open connection until it closes, or, when draining starts, until its
