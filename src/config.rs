@@ -294,8 +294,8 @@ pub struct Auth {
     pub keys: KeySet,
     /// The keys read from files, re-read on SIGHUP.
     pub file_keys: Vec<FileKey>,
-    /// Names of `optional` keys whose secret was not set; they admit nobody.
-    pub absent_optional: Vec<String>,
+    /// `optional` keys whose secret was not set, with their rules; they admit nobody.
+    pub absent_optional: Vec<(String, Arc<Policy>)>,
     pub identity_header: Option<HeaderName>,
     pub forward_authorization: bool,
 }
@@ -342,7 +342,7 @@ impl Config {
             }
         };
         let mut keys = list(&mut self.auth.keys.names());
-        for name in &self.auth.absent_optional {
+        for (name, _) in &self.auth.absent_optional {
             keys.push_str(&format!(", {name} (optional, not set)"));
         }
         let u = &self.upstream;
@@ -383,7 +383,13 @@ impl Config {
             },
         );
         let mut limits = String::new();
-        for (name, policy) in self.auth.keys.policies() {
+        let absent = self
+            .auth
+            .absent_optional
+            .iter()
+            .map(|(n, p)| (n.as_str(), &**p));
+        let policies = self.auth.keys.policies().map(|(n, p)| (&**n, p));
+        for (name, policy) in policies.chain(absent) {
             if let Some(line) = policy_summary(policy, u.preset.is_some(), self.clock.now()) {
                 limits.push_str(&format!("\n{:<17}{line}", format!("key {name}:")));
             }
@@ -954,7 +960,9 @@ fn auth(
                 &key,
                 "name must be 1-64 characters of A-Z a-z 0-9 . _ -",
             );
-        } else if keys.iter().any(|(n, _, _)| *n == k.name) || absent_optional.contains(&k.name) {
+        } else if keys.iter().any(|(n, _, _)| *n == k.name)
+            || absent_optional.iter().any(|(n, _)| *n == k.name)
+        {
             p.at(
                 entry.span(),
                 &key,
@@ -985,7 +993,7 @@ fn auth(
         };
         match resolve_key(&source, k.optional, secrets) {
             Ok(Some(secret)) => keys.push((k.name.clone(), secret, policy)),
-            Ok(None) => absent_optional.push(k.name.clone()),
+            Ok(None) => absent_optional.push((k.name.clone(), policy)),
             Err(why) => p.at(entry.span(), &key, why),
         }
     }
@@ -1480,7 +1488,8 @@ mod tests {
             &MapSecrets::default().with_env("A", KEY).with_env("B", ""),
         )
         .unwrap();
-        assert_eq!(c.auth.absent_optional, ["b"]);
+        assert_eq!(c.auth.absent_optional[0].0, "b");
+        assert_eq!(c.auth.absent_optional.len(), 1);
         assert_eq!(c.auth.keys.names().collect::<Vec<_>>(), ["a"]);
     }
 
@@ -1795,5 +1804,17 @@ mod tests {
         );
         assert!(summary.contains("sse keep-alive:  15s\n"), "{summary}");
         assert!(!summary.contains("ops-key"), "{summary}");
+    }
+
+    #[test]
+    fn summary_shows_the_rules_of_an_unset_optional_key() {
+        let text = "[upstream]\npreset = \"vllm\"\n[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ops\", file = \"/run/keys/ops\", optional = true, routes = [\"admin\"], max_concurrent = 1 }]\n";
+        let secrets = MapSecrets::default().with_env("API_KEY", KEY);
+        let summary = parse(text, &secrets).unwrap().summary();
+        assert!(summary.contains("ops (optional, not set)"), "{summary}");
+        assert!(
+            summary.contains("key ops:         routes admin; max_concurrent 1\n"),
+            "{summary}"
+        );
     }
 }
