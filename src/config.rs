@@ -1159,29 +1159,27 @@ impl FileStamp {
 /// mounted Secret, a new modification time or length). Cheap: one `stat` per file and look.
 #[derive(Debug)]
 pub struct WatchedFiles {
-    paths: Vec<PathBuf>,
-    /// What the files looked like at the last look.
-    seen: Mutex<Vec<Option<FileStamp>>>,
+    /// Each file, and what it looked like at the last look.
+    files: Mutex<Vec<(PathBuf, Option<FileStamp>)>>,
 }
 
 impl WatchedFiles {
-    /// `seen`: the files as they were when they were last read, one stamp per path.
-    pub fn new(paths: Vec<PathBuf>, seen: Vec<Option<FileStamp>>) -> Self {
+    /// Each path with its stamp from when the file was last read.
+    pub fn new(files: Vec<(PathBuf, Option<FileStamp>)>) -> Self {
         Self {
-            paths,
-            seen: Mutex::new(seen),
+            files: Mutex::new(files),
         }
     }
 
     /// Whether any of the files changed since the last look; this look counts as seen.
     pub fn changed(&self) -> bool {
-        if self.paths.is_empty() {
-            return false;
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut changed = false;
+        for (path, seen) in files.iter_mut() {
+            let now = FileStamp::of(path);
+            changed |= *seen != now;
+            *seen = now;
         }
-        let now: Vec<_> = self.paths.iter().map(|p| FileStamp::of(p)).collect();
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let changed = *seen != now;
-        *seen = now;
         changed
     }
 }

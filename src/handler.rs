@@ -13,10 +13,6 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
-use crate::preset::Table;
-use crate::scope::{Clock, Expiry, Slot};
-use crate::sse::{self, Sse};
-
 use crate::access::{AccessLog, Outcome};
 use crate::auth::{self, Credential, KeySet};
 use crate::body::{Body, RequestBody};
@@ -25,10 +21,13 @@ use crate::cors::{Cors, Preflight};
 use crate::error::ProxyError;
 use crate::headers::X_REQUEST_ID;
 use crate::metrics::Metrics;
+use crate::preset::Table;
 use crate::proxy::{Lease, Upstream};
 use crate::rewrite::{self, Origin, Peer, Rules};
 use crate::route::{Route, Routes};
+use crate::scope::{Clock, Expiry, Slot};
 use crate::secrets::SecretSource;
+use crate::sse::{self, Sse};
 use crate::throttle::FailedAuth;
 use crate::upgrade;
 
@@ -67,13 +66,7 @@ impl Gateway {
                     .auth
                     .file_keys
                     .iter()
-                    .map(|f| f.path.clone())
-                    .collect(),
-                config
-                    .auth
-                    .file_keys
-                    .iter()
-                    .map(|f| f.stamp.clone())
+                    .map(|f| (f.path.clone(), f.stamp.clone()))
                     .collect(),
             ),
             rules: Arc::new(Rules::new(config)),
@@ -109,24 +102,26 @@ impl Gateway {
     pub fn warn_of_expiring_keys(&self) {
         let now = self.clock.now();
         for (name, policy) in self.keys.load().policies() {
+            let Some(notice) = policy.expiry_notice(now) else {
+                continue;
+            };
             let not_after = policy
                 .not_after
                 .map(humantime::format_rfc3339_seconds)
                 .map(|t| t.to_string())
                 .unwrap_or_default();
-            match policy.expiry_notice(now) {
-                Some(Expiry::Soon(left)) => warn!(
+            match notice {
+                Expiry::Soon(left) => warn!(
                     key = %name,
                     not_after = %not_after,
                     hours_left = left.as_secs() / 3600,
                     "API key expires soon; issue its successor"
                 ),
-                Some(Expiry::Expired) => warn!(
+                Expiry::Expired => warn!(
                     key = %name,
                     not_after = %not_after,
                     "API key expired; it is refused as invalid from now on"
                 ),
-                None => {}
             }
         }
     }

@@ -19,7 +19,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use crate::config::WatchedFiles;
+use crate::config::{FileStamp, WatchedFiles};
 use crate::metrics::Metrics;
 
 /// Protocols offered by ALPN, most preferred first.
@@ -178,13 +178,13 @@ impl ServerTls {
             key_path: settings.key.clone(),
             current: ArcSwap::from_pointee(settings.certificate.clone()),
             watched: WatchedFiles::new(
-                vec![settings.cert.clone(), settings.key.clone()],
-                vec![None, None],
+                [&settings.cert, &settings.key]
+                    .map(|path| (path.clone(), FileStamp::of(path)))
+                    .to_vec(),
             ),
             failed_handshakes: FailedHandshakes::default(),
             metrics,
         };
-        tls.files_changed();
         tls.announce(&settings.certificate, "serving TLS");
         tls
     }
