@@ -191,18 +191,24 @@ pin_project! {
             if let Some(lease) = this.lease.take().filter(|_| this.inner.is_end_stream()) {
                 lease.release();
             }
-            if let Some(mut log) = this.log.take() {
-                if let Some(sse) = this.sse.as_ref() {
-                    log.sse_keepalives = sse.keepalives;
-                }
-                let outcome = if this.inner.is_end_stream() {
-                    Outcome::Complete
-                } else {
-                    Outcome::ClientClosed
-                };
-                log.finish(*this.bytes, outcome);
-            }
+            let outcome = if this.inner.is_end_stream() {
+                Outcome::Complete
+            } else {
+                Outcome::ClientClosed
+            };
+            finish_log(this.log, this.sse.as_ref(), *this.bytes, outcome);
         }
+    }
+}
+
+/// Writes the access line, once: the first call takes the log, later ones find none.
+fn finish_log(log: &mut Option<AccessLog>, sse: Option<&Sse>, bytes: u64, outcome: Outcome<'_>) {
+    if let Some(mut log) = log.take() {
+        if let Some(sse) = sse {
+            log.sse_keepalives = sse.keepalives;
+            log.sse_error_event = sse.error_event;
+        }
+        log.finish(bytes, outcome);
     }
 }
 
@@ -273,14 +279,8 @@ impl UpstreamBody {
         if let Some(event) = &event {
             *this.bytes += event.len() as u64;
         }
-        if let Some(mut log) = this.log.take() {
-            if let Some(sse) = this.sse.as_ref() {
-                log.sse_keepalives = sse.keepalives;
-                log.sse_error_event = sse.error_event;
-            }
-            let outcome = result.as_ref().map_or(Outcome::Complete, Outcome::Failed);
-            log.finish(*this.bytes, outcome);
-        }
+        let outcome = result.as_ref().map_or(Outcome::Complete, Outcome::Failed);
+        finish_log(this.log, this.sse.as_ref(), *this.bytes, outcome);
         match (result, event) {
             (Some(e), Some(event)) => {
                 *this.failed = Some(Failed::Announced(e));
