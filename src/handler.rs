@@ -333,7 +333,7 @@ impl Gateway {
         self.upstream_answered.store(true, Ordering::Relaxed);
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             match websocket {
-                Some(client) if upgrade::switched_to_websocket(response.headers()) => {
+                Some(client) if upgrade::upgrade_is_websocket(response.headers()) => {
                     let upstream = hyper::upgrade::on(&mut response);
                     let idle = self.upstream.idle_timeout;
                     // The key's concurrency slot stays taken for as long as the tunnel is open.

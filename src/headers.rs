@@ -1,10 +1,11 @@
-//! Header names and values used on every request, built once as constants, and the static
-//! hop-by-hop list of RFC 9110 §7.6.1.
+//! Header names and values used on every request, built once as constants, the static
+//! hop-by-hop list of RFC 9110 §7.6.1, and the tokens of `Connection`.
 
 use http::header::{
     HeaderName, CONNECTION, EXPECT, HOST, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE,
 };
+use http::HeaderMap;
 
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -47,3 +48,13 @@ pub const FORWARDING: [HeaderName; 4] = [
     X_FORWARDED_HOST,
     FORWARDED,
 ];
+
+/// The comma-separated tokens of every `Connection` field, trimmed. Split as bytes: one odd
+/// byte in a field must not hide the valid tokens beside it.
+pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+}

@@ -21,15 +21,6 @@ pub enum Class {
     Admin,
 }
 
-impl Class {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Inference => "inference",
-            Self::Admin => "admin",
-        }
-    }
-}
-
 /// Methods as bits, so one table row can name several.
 const GET: u8 = 1;
 const POST: u8 = 2;

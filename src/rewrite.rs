@@ -9,15 +9,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{AUTHORIZATION, CONNECTION, HOST};
+use http::header::{AUTHORIZATION, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 use crate::auth::KeyId;
 use crate::config::{Config, Injected};
 use crate::headers::{
-    FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_API_KEY, X_FORWARDED_FOR, X_FORWARDED_HOST,
-    X_FORWARDED_PROTO, X_REQUEST_ID,
+    connection_tokens, FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_API_KEY, X_FORWARDED_FOR,
+    X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use crate::upgrade::TunnelSlot;
 
@@ -38,7 +38,7 @@ pub struct Rules {
 
 /// The client end of a connection, with its IP address already as text: formatted once per
 /// connection instead of once per request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
     pub ip: HeaderValue,
@@ -196,14 +196,9 @@ fn with_dashed_spellings(mut names: Vec<HeaderName>) -> Vec<HeaderName> {
 /// One pass over the few names present instead of a hash lookup for each of the twenty-odd
 /// names that might be: this runs twice per request.
 fn strip(headers: &mut HeaderMap, owned: impl Fn(&HeaderName) -> bool) {
-    // Split as bytes: one odd byte in the field must not hide the valid names beside it.
     // `close` and names already hop-by-hop (`keep-alive`, sent on most responses) need no
     // lookup, which would allocate a name per response.
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
+    let named: Vec<HeaderName> = connection_tokens(headers)
         .filter(|token| {
             !token.eq_ignore_ascii_case(b"close")
                 && !HOP_BY_HOP
@@ -274,6 +269,8 @@ fn generate_request_id() -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
+    use http::header::CONNECTION;
+
     use super::*;
 
     #[test]

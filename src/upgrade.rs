@@ -11,7 +11,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::header::{CONNECTION, UPGRADE};
@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
+use crate::headers::connection_tokens;
 use crate::scope::Slot;
 
 const WEBSOCKET: HeaderValue = HeaderValue::from_static("websocket");
@@ -32,8 +33,8 @@ pub type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where the handler leaves a tunnel for the connection task to run once the 101 response is
 /// written. One per connection; only HTTP/1.1 connections ever fill it.
-#[derive(Clone, Default)]
-pub struct TunnelSlot(Arc<Mutex<Option<Tunnel>>>);
+#[derive(Default)]
+pub struct TunnelSlot(Mutex<Option<Tunnel>>);
 
 impl fmt::Debug for TunnelSlot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -57,14 +58,14 @@ pub fn wants_websocket<B>(req: &Request<B>) -> bool {
     let h = req.headers();
     req.method() == Method::GET
         && req.version() == http::Version::HTTP_11
-        && has_token(h, CONNECTION, b"upgrade")
+        && connection_tokens(h).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
         && h.get_all(UPGRADE).iter().count() == 1
-        && h.get(UPGRADE)
-            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
+        && upgrade_is_websocket(h)
 }
 
-/// Whether the upstream's 101 switched to WebSocket, the only protocol keygate asked for.
-pub fn switched_to_websocket(headers: &HeaderMap) -> bool {
+/// Whether `Upgrade` names WebSocket: asked for by the client, or, on the upstream's 101,
+/// switched to (the only protocol keygate asks for).
+pub fn upgrade_is_websocket(headers: &HeaderMap) -> bool {
     headers
         .get(UPGRADE)
         .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
@@ -75,14 +76,6 @@ pub fn switched_to_websocket(headers: &HeaderMap) -> bool {
 pub fn restore_headers(headers: &mut HeaderMap) {
     headers.insert(CONNECTION, UPGRADE_TOKEN);
     headers.insert(UPGRADE, WEBSOCKET);
-}
-
-fn has_token(headers: &HeaderMap, name: http::HeaderName, token: &[u8]) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// The tunnel between the client and the upstream once both have switched protocols. It
