@@ -982,53 +982,6 @@ async fn an_https_upstream_must_present_a_certificate_for_its_own_name() {
     }
 }
 
-/// An upstream whose first connection answers its first request with a 101 followed at once
-/// by a complete `200 POISON` response, then keeps that connection open and silent; every
-/// later connection answers `200 clean` to each request.
-async fn start_poisoning_upstream(switch_to: &'static str) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut first = true;
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let poison = std::mem::take(&mut first);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                loop {
-                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                    if !head.ends_with(b"\r\n\r\n") {
-                        continue;
-                    }
-                    head.clear();
-                    let answer = if poison {
-                        format!(
-                            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {switch_to}\r\n\r\n\
-                             HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
-                        )
-                    } else {
-                        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean".to_owned()
-                    };
-                    if stream.write_all(answer.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    if poison {
-                        // Hold the connection: if keygate pooled it, the next request on it
-                        // would read the POISON response.
-                        let mut sink = [0u8; 1024];
-                        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn an_unasked_101_with_bytes_after_it_never_poisons_the_upstream_pool() {
     let auth = bearer(KEY);
@@ -1040,7 +993,11 @@ async fn an_unasked_101_with_bytes_after_it_never_poisons_the_upstream_pool() {
         format!("GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{WS_HEADERS}\r\n"),
     ];
     for (first, switch_to) in first_requests.iter().zip(["websocket", "websocket", "h2c"]) {
-        let upstream = start_poisoning_upstream(switch_to).await;
+        // A 101 followed at once by a complete response, on the first connection only.
+        let upstream = start_misframing_upstream(format!(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: {switch_to}\r\n\r\n{POISON_RESPONSE}"
+        ))
+        .await;
         let proxy = start_proxy(upstream).await;
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
         stream.write_all(first.as_bytes()).await.unwrap();
