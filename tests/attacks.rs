@@ -903,42 +903,6 @@ async fn alpn_h2_spoken_as_http1_and_alpn_http1_spoken_as_h2_reach_nothing() {
     proxy.stop().await;
 }
 
-/// A leaf for `names` signed by a CA made here (the harness's `Ca` only issues for
-/// localhost), with that CA's PEM.
-fn leaf_for(names: &[&str]) -> (support::tls::Leaf, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "keygate attack CA");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-    let params = rcgen::CertificateParams::new(names).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let leaf = support::tls::Leaf {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        der: cert.der().to_vec(),
-    };
-    (leaf, ca.pem())
-}
-
-/// `config_text` with an `https://{host}:{port}{prefix}` upstream trusting `ca_file`.
-fn https_upstream_text(port: u16, host: &str, prefix: &str, ca_file: &std::path::Path) -> String {
-    let placeholder: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-    config_text(placeholder, "")
-        .replace(
-            "url = \"http://127.0.0.1:9\"",
-            &format!("url = \"https://{host}:{port}{prefix}\""),
-        )
-        .replace(
-            "[upstream]\n",
-            &format!("[upstream]\nca_file = \"{}\"\n", ca_file.display()),
-        )
-}
-
 #[tokio::test]
 async fn an_https_upstream_must_present_a_certificate_for_its_own_name() {
     let dir = support::process::TempDir::new("attack-upstream-name");
@@ -951,10 +915,10 @@ async fn an_https_upstream_must_present_a_certificate_for_its_own_name() {
         (&["localhost"][..], "localhost", StatusCode::OK),
     ];
     for (names, host, expected) in cases {
-        let (leaf, ca_pem) = leaf_for(names);
-        let (addr, seen) = support::tls::start_tls_upstream(&leaf).await;
-        let ca_file = dir.write("ca.pem", &ca_pem);
-        let text = https_upstream_text(addr.port(), host, "/prefix", &ca_file);
+        let ca = support::tls::Ca::new();
+        let (addr, seen) = support::tls::start_tls_upstream(&ca.issue_for(names, 30)).await;
+        let ca_file = dir.write("ca.pem", &ca.pem());
+        let text = support::tls::https_upstream_config(addr.port(), host, "/prefix", &ca_file);
         let proxy = start_proxy_with(&text).await;
         let reply = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
         assert_eq!(

@@ -7,7 +7,8 @@ mod support;
 use http::{Method, StatusCode};
 use support::process::{run_to_end, Running, TempDir, ENV};
 use support::tls::{
-    connect, send_tls, start_tls_proxy, start_tls_upstream, with_server_lines, Ca, SeenOverTls,
+    connect, https_upstream_config, send_tls, start_tls_proxy, start_tls_upstream,
+    with_server_lines, Ca, SeenOverTls,
 };
 use support::*;
 use tokio::io::AsyncWriteExt;
@@ -137,9 +138,7 @@ async fn a_stalled_handshake_is_cut_at_header_read_timeout_and_counted() {
     // header_read_timeout is 2 s in the test config; the deadline is well beyond it.
     assert!(read_to_close(&mut silent).await.is_empty());
     assert!(read_to_close(&mut partial).await.is_empty());
-    let metrics = send(proxy.admin.unwrap(), get("/metrics", &[]))
-        .await
-        .text();
+    let metrics = scrape(&proxy).await;
     assert!(
         metrics.contains(r#"keygate_tls_handshake_failures_total{reason="timeout"} 2"#),
         "{metrics}"
@@ -207,19 +206,12 @@ async fn a_bad_certificate_file_keeps_the_certificate_in_force() {
         "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
     );
     proxy.reload();
-    let admin = proxy.admin.unwrap();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !send(admin, get("/metrics", &[]))
-        .await
-        .text()
-        .contains(r#"keygate_config_reloads_total{outcome="failure"}"#)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no failed reload counted"
-        );
-        tokio::task::yield_now().await;
-    }
+    wait_for_sample(
+        &proxy,
+        r#"keygate_config_reloads_total{outcome="failure"}"#,
+        1.0,
+    )
+    .await;
     let after = send_tls(proxy.addr, &ca.pem(), &[H2], get("/health", &[])).await;
     assert_eq!(after.server_cert, first.der);
     assert_eq!(after.reply.status, StatusCode::OK);
@@ -284,24 +276,18 @@ async fn the_redirect_listener_answers_the_probe_only_when_configured() {
     proxy.stop().await;
 }
 
-fn https_upstream_config(upstream: std::net::SocketAddr, ca_file: &std::path::Path) -> String {
-    config_text(upstream, "")
-        .replace(
-            &format!("url = \"http://{upstream}\""),
-            &format!("url = \"https://localhost:{}\"", upstream.port()),
-        )
-        .replace(
-            "[upstream]\n",
-            &format!("[upstream]\nca_file = \"{}\"\n", ca_file.display()),
-        )
-}
-
 #[tokio::test]
 async fn an_https_upstream_signed_by_the_ca_file_gets_sni_host_and_injected_headers() {
     let (ca, dir) = (Ca::new(), TempDir::new("tls-upstream"));
     let (upstream, seen) = start_tls_upstream(&ca.issue(30)).await;
     let ca_file = dir.write("upstream-ca.pem", &ca.pem());
-    let proxy = start_proxy_with(&https_upstream_config(upstream, &ca_file)).await;
+    let proxy = start_proxy_with(&https_upstream_config(
+        upstream.port(),
+        "localhost",
+        "",
+        &ca_file,
+    ))
+    .await;
     let auth = bearer(KEY);
     let reply = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -323,8 +309,8 @@ fn an_untrusted_https_upstream_gets_502_and_a_log_line_that_says_why() {
     let (ca, stranger, dir) = (Ca::new(), Ca::new(), TempDir::new("tls-untrusted"));
     let (upstream, seen) = runtime.block_on(start_tls_upstream(&stranger.issue(30)));
     let ca_file = dir.write("upstream-ca.pem", &ca.pem());
-    let text =
-        https_upstream_config(upstream, &ca_file).replace("level = \"warn\"", "level = \"info\"");
+    let text = https_upstream_config(upstream.port(), "localhost", "", &ca_file)
+        .replace("level = \"warn\"", "level = \"info\"");
     let config = dir.write("keygate.toml", &text);
     let mut running = Running::start(&config, &ENV);
     let auth = bearer(KEY);

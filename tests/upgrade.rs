@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -339,20 +339,6 @@ fn assert_json_error(reply: &Reply, status: StatusCode, code: &str) {
     assert!(!has_upgrade_headers(&reply.headers), "{:?}", reply.headers);
 }
 
-async fn read_body(response: Response<Incoming>) -> Reply {
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(DEADLINE, body.collect())
-        .await
-        .expect("the body within the deadline")
-        .unwrap()
-        .to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
-}
-
 // ---------------------------------------------------------------- the tests
 
 #[tokio::test]
@@ -424,7 +410,7 @@ async fn websocket_without_a_key_is_refused_before_the_upstream() {
     let upstream = start_ws_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
     let (response, _) = send_upgradable(proxy.addr, websocket("/ws", &[])).await;
-    let reply = read_body(response).await;
+    let reply = read_reply(response).await;
     assert_json_error(&reply, StatusCode::UNAUTHORIZED, "invalid_api_key");
     assert!(upstream.requests().is_empty());
     proxy.stop().await;
@@ -437,7 +423,7 @@ async fn websocket_with_a_wrong_key_is_refused_before_the_upstream() {
     let wrong = bearer("kg-test-wrong-key-000000000000");
     let (response, _) =
         send_upgradable(proxy.addr, websocket("/ws", &[("authorization", &wrong)])).await;
-    let reply = read_body(response).await;
+    let reply = read_reply(response).await;
     assert_json_error(&reply, StatusCode::UNAUTHORIZED, "invalid_api_key");
     assert!(reply.headers["www-authenticate"]
         .to_str()
@@ -453,7 +439,7 @@ async fn keyless_upgrade_on_the_probe_and_public_paths_is_served_without_it() {
     let proxy = start_proxy(upstream.addr).await;
     for (i, path) in ["/health", "/docs"].into_iter().enumerate() {
         let (response, _) = send_upgradable(proxy.addr, websocket(path, &[])).await;
-        let reply = read_body(response).await;
+        let reply = read_reply(response).await;
         assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.text());
         assert_eq!(reply.text(), "ok", "{path}: the upstream's own answer");
         assert!(!has_upgrade_headers(&reply.headers), "{path}");
@@ -488,7 +474,7 @@ async fn h2c_upgrade_is_never_honoured_and_the_connection_stays_http1() {
         ],
     );
     let (response, mut sender) = send_upgradable(proxy.addr, h2c).await;
-    let reply = read_body(response).await;
+    let reply = read_reply(response).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.text(), "ok");
     assert!(!has_upgrade_headers(&reply.headers));
@@ -530,7 +516,7 @@ async fn upstream_switching_to_another_protocol_than_websocket_is_a_502() {
     let upstream = start_ws_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
     let (response, _) = send_upgradable(proxy.addr, keyed_websocket("/other")).await;
-    let reply = read_body(response).await;
+    let reply = read_reply(response).await;
     assert_json_error(&reply, StatusCode::BAD_GATEWAY, "upstream_protocol_error");
     assert_eq!(
         upstream.only_request().await.headers["upgrade"],
@@ -544,7 +530,7 @@ async fn upstream_declining_the_upgrade_is_answered_normally_on_a_usable_connect
     let upstream = start_ws_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
     let (response, mut sender) = send_upgradable(proxy.addr, keyed_websocket("/decline")).await;
-    let reply = read_body(response).await;
+    let reply = read_reply(response).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "no websocket here");
     assert!(!has_upgrade_headers(&reply.headers));
@@ -555,7 +541,7 @@ async fn upstream_declining_the_upgrade_is_answered_normally_on_a_usable_connect
     .await
     .expect("the next response within the deadline")
     .expect("the connection is still HTTP/1.1");
-    assert_eq!(read_body(next).await.text(), "ok");
+    assert_eq!(read_reply(next).await.text(), "ok");
     proxy.stop().await;
 }
 

@@ -529,7 +529,8 @@ pub fn upload(
     (tx, req)
 }
 
-async fn read_reply(response: Response<Incoming>) -> Reply {
+/// Collects a response into a [`Reply`], the body within the deadline.
+pub async fn read_reply(response: Response<Incoming>) -> Reply {
     let (parts, body) = response.into_parts();
     let body = tokio::time::timeout(DEADLINE, body.collect())
         .await

@@ -3,13 +3,14 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
@@ -19,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::process::TempDir;
-use super::{Reply, DEADLINE};
+use super::{read_reply, Reply, DEADLINE};
 
 /// A certificate authority made for one test.
 pub struct Ca {
@@ -54,8 +55,13 @@ impl Ca {
 
     /// A leaf for `localhost` and 127.0.0.1, valid for `days` from now.
     pub fn issue(&self, days: u64) -> Leaf {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        self.issue_for(&["localhost", "127.0.0.1"], days)
+    }
+
+    /// A leaf for `names`, valid for `days` from now.
+    pub fn issue_for(&self, names: &[&str], days: u64) -> Leaf {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
         let epoch = rcgen::date_time_ymd(1970, 1, 1);
         params.not_before = epoch + (now - Duration::from_secs(3600));
@@ -98,6 +104,20 @@ pub async fn start_tls_proxy(
         &lines,
     ))
     .await
+}
+
+/// `config_text` with an `https://{host}:{port}{prefix}` upstream trusting `ca_file`.
+pub fn https_upstream_config(port: u16, host: &str, prefix: &str, ca_file: &Path) -> String {
+    let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    super::config_text(placeholder, "")
+        .replace(
+            "url = \"http://127.0.0.1:9\"",
+            &format!("url = \"https://{host}:{port}{prefix}\""),
+        )
+        .replace(
+            "[upstream]\n",
+            &format!("[upstream]\nca_file = \"{}\"\n", ca_file.display()),
+        )
 }
 
 /// `config_text` with `lines` added to its `[server]` table.
@@ -174,20 +194,10 @@ pub async fn send_tls(
         tokio::spawn(conn);
         sender.send_request(req).await.unwrap()
     };
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(DEADLINE, body.collect())
-        .await
-        .expect("body within the deadline")
-        .unwrap()
-        .to_bytes();
     TlsReply {
         alpn: negotiated,
         server_cert,
-        reply: Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        },
+        reply: read_reply(response).await,
     }
 }
 
