@@ -2019,29 +2019,11 @@ async fn sse_keepalives_and_the_error_event_land_only_between_events_whatever_th
             .send_data(bytes::Bytes::copy_from_slice(&[*byte]))
             .await
             .unwrap();
-        let mut frame = next_frame(&mut body)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
-        while frame == KEEP_ALIVE {
-            frame = next_frame(&mut body)
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap();
-        }
+        let frame = next_data_after_keepalives(&mut body).await;
         assert_eq!(frame, [*byte][..]);
         let prefix = &stream[..=i];
         if sse_between_events(prefix) {
-            let next = next_frame(&mut body)
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap();
+            let next = next_data(&mut body).await;
             assert_eq!(
                 next,
                 KEEP_ALIVE,
@@ -2061,20 +2043,7 @@ async fn sse_keepalives_and_the_error_event_land_only_between_events_whatever_th
     // The stream ends between events (its last blank line is a lone CR): the error event
     // comes, whole, then the abnormal end.
     sender.abort("upstream crashed".into());
-    let mut frame = next_frame(&mut body)
-        .await
-        .unwrap()
-        .unwrap()
-        .into_data()
-        .unwrap();
-    while frame == KEEP_ALIVE {
-        frame = next_frame(&mut body)
-            .await
-            .unwrap()
-            .unwrap()
-            .into_data()
-            .unwrap();
-    }
+    let frame = next_data_after_keepalives(&mut body).await;
     let event = String::from_utf8_lossy(&frame).into_owned();
     assert!(
         event.starts_with("event: error\ndata: {") && event.ends_with("}\n\n"),

@@ -31,15 +31,6 @@ fn chat() -> http::Request<http_body_util::Full<Bytes>> {
     )
 }
 
-async fn data(body: &mut Incoming) -> Bytes {
-    next_frame(body)
-        .await
-        .expect("a frame, not the end")
-        .expect("a frame, not an error")
-        .into_data()
-        .expect("a data frame")
-}
-
 /// Asserts that nothing arrives on `body` for `quiet`.
 async fn assert_nothing_for(body: &mut Incoming, quiet: Duration) {
     use http_body_util::BodyExt;
@@ -55,17 +46,16 @@ async fn keepalive_comments_arrive_while_the_upstream_is_silent() {
     let mut body = open(proxy.addr, chat()).await.into_body();
     let mut sender = senders.recv().await.unwrap();
     for _ in 0..3 {
-        assert_eq!(data(&mut body).await, ": keep-alive\n\n");
+        assert_eq!(next_data(&mut body).await, ": keep-alive\n\n");
     }
     sender
         .send_data(Bytes::from_static(b"data: {\"token\":1}\n\n"))
         .await
         .unwrap();
-    let mut next = data(&mut body).await;
-    while next == ": keep-alive\n\n" {
-        next = data(&mut body).await;
-    }
-    assert_eq!(next, "data: {\"token\":1}\n\n");
+    assert_eq!(
+        next_data_after_keepalives(&mut body).await,
+        "data: {\"token\":1}\n\n"
+    );
     drop(sender);
     let mut end = next_frame(&mut body).await;
     while matches!(&end, Some(Ok(f)) if f.data_ref().is_some_and(|d| d == ": keep-alive\n\n")) {
@@ -91,14 +81,14 @@ async fn keepalive_waits_for_the_end_of_an_event() {
         .send_data(Bytes::from_static(b"data: {\"tok"))
         .await
         .unwrap();
-    assert_eq!(data(&mut body).await, "data: {\"tok");
+    assert_eq!(next_data(&mut body).await, "data: {\"tok");
     assert_nothing_for(&mut body, Duration::from_millis(450)).await;
     sender
         .send_data(Bytes::from_static(b"en\":1}\n\n"))
         .await
         .unwrap();
-    assert_eq!(data(&mut body).await, "en\":1}\n\n");
-    assert_eq!(data(&mut body).await, ": keep-alive\n\n");
+    assert_eq!(next_data(&mut body).await, "en\":1}\n\n");
+    assert_eq!(next_data(&mut body).await, ": keep-alive\n\n");
     drop((body, sender));
     proxy.stop().await;
 }
@@ -111,7 +101,7 @@ async fn keepalives_do_not_keep_an_idle_stream_alive() {
     let sender = senders.recv().await.unwrap();
     let mut keepalives = 0;
     let error = loop {
-        let frame = data(&mut body).await;
+        let frame = next_data(&mut body).await;
         if frame != ": keep-alive\n\n" {
             break frame;
         }
@@ -173,9 +163,9 @@ async fn assert_error_event_then_abnormal_end(mut body: Incoming, mut sender: Bo
         .send_data(Bytes::from_static(b"data: 1\n\n"))
         .await
         .unwrap();
-    assert_eq!(data(&mut body).await, "data: 1\n\n");
+    assert_eq!(next_data(&mut body).await, "data: 1\n\n");
     sender.abort("upstream crashed".into());
-    assert_error_event(&data(&mut body).await, "upstream_stream_broken");
+    assert_error_event(&next_data(&mut body).await, "upstream_stream_broken");
     let end = next_frame(&mut body).await;
     assert!(matches!(end, Some(Err(_))), "never a clean end: {end:?}");
 }
@@ -214,7 +204,7 @@ async fn a_stream_broken_inside_an_event_ends_without_an_error_event() {
         .send_data(Bytes::from_static(b"data: {\"tok"))
         .await
         .unwrap();
-    assert_eq!(data(&mut body).await, "data: {\"tok");
+    assert_eq!(next_data(&mut body).await, "data: {\"tok");
     sender.abort("upstream crashed".into());
     let end = next_frame(&mut body).await;
     assert!(matches!(end, Some(Err(_))), "an abnormal end: {end:?}");

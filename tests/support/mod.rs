@@ -637,6 +637,26 @@ pub async fn next_frame(
         .expect("a frame within the deadline")
 }
 
+/// The next frame of `body`, which must be data.
+pub async fn next_data(body: &mut Incoming) -> Bytes {
+    next_frame(body)
+        .await
+        .expect("a frame, not the end")
+        .expect("a frame, not an error")
+        .into_data()
+        .expect("a data frame")
+}
+
+/// The next data frame of `body` that is not an SSE keep-alive comment.
+pub async fn next_data_after_keepalives(body: &mut Incoming) -> Bytes {
+    loop {
+        let data = next_data(body).await;
+        if data != ": keep-alive\n\n" {
+            return data;
+        }
+    }
+}
+
 /// What a silent upstream observed on one connection.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Silent {
