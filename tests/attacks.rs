@@ -114,9 +114,8 @@ struct H2Outcome {
     connection_ended: bool,
 }
 
-/// Writes the preface, empty SETTINGS and `frames`, then answers SETTINGS and PING until
-/// every stream in `streams` was answered to its end or reset, or the connection went away.
-async fn h2_exchange(addr: std::net::SocketAddr, frames: &[Vec<u8>], streams: &[u32]) -> H2Outcome {
+/// Opens an HTTP/2 connection and writes the preface, empty SETTINGS and `frames`.
+async fn h2_send(addr: std::net::SocketAddr, frames: &[Vec<u8>]) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut out = H2_PREFACE.to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
@@ -124,6 +123,13 @@ async fn h2_exchange(addr: std::net::SocketAddr, frames: &[Vec<u8>], streams: &[
         out.extend(f);
     }
     stream.write_all(&out).await.unwrap();
+    stream
+}
+
+/// Writes the preface, empty SETTINGS and `frames`, then answers SETTINGS and PING until
+/// every stream in `streams` was answered to its end or reset, or the connection went away.
+async fn h2_exchange(addr: std::net::SocketAddr, frames: &[Vec<u8>], streams: &[u32]) -> H2Outcome {
+    let mut stream = h2_send(addr, frames).await;
     let mut pending: HashSet<u32> = streams.iter().copied().collect();
     let mut outcome = H2Outcome::default();
     let mut buf = Vec::new();
@@ -1815,13 +1821,7 @@ async fn h2_hanging(
     frames: &[Vec<u8>],
     hung: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut out = H2_PREFACE.to_vec();
-    out.extend(frame(SETTINGS, 0, 0, &[]));
-    for f in frames {
-        out.extend(f);
-    }
-    stream.write_all(&out).await.unwrap();
+    let stream = h2_send(addr, frames).await;
     tokio::time::timeout(DEADLINE, hung.recv())
         .await
         .expect("the request reaches the upstream")
