@@ -72,15 +72,17 @@ def launch(args: list, cwd: Path, env: dict, log: Path) -> subprocess.Popen:
         return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, verify=True) -> None:
+    """Polls `url` until it answers 200; `verify` is httpx's (e.g. an SSL context for TLS)."""
     deadline = time.monotonic() + START_DEADLINE_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited with {proc.returncode} while starting:\n{log.read_text()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(POLL_INTERVAL_S)
+    with httpx.Client(verify=verify, timeout=1) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"{proc.args[0]} exited with {proc.returncode} while starting:\n{log.read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if client.get(url).status_code == 200:
+                    return
+            time.sleep(POLL_INTERVAL_S)
     pytest.fail(f"{url} did not answer 200 within {START_DEADLINE_S} s:\n{log.read_text()}")
 
 

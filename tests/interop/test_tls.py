@@ -26,9 +26,7 @@ from test_interop import (
     CONFIG,
     CURL,
     MODEL,
-    POLL_INTERVAL_S,
     REPO_ROOT,
-    START_DEADLINE_S,
     STREAM_PIECES,
     STREAM_PROMPT,
     STREAM_TEXT,
@@ -42,6 +40,7 @@ from test_interop import (
     start_origin,
     stop,
     terminate,
+    wait_healthy,
 )
 
 OPENSSL = shutil.which("openssl")
@@ -126,19 +125,6 @@ def trusting(ca: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca))
 
 
-def wait_healthy_tls(url: str, ca: Path, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_DEADLINE_S
-    with httpx.Client(verify=trusting(ca), timeout=1) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"keygate exited with {proc.returncode} while starting:\n{log.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if client.get(url).status_code == 200:
-                    return
-            time.sleep(POLL_INTERVAL_S)
-    pytest.fail(f"{url} did not answer 200 within {START_DEADLINE_S} s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
@@ -160,7 +146,7 @@ def tls(tmp_path_factory):
         )
         cleanup.callback(stop, keygate)
         url = f"https://{HOST}:{port}"
-        wait_healthy_tls(f"{url}/health", ca, keygate, keygate_log)
+        wait_healthy(f"{url}/health", keygate, keygate_log, verify=trusting(ca))
         stack = Stack(url, key, secret, keygate, keygate_log)
         yield TlsStack(url, f"http://{HOST}:{redirect_port}", port, key, ca, stack)
         terminate(keygate)
