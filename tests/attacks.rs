@@ -1403,10 +1403,10 @@ async fn a_tls_client_that_picks_h2_and_never_sends_its_preface_is_cut_at_header
         support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
     // The handshake completes with ALPN h2; then the client says nothing at all. The test
     // config's header_read_timeout is 2 s; DEADLINE is 10 s.
-    let mut silent = support::tls::connect(proxy.addr, &ca.pem(), &[b"h2"])
+    let mut silent = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
-    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(silent.get_ref().1.alpn_protocol(), Some(H2_ALPN));
     // Panics if the connection is still open at the deadline (5x header_read_timeout).
     read_to_close(&mut silent).await;
     drop(silent);
@@ -1422,7 +1422,7 @@ async fn silent_tls_h2_connections_cannot_keep_keyed_clients_out_past_header_rea
     );
     let proxy =
         support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
-    let silent = support::tls::connect(proxy.addr, &ca.pem(), &[b"h2"])
+    let silent = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
     // Keyed clients over TLS/http1.1 are refused with 503 while the slot is held; once the
@@ -1433,7 +1433,7 @@ async fn silent_tls_h2_connections_cannot_keep_keyed_clients_out_past_header_rea
         let got = support::tls::send_tls(
             proxy.addr,
             &ca.pem(),
-            &[b"http/1.1"],
+            &[H1_ALPN],
             get("/v1/models", &[("authorization", &auth)]),
         )
         .await;
@@ -1462,7 +1462,7 @@ async fn an_idle_tls_h2_connection_that_answers_pings_is_cut_like_an_idle_http1_
         support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
     // A well-behaved h2 client (hyper's) that connects and never sends a request. An idle
     // HTTP/1.1 keep-alive connection is cut by header_read_timeout (2 s); this one must be too.
-    let stream = support::tls::connect(proxy.addr, &ca.pem(), &[b"h2"])
+    let stream = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
     let (_sender, conn) =
