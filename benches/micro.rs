@@ -14,11 +14,11 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use http::header::HOST;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
-use keygate::auth::{self, KeySet};
+use keygate::config::secrets::{MapSecrets, Secret};
 use keygate::config::Overrides;
-use keygate::rewrite::{self, Origin, Peer, Rules};
-use keygate::route::Routes;
-use keygate::secrets::{MapSecrets, Secret};
+use keygate::forward::rewrite::{self, Origin, Peer, Rules};
+use keygate::policy::auth::{self, KeySet};
+use keygate::policy::route::Routes;
 use keygate::Config;
 
 const KEY: &str = "bench-api-key-0123456789abcdef";
@@ -87,7 +87,7 @@ fn auth_verify(c: &mut Criterion) {
             keys.into_iter()
                 .enumerate()
                 .map(|(i, key)| {
-                    let policy = std::sync::Arc::new(keygate::scope::Policy::default());
+                    let policy = std::sync::Arc::new(keygate::policy::scope::Policy::default());
                     (format!("key-{i}"), Secret::new(key), policy)
                 })
                 .collect(),
@@ -130,7 +130,7 @@ fn route_classify(c: &mut Criterion) {
 }
 
 fn preset_lookup(c: &mut Criterion) {
-    let table = keygate::preset::Table::new(&keygate::preset::VLLM);
+    let table = keygate::policy::preset::Table::new(&keygate::policy::preset::VLLM);
     let mut group = c.benchmark_group("preset_lookup_vllm");
     for (name, method, path) in [
         ("inference", Method::POST, "/v1/chat/completions"),

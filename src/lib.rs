@@ -1,58 +1,42 @@
 //! keygate: an authenticating reverse proxy for inference servers and other HTTP origins.
 //!
-//! The path of one request:
+//! The tree follows the path of one request:
 //!
-//! 1. [`server`] accepts a connection under the connection limit, completes the TLS
-//!    handshake when TLS is on ([`tls`]), picks the protocol (ALPN over TLS, otherwise
-//!    HTTP/1.1 or h2c by [`preface`]) and hands each request to the handler. An HTTP/2
-//!    connection without open streams idles out ([`streams`]).
-//! 2. [`handler`] answers CORS preflights ([`cors`]), refuses TRACE/CONNECT, asks [`route`]
-//!    whether the path is key-less (exact probe and public paths, GET/HEAD only), and
-//!    otherwise asks [`auth`] for the credential and checks it against every key in
-//!    constant time. The matched key is then admitted by [`scope`]: its expiry, the
-//!    server preset's route table ([`preset`]), its `allow` rules and its concurrency slots.
-//! 3. [`rewrite`] applies the header rules: hop-by-hop and client credentials out, identity,
-//!    injected secret headers, forwarding headers and request id in.
-//! 4. [`proxy`] sends the request over a pooled upstream connection (plain or TLS), bounded
-//!    by the response timeout; an authenticated WebSocket becomes a tunnel ([`upgrade`]); [`body`] streams both bodies frame by frame with the body limit and the idle
-//!    timeout, and [`access`] writes one log line when the response ends. An SSE response
-//!    also gets keep-alive comments and a final error event from [`sse`].
-//! 5. Any failure is a [`error::ProxyError`], turned into a JSON response in one place;
-//!    failed authentication is also counted and, per client address, slowed ([`throttle`]).
+//! 1. [`listener`] accepts a connection under the connection limit
+//!    ([`listener::server`]), completes the TLS handshake when TLS is on
+//!    ([`listener::tls`]), picks the protocol (ALPN over TLS, otherwise HTTP/1.1 or h2c by
+//!    [`listener::preface`]) and hands each request to the [`gateway`]. An HTTP/2 connection
+//!    without open streams idles out ([`listener::streams`]).
+//! 2. [`gateway`] runs the request through [`policy`]: CORS preflights
+//!    ([`policy::cors`]), TRACE/CONNECT refused, the key-less routes ([`policy::route`]:
+//!    exact probe and public paths, GET/HEAD only), the credential and the constant-time key
+//!    check ([`policy::auth`]), then the matched key's scope ([`policy::scope`]): its expiry,
+//!    the server preset's route table ([`policy::preset`]), its `allow` rules and its
+//!    concurrency slots. Failed authentication is slowed per client ([`policy::throttle`]).
+//! 3. [`forward`] applies the header rules ([`forward::rewrite`]), sends the request over a
+//!    pooled upstream connection ([`forward::upstream`]), streams both bodies frame by frame
+//!    ([`forward::body`]), adds SSE keep-alives and error events ([`forward::sse`]), and turns
+//!    an authenticated WebSocket into a tunnel ([`forward::upgrade`]).
+//! 4. [`observe`] writes one access line when the response ends ([`observe::access`]) and
+//!    counts it ([`observe::metrics`]).
+//! 5. Any failure is an [`error::ProxyError`], turned into a JSON response in one place.
 //!
-//! Beside the proxy, [`admin`] serves [`metrics`], liveness and readiness on its own listener,
-//! and [`redirect`] answers plain HTTP with a redirect to https when TLS is on.
+//! Beside the proxy, [`listener::admin`] serves metrics, liveness and readiness on its own
+//! listener, and [`listener::redirect`] answers plain HTTP with a redirect to https.
 //!
-//! [`config`] turns the TOML file and the secrets it names ([`secrets`]) into a validated
-//! [`Config`] before any socket is opened.
+//! [`config`] turns the TOML file and the secrets it names ([`config::secrets`]) into a
+//! validated [`Config`] before any socket is opened.
 
 #![forbid(unsafe_code)]
 
-pub mod access;
-pub mod admin;
-pub mod auth;
-pub mod body;
 pub mod config;
-pub mod cors;
 pub mod error;
-pub mod handler;
+pub mod forward;
+pub mod gateway;
 pub mod headers;
-pub mod logging;
-pub mod metrics;
-pub mod preface;
-pub mod preset;
-pub mod proxy;
-pub mod redirect;
-pub mod rewrite;
-pub mod route;
-pub mod scope;
-pub mod secrets;
-pub mod server;
-pub mod sse;
-pub mod streams;
-pub mod throttle;
-pub mod tls;
-pub mod upgrade;
+pub mod listener;
+pub mod observe;
+pub mod policy;
 
 pub use config::Config;
-pub use server::{run, Listeners};
+pub use listener::server::{run, Listeners};

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keygate::config::secrets::ProcessSecrets;
 use keygate::config::{LogFormat, Overrides};
-use keygate::secrets::ProcessSecrets;
 use keygate::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     };
     let load = || Config::load(&cli.config, &overrides, &ProcessSecrets);
     match cli.command {
-        Some(Command::Keygen) => match keygate::auth::generate_key() {
+        Some(Command::Keygen) => match keygate::policy::auth::generate_key() {
             Ok(key) => {
                 println!("{key}");
                 ExitCode::SUCCESS
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    keygate::logging::init(&config.log);
+    keygate::observe::logging::init(&config.log);
     let runtime = match runtime(config.server.workers) {
         Ok(rt) => rt,
         Err(e) => {

@@ -173,7 +173,7 @@ async fn repeated_failures_from_one_client_are_slowed_without_affecting_others()
     );
     let proxy = start_proxy_with(&text).await;
     let wrong = bearer("kg-guessed-key-000000000000000");
-    for _ in 0..keygate::throttle::FAILURE_BURST {
+    for _ in 0..keygate::policy::throttle::FAILURE_BURST {
         let reply = send(
             proxy.addr,
             get(

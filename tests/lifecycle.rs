@@ -80,8 +80,8 @@ async fn probe_answers_503_once_draining_has_begun() {
     // the handler is driven directly over an in-memory connection.
     let upstream = start_upstream().await;
     let config = parse_config(&config_text(upstream.addr, ""));
-    let gateway = std::sync::Arc::new(keygate::handler::Gateway::new(&config));
-    let peer = std::sync::Arc::new(keygate::rewrite::Peer::new(
+    let gateway = std::sync::Arc::new(keygate::gateway::Gateway::new(&config));
+    let peer = std::sync::Arc::new(keygate::forward::rewrite::Peer::new(
         "127.0.0.1:1".parse().unwrap(),
         false,
     ));

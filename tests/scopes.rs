@@ -5,7 +5,7 @@
 mod support;
 
 use http::{Method, StatusCode};
-use keygate::preset::{Class, PRESETS};
+use keygate::policy::preset::{Class, PRESETS};
 use support::*;
 
 const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:9090\"\n";

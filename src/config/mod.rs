@@ -5,6 +5,8 @@
 //!
 //! Nothing here opens a socket: `main` loads the whole config before binding anything.
 
+pub mod secrets;
+
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -19,12 +21,12 @@ use rustls::ClientConfig;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::auth::{KeySet, NamedKey};
+use crate::config::secrets::{Secret, SecretSource};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
-use crate::preset::{Preset, PRESETS};
-use crate::scope::{Classes, Clock, Policy, Rule};
-use crate::secrets::{Secret, SecretSource};
-use crate::tls::{self, Certificate};
+use crate::listener::tls::{self, Certificate};
+use crate::policy::auth::{KeySet, NamedKey};
+use crate::policy::preset::{Preset, PRESETS};
+use crate::policy::scope::{Classes, Clock, Policy, Rule};
 
 /// Keys shorter than this are refused at start-up.
 pub const MIN_KEY_BYTES: usize = 16;
@@ -1102,7 +1104,7 @@ fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {
     }
     if let Some(prefix) = &r.path_prefix {
         let trimmed = prefix.strip_suffix('/').filter(|p| !p.is_empty());
-        if !crate::preset::plain_path(trimmed.unwrap_or(prefix)) {
+        if !crate::policy::preset::plain_path(trimmed.unwrap_or(prefix)) {
             problem(format!(
                 "path_prefix {prefix:?} must be a plain path starting with /, e.g. \"/v1/\""
             ));
@@ -1410,7 +1412,7 @@ fn route_path(path: &Spanned<String>, key: &str, p: &mut Problems<'_>) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secrets::MapSecrets;
+    use crate::config::secrets::MapSecrets;
 
     const KEY: &str = "0123456789abcdef0123";
 

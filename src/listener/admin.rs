@@ -17,8 +17,8 @@ use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::handler::Gateway;
-use crate::server::serve_plain;
+use crate::gateway::Gateway;
+use crate::listener::server::serve_plain;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Admin requests are tiny: their head must arrive quickly.

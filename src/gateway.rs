@@ -13,23 +13,23 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
-use crate::access::{AccessLog, Outcome};
-use crate::auth::{self, Credential, KeySet};
-use crate::body::{Body, RequestBody};
+use crate::config::secrets::SecretSource;
 use crate::config::{reload_file_keys, Config, FileKey, WatchedFiles};
-use crate::cors::{Cors, Preflight};
 use crate::error::ProxyError;
+use crate::forward::body::{Body, RequestBody};
+use crate::forward::rewrite::{self, Origin, Peer, Rules};
+use crate::forward::sse::{self, Sse};
+use crate::forward::upgrade;
+use crate::forward::upstream::{Lease, Upstream};
 use crate::headers::X_REQUEST_ID;
-use crate::metrics::Metrics;
-use crate::preset::Table;
-use crate::proxy::{Lease, Upstream};
-use crate::rewrite::{self, Origin, Peer, Rules};
-use crate::route::{Route, Routes};
-use crate::scope::{Clock, Expiry, Slot};
-use crate::secrets::SecretSource;
-use crate::sse::{self, Sse};
-use crate::throttle::FailedAuth;
-use crate::upgrade;
+use crate::observe::access::{AccessLog, Outcome};
+use crate::observe::metrics::Metrics;
+use crate::policy::auth::{self, Credential, KeySet};
+use crate::policy::cors::{Cors, Preflight};
+use crate::policy::preset::Table;
+use crate::policy::route::{Route, Routes};
+use crate::policy::scope::{Clock, Expiry, Slot};
+use crate::policy::throttle::FailedAuth;
 
 /// Everything a request needs, built once at start-up and shared by all connections.
 pub struct Gateway {
@@ -98,7 +98,7 @@ impl Gateway {
     /// Logs each key's coming expiry once when it is [`EXPIRY_WARNING`] away, and once more
     /// when it has passed; `server` calls it at start-up and every few seconds.
     ///
-    /// [`EXPIRY_WARNING`]: crate::scope::EXPIRY_WARNING
+    /// [`EXPIRY_WARNING`]: crate::policy::scope::EXPIRY_WARNING
     pub fn warn_of_expiring_keys(&self) {
         let now = self.clock.now();
         for (name, policy) in self.keys.load().policies() {

@@ -20,17 +20,18 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use crate::config::secrets::ProcessSecrets;
 use crate::config::{self, Config};
-use crate::handler::Gateway;
-use crate::metrics::Metrics;
-use crate::preface::{self, Protocol, Rewind};
-use crate::redirect::Redirector;
-use crate::rewrite::Peer;
-use crate::secrets::ProcessSecrets;
-use crate::streams::{Streams, Tracked};
-use crate::throttle;
-use crate::tls::ServerTls;
-use crate::{access, admin};
+use crate::forward::rewrite::Peer;
+use crate::gateway::Gateway;
+use crate::listener::admin;
+use crate::listener::preface::{self, Protocol, Rewind};
+use crate::listener::redirect::Redirector;
+use crate::listener::streams::{Streams, Tracked};
+use crate::listener::tls::ServerTls;
+use crate::observe::access;
+use crate::observe::metrics::Metrics;
+use crate::policy::throttle;
 
 /// Largest request head (request line and headers) accepted; over it, 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;

@@ -7,7 +7,7 @@
 //!   to its trailers, and the access log line written when it ends. An error from it makes
 //!   hyper end the response abnormally (HTTP/1.1: the connection closes without the final
 //!   chunk; HTTP/2: RST_STREAM), so a truncated stream never looks complete. An SSE stream
-//!   also gets what [`sse`](crate::sse) adds: keep-alive comments and a final error event.
+//!   also gets what [`sse`](crate::forward::sse) adds: keep-alive comments and a final error event.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,12 +21,12 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::access::{AccessLog, Outcome};
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
-use crate::proxy::Lease;
-use crate::rewrite::Rules;
-use crate::sse::Sse;
+use crate::forward::rewrite::Rules;
+use crate::forward::sse::Sse;
+use crate::forward::upstream::Lease;
+use crate::observe::access::{AccessLog, Outcome};
+use crate::observe::metrics::Metrics;
 
 pin_project! {
     /// The client's request body, forwarded upstream.

@@ -20,10 +20,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 use tracing::debug;
 
-use crate::body::RequestBody;
 use crate::config;
 use crate::error::ProxyError;
-use crate::tls;
+use crate::forward::body::RequestBody;
+use crate::listener::tls;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);

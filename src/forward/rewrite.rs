@@ -13,13 +13,13 @@ use http::header::{AUTHORIZATION, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
-use crate::auth::KeyId;
 use crate::config::{Config, Injected};
+use crate::forward::upgrade::TunnelSlot;
 use crate::headers::{
     connection_tokens, FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_API_KEY, X_FORWARDED_FOR,
     X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
-use crate::upgrade::TunnelSlot;
+use crate::policy::auth::KeyId;
 
 /// The rules, fixed at start-up.
 #[derive(Debug)]

@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::config::{FileStamp, WatchedFiles};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 /// Protocols offered by ALPN, most preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];

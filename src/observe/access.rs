@@ -21,9 +21,9 @@ use http::{HeaderValue, Method, Request, StatusCode, Uri};
 
 use crate::config::LogFormat;
 use crate::error::ProxyError;
-use crate::metrics::{Finished, Metrics};
-use crate::rewrite::Peer;
-use crate::scope::Slot;
+use crate::forward::rewrite::Peer;
+use crate::observe::metrics::{Finished, Metrics};
+use crate::policy::scope::Slot;
 
 /// The target of access lines, so a filter can keep or drop them apart from diagnostics.
 pub const TARGET: &str = "keygate::access";
@@ -144,7 +144,7 @@ impl AccessLog {
             duration,
         };
         let mut pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
-        match crate::logging::format() {
+        match crate::observe::logging::format() {
             LogFormat::Json => fields.json(&mut pending),
             LogFormat::Text => fields.text(&mut pending),
         }

@@ -13,9 +13,9 @@ use http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
+use crate::config::secrets::Secret;
 use crate::headers::X_API_KEY;
-use crate::scope::Policy;
-use crate::secrets::Secret;
+use crate::policy::scope::Policy;
 
 /// The credential found in a request's headers. `Debug` never shows the token.
 #[derive(PartialEq, Eq)]

@@ -17,12 +17,12 @@ use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::body::Body;
 use crate::config;
 use crate::error::ProxyError;
-use crate::handler::{error_response, Gateway};
-use crate::rewrite::{self, Peer};
-use crate::server::serve_plain;
+use crate::forward::body::Body;
+use crate::forward::rewrite::{self, Peer};
+use crate::gateway::{error_response, Gateway};
+use crate::listener::server::serve_plain;
 
 pub struct Redirector {
     gateway: Arc<Gateway>,

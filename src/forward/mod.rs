@@ -1,0 +1,9 @@
+//! The way to the upstream and back: the header rules, the pooled upstream connections and
+//! their TLS client, both bodies streamed frame by frame, SSE keep-alives and error events,
+//! and WebSocket tunnels.
+
+pub mod body;
+pub mod rewrite;
+pub mod sse;
+pub mod upgrade;
+pub mod upstream;
