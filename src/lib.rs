@@ -27,8 +27,6 @@
 //! [`config`] turns the TOML file and the secrets it names ([`config::secrets`]) into a
 //! validated [`Config`] before any socket is opened.
 
-#![forbid(unsafe_code)]
-
 pub mod config;
 pub mod error;
 pub mod forward;
