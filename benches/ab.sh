@@ -20,7 +20,7 @@ http { access_log off;
 CONF
 export API_KEY=kg-ab-key-0123456789abcdef SHARED_SECRET=kg-ab-secret-0123456789
 printf 'wrk.headers["Authorization"] = "Bearer %s"\n' "$API_KEY" > "$dir/auth.lua"
-command -v nginx wrk > /dev/null || { echo "ab.sh needs nginx and wrk: run ../shared/bench/setup.sh" >&2; exit 1; }
+command -v nginx wrk > /dev/null || { echo "ab.sh needs nginx and wrk on PATH (Debian: apt-get install nginx wrk)" >&2; exit 1; }
 taskset -c 1 nginx -c "$dir/origin.conf" -p "$dir" & origin=$!
 trap 'kill $origin ${candidate:-} 2>/dev/null; wait; rm -rf "$dir"' EXIT
 until (exec 3<>/dev/tcp/127.0.0.1/18090) 2>/dev/null; do

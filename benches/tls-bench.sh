@@ -3,12 +3,12 @@
 # in front of the same static nginx origin on CPU 1, with the load generator on CPU 1.
 # Three loads per proxy: HTTP/1.1 keep-alive (wrk -c64), HTTP/2 (h2load, 16 connections x 8
 # streams) and one new TLS connection per request (h2load --h1 with Connection: close).
-# Needs nginx, wrk and h2load (../shared/bench/setup.sh installs them) and openssl.
+# Needs nginx, wrk, h2load and openssl on PATH (Debian: apt-get install nginx wrk nghttp2-client openssl).
 #   benches/tls-bench.sh [seconds per load, default 8]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-8}
-cargo build --release --locked --quiet
+keygate=$(scripts/build-keygate.sh --release)
 dir=$(mktemp -d /tmp/keygate-tls-bench.XXXXXX)
 key=kg-tls-bench-key-0123456789abcdef
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
@@ -47,7 +47,7 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait; rm -rf "$dir"' EXIT
 taskset -c 1 nginx -c "$dir/origin.conf" -p "$dir" & pids+=($!)
 taskset -c 0 nginx -c "$dir/proxy.conf" -p "$dir" & pids+=($!)
-API_KEY=$key taskset -c 0 ./target/release/keygate --config "$dir/keygate.toml" & pids+=($!)
+API_KEY=$key taskset -c 0 "$keygate" --config "$dir/keygate.toml" & pids+=($!)
 for port in 18200 18443 18444; do
   until (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do sleep 0.1; done
 done

@@ -3,12 +3,14 @@
 # both on 127.0.0.1, and prints requests to try. Ctrl-C stops both.
 #   API_KEY / SHARED_SECRET: taken from the environment, or generated.
 #   KEYGATE_PORT (8080), ORIGIN_PORT (8000).
+# The binary is the one cargo reports (scripts/build-keygate.sh), so CARGO_TARGET_DIR is honoured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --locked --quiet
-KEYGATE=target/debug/keygate
-export API_KEY=${API_KEY:-$("$KEYGATE" keygen)}
-export SHARED_SECRET=${SHARED_SECRET:-$("$KEYGATE" keygen)}
+KEYGATE=$(scripts/build-keygate.sh)
+# Plain assignments, so that a failing keygen stops the script (export would hide its status).
+API_KEY=${API_KEY:-$("$KEYGATE" keygen)}
+SHARED_SECRET=${SHARED_SECRET:-$("$KEYGATE" keygen)}
+export API_KEY SHARED_SECRET
 KEYGATE_PORT=${KEYGATE_PORT:-8080}
 ORIGIN_PORT=${ORIGIN_PORT:-8000}
 
