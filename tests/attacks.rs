@@ -1,4 +1,4 @@
-//! Attacks on SPEC §5 ("Never") that the other test files do not try: HTTP/2 → HTTP/1.1
+//! Attacks on the "never" rules that the other test files do not try: HTTP/2 → HTTP/1.1
 //! downgrade tricks with hand-made frames, framing headers that an origin could read
 //! differently, hop-by-hop and upgrade tricks, odd request-target forms, authentication
 //! state across requests of one connection, odd bytes, `Debug` output of the types on the

@@ -1,4 +1,4 @@
-//! Authentication through the whole proxy (SPEC §3.3): which credentials admit a request,
+//! Authentication through the whole proxy: which credentials admit a request,
 //! and what a refused client sees.
 
 mod support;

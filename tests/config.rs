@@ -1,4 +1,4 @@
-//! The command line and config loading (SPEC §1–§2), through the real binary: a bad config
+//! The command line and config loading, through the real binary: a bad config
 //! stops start-up with exit 2 and a message naming file, line, key and fix, before any socket
 //! is bound; `check` and `keygen`; SIGTERM exits 0.
 

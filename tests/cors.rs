@@ -1,4 +1,4 @@
-//! CORS (SPEC §3, "Browsers"): with `[cors] allow_origins` set, keygate answers preflights
+//! CORS: with `[cors] allow_origins` set, keygate answers preflights
 //! itself, never forwarding them, and marks responses to allowed origins.
 
 mod support;

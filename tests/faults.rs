@@ -1,4 +1,4 @@
-//! Upstream and client faults answered with the right status and JSON error (SPEC §3.6):
+//! Upstream and client faults answered with the right status and JSON error:
 //! refused → 502, no response headers in time → 504, body over the limit → 413.
 
 mod support;

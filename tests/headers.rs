@@ -1,4 +1,4 @@
-//! Header rules (SPEC §3.4): what the upstream receives and what the client gets back.
+//! Header rules: what the upstream receives and what the client gets back.
 
 mod support;
 

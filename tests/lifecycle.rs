@@ -1,4 +1,4 @@
-//! Lifecycle (SPEC §4): on shutdown keygate stops accepting, lets open requests and streams
+//! Lifecycle: on shutdown keygate stops accepting, lets open requests and streams
 //! finish within `shutdown_grace`, answers the probe 503 meanwhile, and cuts what is still
 //! open when the grace expires.
 

@@ -1,4 +1,4 @@
-//! Per-key limits (issue 8): `max_concurrent` caps a key's requests and streams in flight
+//! Per-key limits: `max_concurrent` caps a key's requests and streams in flight
 //! (429 with `Retry-After` beyond it, the slot freed when a stream ends or its client hangs
 //! up), and `not_after` retires a key, refused exactly like an invalid one and warned of
 //! ahead of time.

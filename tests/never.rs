@@ -1,5 +1,5 @@
-//! SPEC §5, "Never": one test per rule, named after it, each trying the ways a client or a
-//! failure could break it.
+//! The "never" rules of the security model (README, "Security model"): one test per rule, named
+//! after it, each trying the ways a client or a failure could break it.
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Key rotation (SPEC §4): key files are re-read on SIGHUP; a bad file keeps the keys in
+//! Key rotation: key files are re-read on SIGHUP; a bad file keeps the keys in
 //! force; no request is dropped while keys change.
 
 mod support;

@@ -1,4 +1,4 @@
-//! Routing (SPEC §3.2): only GET and HEAD on exactly the probe and public paths are key-less;
+//! Routing: only GET and HEAD on exactly the probe and public paths are key-less;
 //! the probe is forwarded; the upstream URL's path prefix is kept.
 
 mod support;

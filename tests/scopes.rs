@@ -1,4 +1,4 @@
-//! Per-key scopes and server presets (issue 8): a valid key outside its `allow` rules or its
+//! Per-key scopes and server presets: a valid key outside its `allow` rules or its
 //! preset route classes gets 403 `permission_error`, a route the preset does not list gets
 //! 404 even with a valid key, and neither reaches the upstream.
 

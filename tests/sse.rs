@@ -1,4 +1,4 @@
-//! SSE fidelity (issue 8): keep-alive comments while a `text/event-stream` response is
+//! SSE fidelity: keep-alive comments while a `text/event-stream` response is
 //! silent, only between events and without extending `idle_timeout`; and a final
 //! `event: error` before a broken stream ends abnormally.
 

@@ -1,4 +1,4 @@
-//! Streaming (SPEC §3.5–3.6): bodies pass frame by frame in both directions, every SSE event
+//! Streaming: bodies pass frame by frame in both directions, every SSE event
 //! reaches the client before the upstream sends the next, a client that hangs up cancels the
 //! upstream request, and a stream that breaks ends abnormally, never cleanly. (What keygate
 //! adds to SSE streams, keep-alives and the final error event, is in sse.rs; the broken

@@ -1,4 +1,4 @@
-//! Protocol upgrades (SPEC §3.4): a WebSocket upgrade with a valid key becomes a byte tunnel
+//! Protocol upgrades: a WebSocket upgrade with a valid key becomes a byte tunnel
 //! to the upstream, with the injected headers on its handshake; every other upgrade (key-less,
 //! `h2c`, one the upstream was not asked for) is dropped or refused; a tunnel closes after
 //! `idle_timeout` of silence, counts as an open connection, and drains with the others.

@@ -1,4 +1,4 @@
-//! Header rules of SPEC §3.4, built once at start-up and applied to every request on its way
+//! Header rules, built once at start-up and applied to every request on its way
 //! upstream and every response on its way back.
 //!
 //! Request order: remove hop-by-hop headers and whatever `Connection` names; remove `Host`

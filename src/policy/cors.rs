@@ -1,4 +1,4 @@
-//! CORS for browsers (SPEC §3, "Browsers"), on when `[cors] allow_origins` is set.
+//! CORS for browsers, on when `[cors] allow_origins` is set.
 //!
 //! keygate answers preflights itself: a preflight never reaches the upstream and needs no key
 //! (browsers never send credentials on one). An allowed origin gets 204 with the `Allow`
