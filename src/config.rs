@@ -22,7 +22,7 @@ use toml::Spanned;
 use crate::auth::{KeySet, NamedKey};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
 use crate::preset::{Preset, PRESETS};
-use crate::scope::{Classes, Clock, Policy, Rule};
+use crate::scope::{Classes, Clock, Paths, Policy, Rule};
 use crate::secrets::{Secret, SecretSource};
 use crate::tls::{self, Certificate};
 
@@ -137,12 +137,14 @@ struct KeyFile {
     not_after: Option<toml::Value>,
 }
 
-/// One `allow` rule as written: `{ methods = ["POST"], path_prefix = "/v1/" }`.
+/// One `allow` rule as written: `{ methods = ["POST"], path_prefix = "/v1/" }` or
+/// `{ methods = ["GET"], path = "/v1/models" }`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleFile {
     #[serde(default)]
     methods: Vec<String>,
+    path: Option<String>,
     path_prefix: Option<String>,
 }
 
@@ -1080,13 +1082,41 @@ fn policy(k: &KeyFile, preset: Option<&Preset>, problem: &mut dyn FnMut(String))
 }
 
 fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {
-    if r.methods.is_empty() && r.path_prefix.is_none() {
-        problem(
-            "an allow rule needs methods, path_prefix or both; leave allow out to allow everything"
-                .into(),
-        );
-        return None;
-    }
+    let paths = match (&r.path, &r.path_prefix) {
+        (None, None) if r.methods.is_empty() => {
+            problem(
+                "an allow rule needs methods, a path or path_prefix, or both; leave allow out to allow everything"
+                    .into(),
+            );
+            return None;
+        }
+        (None, None) => None,
+        (Some(path), Some(prefix)) => {
+            problem(format!(
+                "an allow rule has path or path_prefix, not both; write path = {path:?} for that route alone, or path_prefix = {prefix:?} for that path and the paths below it"
+            ));
+            return None;
+        }
+        (Some(path), None) => {
+            if !rule_path(path) {
+                problem(format!(
+                    "path {path:?} must be a plain path: starting with /, without a query, a trailing /, an empty, \".\" or \"..\" segment, a backslash or %2e %2f %5c; e.g. path = \"/v1/models\""
+                ));
+                return None;
+            }
+            Some(Paths::Exact(path.clone()))
+        }
+        (None, Some(prefix)) => {
+            let trimmed = prefix.strip_suffix('/').filter(|p| !p.is_empty());
+            if !rule_path(trimmed.unwrap_or(prefix)) {
+                problem(format!(
+                    "path_prefix {prefix:?} must be a plain path: starting with /, without a query, an empty, \".\" or \"..\" segment, a backslash or %2e %2f %5c; e.g. path_prefix = \"/v1/\""
+                ));
+                return None;
+            }
+            Some(Paths::Prefix(prefix.clone()))
+        }
+    };
     let mut methods = Vec::new();
     for m in &r.methods {
         let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
@@ -1100,19 +1130,16 @@ fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {
             }
         }
     }
-    if let Some(prefix) = &r.path_prefix {
-        let trimmed = prefix.strip_suffix('/').filter(|p| !p.is_empty());
-        if !crate::preset::plain_path(trimmed.unwrap_or(prefix)) {
-            problem(format!(
-                "path_prefix {prefix:?} must be a plain path starting with /, e.g. \"/v1/\""
-            ));
-            return None;
-        }
-    }
-    Some(Rule {
-        methods,
-        path_prefix: r.path_prefix.clone(),
-    })
+    Some(Rule { methods, paths })
+}
+
+/// A path an `allow` rule can match: plain (see [`crate::preset::plain_path`]) and
+/// nothing but a path.
+fn rule_path(path: &str) -> bool {
+    crate::preset::plain_path(path)
+        && path
+            .parse::<http::uri::PathAndQuery>()
+            .is_ok_and(|pq| pq.query().is_none() && pq.path() == path)
 }
 
 fn valid_key_name(name: &str) -> bool {
@@ -1687,7 +1714,7 @@ mod tests {
         let (name, policy) = c.auth.keys.policies().next().unwrap();
         assert_eq!(&**name, "default");
         assert!(policy.routes.admin && policy.routes.inference);
-        assert_eq!(policy.allow[0].to_string(), "POST /v1/*");
+        assert_eq!(policy.allow[0].to_string(), "POST below /v1/");
         assert_eq!(policy.max_concurrent(), Some(4));
         assert_eq!(
             policy.not_after,
@@ -1710,7 +1737,7 @@ mod tests {
         let secrets = MapSecrets::default().with_env("API_KEY", KEY);
         for (entry, expected) in [
             ("allow = []", "lets the key do nothing"),
-            ("allow = [{}]", "needs methods, path_prefix or both"),
+            ("allow = [{}]", "needs methods, a path or path_prefix, or both"),
             ("allow = [{ methods = [\"post\"] }]", "write it in capitals"),
             (
                 "allow = [{ path_prefix = \"v1/\" }]",
@@ -1719,6 +1746,22 @@ mod tests {
             (
                 "allow = [{ path_prefix = \"/v1/../\" }]",
                 "must be a plain path",
+            ),
+            (
+                "allow = [{ path_prefix = \"/v1?x=1\" }]",
+                "must be a plain path",
+            ),
+            (
+                "allow = [{ path = \"/v1/models/\" }]",
+                "must be a plain path",
+            ),
+            (
+                "allow = [{ path = \"/v1//models\" }]",
+                "must be a plain path",
+            ),
+            (
+                "allow = [{ path = \"/v1/models\", path_prefix = \"/v1/\" }]",
+                "has path or path_prefix, not both; write path = \"/v1/models\" for that route alone, or path_prefix = \"/v1/\"",
             ),
             ("routes = [\"admin\"]", "only applies with a server preset"),
             ("max_concurrent = 0", "admits nothing"),
@@ -1802,6 +1845,20 @@ mod tests {
         );
         assert!(summary.contains("sse keep-alive:  15s\n"), "{summary}");
         assert!(!summary.contains("ops-key"), "{summary}");
+    }
+
+    #[test]
+    fn summary_says_what_each_allow_rule_admits() {
+        let text = "[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\", allow = [{ methods = [\"POST\"], path_prefix = \"/v1/chat/completions\" }, { methods = [\"GET\"], path = \"/v1/models\" }, { path_prefix = \"/v2/\" }] }]\n";
+        let summary = parse(text, &MapSecrets::default().with_env("API_KEY", KEY))
+            .unwrap()
+            .summary();
+        assert!(
+            summary.contains(
+                "key default:     allow POST /v1/chat/completions and below, GET /v1/models exactly, any method below /v2/\n"
+            ),
+            "{summary}"
+        );
     }
 
     #[test]
