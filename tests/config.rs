@@ -229,7 +229,7 @@ const EVERY_KEY: &[(&str, &str)] = &[
     ("upstream", "sse_keepalive = \"15s\""),
     (
         "auth",
-        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false, allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }], max_concurrent = 8, not_after = \"2099-01-01T00:00:00Z\" }]",
+        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false, allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }, { methods = [\"GET\"], path = \"/v1/models\" }], max_concurrent = 8, not_after = \"2099-01-01T00:00:00Z\" }]",
     ),
     ("auth", "identity_header = \"x-keygate-key\""),
     ("auth", "forward_authorization = false"),

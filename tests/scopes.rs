@@ -258,6 +258,7 @@ async fn a_prefix_admits_whole_segments_and_a_path_one_route() {
     ];
     for (method, path) in &refused {
         let reply = status(proxy.addr, method.clone(), path, Some(KEY)).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{method} {path}");
         assert_out_of_scope(&reply);
     }
     let seen = upstream.wait_for_requests(allowed.len()).await;
