@@ -172,7 +172,8 @@ struct PublicFile {
 #[serde(deny_unknown_fields)]
 struct InjectFile {
     name: String,
-    value: String,
+    /// A template: `${NAME}` is the environment variable NAME, `$$` a literal `$`.
+    value: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -1335,10 +1336,11 @@ fn inject(
             );
             continue;
         }
-        let value = match expand(&i.value, secrets) {
+        let value_key = format!("{key} value");
+        let value = match expand(i.value.get_ref(), secrets) {
             Ok(v) => v,
             Err(why) => {
-                p.at(entry.span(), &key, why);
+                p.at(i.value.span(), &value_key, why);
                 continue;
             }
         };
@@ -1348,25 +1350,34 @@ fn inject(
                 out.push(Injected { name, value: v });
             }
             Err(_) => p.at(
-                entry.span(),
-                &key,
-                "the value (after ${...} expansion) contains characters not allowed in a header, such as a newline",
+                i.value.span(),
+                &value_key,
+                "contains characters not allowed in a header (after ${...} expansion), such as a newline",
             ),
         }
     }
     out
 }
 
-/// Expands `${NAME}` from the environment; any other `$` is literal.
+/// Expands `${NAME}` from the environment and `$$` to a literal `$`. Any other `$` is an
+/// error: `$NAME` without braces looks like a variable but would reach the origin as written.
 fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
-    while let Some(start) = rest.find("${") {
+    while let Some(start) = rest.find('$') {
         out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| "value has a \"${\" without a closing \"}\"".to_owned())?;
+        let after = &rest[start + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+            continue;
+        }
+        let Some(after) = after.strip_prefix('{') else {
+            return Err(unbraced(after));
+        };
+        let end = after.find('}').ok_or_else(|| {
+            "has a \"${\" without a closing \"}\"; write ${NAME}, or $$ for a literal $".to_owned()
+        })?;
         let var = &after[..end];
         let valid = !var.is_empty()
             && !var.starts_with(|c: char| c.is_ascii_digit())
@@ -1378,12 +1389,27 @@ fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> 
         }
         match secrets.env(var) {
             Some(v) if !v.expose().is_empty() => out.push_str(v.expose()),
-            _ => return Err(format!("value uses ${{{var}}}, but the environment variable {var} is not set or empty; set it")),
+            _ => return Err(format!("uses ${{{var}}}, but the environment variable {var} is not set or empty; set it")),
         }
         rest = &after[end + 1..];
     }
     out.push_str(rest);
     Ok(Secret::new(out))
+}
+
+/// The problem with a `$` followed by neither `{` nor `$`; `after` is the text after it. The
+/// name is repeated only when it looks like an environment variable (capitals, digits, `_`),
+/// so a literal value that happens to hold a `$` is not echoed into the log.
+fn unbraced(after: &str) -> String {
+    let end = after
+        .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+        .unwrap_or(after.len());
+    let name = &after[..end];
+    if name.starts_with(|c: char| c.is_ascii_uppercase() || c == '_') {
+        format!("has ${name} without braces, which would be sent as written; write ${{{name}}} to insert the environment variable {name}, or $${name} for a literal $")
+    } else {
+        "has a $ that starts no ${NAME}; write ${NAME} to insert an environment variable, or $$ for a literal $".to_owned()
+    }
 }
 
 /// Whether two listen addresses would collide: same port, and the same IP or a wildcard.
@@ -1571,8 +1597,45 @@ mod tests {
         assert_eq!(c.inject[0].value, "Bearer upstream-key");
         assert!(c.inject[0].value.is_sensitive());
         let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
-        assert!(e.starts_with("test.toml:3:1: [[inject]]"), "{e}");
+        assert!(
+            e.starts_with("test.toml:5:9: [[inject]] (name = \"Authorization\") value: uses ${UP}"),
+            "{e}"
+        );
         assert!(e.contains("environment variable UP"), "{e}");
+    }
+
+    #[test]
+    fn a_dollar_starts_a_braced_name_or_is_doubled() {
+        let secrets = MapSecrets::default()
+            .with_env("API_KEY", KEY)
+            .with_env("S", "shared");
+        let inject = |value: &str| {
+            format!(
+                "{}[[inject]]\nname = \"x-secret\"\nvalue = '{value}'\n",
+                minimal()
+            )
+        };
+        let c = parse(&inject("$$5 ${S}$$${S}$$ $${S}"), &secrets).unwrap();
+        assert_eq!(c.inject[0].value, "$5 shared$shared$ ${S}");
+        for (value, expected) in [
+            (
+                "$SHARED_SECRET",
+                "has $SHARED_SECRET without braces, which would be sent as written; write ${SHARED_SECRET} to insert the environment variable SHARED_SECRET, or $$SHARED_SECRET for a literal $",
+            ),
+            ("Bearer $UP_1-x", "write ${UP_1} to insert"),
+            ("price: 5$", "has a $ that starts no ${NAME}; write ${NAME} to insert an environment variable, or $$ for a literal $"),
+            ("pa$sword", "has a $ that starts no ${NAME}"),
+            ("$$$S", "write ${S} to insert"),
+            ("${S", "without a closing"),
+        ] {
+            let e = errors(&inject(value), &secrets);
+            assert!(
+                e.starts_with("test.toml:5:9: [[inject]] (name = \"x-secret\") value: "),
+                "{value}: {e}"
+            );
+            assert!(e.contains(expected), "{value}: {e}");
+        }
+        assert!(!errors(&inject("pa$sword"), &secrets).contains("sword"));
     }
 
     #[test]

@@ -100,7 +100,10 @@ fn missing_secret_exits_2_naming_the_variable_and_the_config_line() {
         run_to_end(&["--config", path.to_str().unwrap()], &[("API_KEY", KEY)]);
     assert_eq!(status.code(), Some(2));
     assert!(
-        stderr.contains(&format!("{}:6:1: [[inject]]", path.display())),
+        stderr.contains(&format!(
+            "{}:8:9: [[inject]] (name = \"x-shared-secret\") value: uses ${{SHARED_SECRET}}",
+            path.display()
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("SHARED_SECRET"), "{stderr}");
@@ -291,4 +294,28 @@ fn default_config_documents_every_key() {
             "{key} is not documented in config/keygate.toml"
         );
     }
+}
+
+#[test]
+fn a_dollar_without_braces_is_refused_and_a_doubled_one_is_literal() {
+    let dir = TempDir::new("dollar");
+    let path = dir.write(
+        "keygate.toml",
+        &GOOD.replace("${SHARED_SECRET}", "$SHARED_SECRET"),
+    );
+    let (status, stdout, stderr) =
+        run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+    assert_eq!(status.code(), Some(2), "{stdout}");
+    let expected = format!(
+        "{}:8:9: [[inject]] (name = \"x-shared-secret\") value: has $SHARED_SECRET without braces, which would be sent as written; write ${{SHARED_SECRET}} to insert the environment variable SHARED_SECRET, or $$SHARED_SECRET for a literal $",
+        path.display()
+    );
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    assert!(!stderr.contains(SHARED_SECRET), "{stderr}");
+    let path = dir.write(
+        "escaped.toml",
+        &GOOD.replace("${SHARED_SECRET}", "$$5-${SHARED_SECRET}"),
+    );
+    let (status, _, stderr) = run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+    assert!(status.success(), "{stderr}");
 }
