@@ -952,6 +952,8 @@ fn auth(
     p: &mut Problems<'_>,
 ) -> Option<Auth> {
     let mut keys: Vec<NamedKey> = Vec::new();
+    // Where each key with a value is written, for a clash of values.
+    let mut spans = Vec::new();
     let mut absent_optional = Vec::new();
     let mut file_keys = Vec::new();
     for entry in &a.keys {
@@ -963,7 +965,7 @@ fn auth(
                 &key,
                 "name must be 1-64 characters of A-Z a-z 0-9 . _ -",
             );
-        } else if keys.iter().any(|(n, _, _)| *n == k.name)
+        } else if keys.iter().any(|named| named.name == k.name)
             || absent_optional.iter().any(|(n, _)| *n == k.name)
         {
             p.at(
@@ -995,7 +997,15 @@ fn auth(
             }
         };
         match resolve_key(&source, k.optional, secrets) {
-            Ok(Some(secret)) => keys.push((k.name.clone(), secret, policy)),
+            Ok(Some(secret)) => {
+                spans.push((k.name.clone(), entry.span()));
+                keys.push(NamedKey {
+                    name: k.name.clone(),
+                    origin: source.to_string(),
+                    secret,
+                    policy,
+                });
+            }
             Ok(None) => absent_optional.push((k.name.clone(), policy)),
             Err(why) => p.at(entry.span(), &key, why),
         }
@@ -1021,8 +1031,22 @@ fn auth(
         }
         Some(name)
     });
+    let keys = KeySet::new(keys).map_err(|clashes| {
+        for clash in clashes {
+            let later = &clash.second.0;
+            let span = spans
+                .iter()
+                .find(|(name, _)| **name == **later)
+                .map_or(0..0, |(_, span)| span.clone());
+            p.at(
+                span,
+                format!("[auth] keys (name = \"{later}\")"),
+                clash.to_string(),
+            );
+        }
+    });
     Some(Auth {
-        keys: KeySet::new(keys),
+        keys: keys.ok()?,
         file_keys,
         absent_optional,
         identity_header,
@@ -1217,6 +1241,15 @@ enum KeySource {
     File(PathBuf),
 }
 
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Env(var) => write!(f, "environment variable {var}"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
 /// A key's value: `Ok(None)` for an optional key that is not set (an empty variable or file
 /// counts as not set), `Err` with what is wrong and what to do.
 fn resolve_key(
@@ -1224,13 +1257,11 @@ fn resolve_key(
     optional: bool,
     secrets: &dyn SecretSource,
 ) -> Result<Option<Secret>, String> {
-    let (found, origin) = match source {
-        KeySource::Env(var) => (Ok(secrets.env(var)), format!("environment variable {var}")),
-        KeySource::File(path) => (
-            secrets.file(path).map(Some),
-            format!("file {}", path.display()),
-        ),
+    let found = match source {
+        KeySource::Env(var) => Ok(secrets.env(var)),
+        KeySource::File(path) => secrets.file(path).map(Some),
     };
+    let origin = source.to_string();
     match found.map(|s| s.filter(|s| !s.expose().is_empty())) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && optional => Ok(None),
         Err(e) => Err(format!("cannot read the {origin}: {e}")),
@@ -1245,8 +1276,9 @@ fn resolve_key(
     }
 }
 
-/// The key set after re-reading the key files (SIGHUP): environment keys stay as loaded at
-/// start-up, file keys take the files' current values. Any problem leaves `current` in force.
+/// The key set after re-reading the key files (SIGHUP or a changed file): environment keys
+/// stay as loaded at start-up, file keys take the files' current values. Any problem, two
+/// keys with one value included, leaves `current` in force.
 pub fn reload_file_keys(
     current: &KeySet,
     file_keys: &[FileKey],
@@ -1255,8 +1287,14 @@ pub fn reload_file_keys(
     let mut fresh = Vec::new();
     let mut problems = Vec::new();
     for k in file_keys {
-        match resolve_key(&KeySource::File(k.path.clone()), k.optional, secrets) {
-            Ok(Some(secret)) => fresh.push((k.name.clone(), secret, k.policy.clone())),
+        let source = KeySource::File(k.path.clone());
+        match resolve_key(&source, k.optional, secrets) {
+            Ok(Some(secret)) => fresh.push(NamedKey {
+                name: k.name.clone(),
+                origin: source.to_string(),
+                secret,
+                policy: k.policy.clone(),
+            }),
             Ok(None) => {}
             Err(why) => problems.push(format!("key \"{}\": {why}", k.name)),
         }
@@ -1264,7 +1302,12 @@ pub fn reload_file_keys(
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
-    let keys = current.replacing(|name| file_keys.iter().any(|k| k.name == name), fresh);
+    let keys = current
+        .replacing(|name| file_keys.iter().any(|k| k.name == name), fresh)
+        .map_err(|clashes| {
+            let clashes: Vec<String> = clashes.iter().map(ToString::to_string).collect();
+            clashes.join("; ")
+        })?;
     if keys.is_empty() {
         return Err("no key would be left to admit anyone".into());
     }
@@ -1581,6 +1624,31 @@ mod tests {
             e.contains("\"ci\"") && e.contains("shorter than 16 bytes") && !e.contains("short\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn two_keys_with_one_value_are_refused_at_start_and_on_reload() {
+        let text = "[auth]\nkeys = [{ name = \"restricted\", env = \"A\", allow = [{ path = \"/v1/models\" }] },\n  { name = \"admin\", file = \"/k\" }]\n";
+        let e = errors(
+            text,
+            &MapSecrets::default().with_env("A", KEY).with_file("/k", KEY),
+        );
+        assert!(
+            e.starts_with("test.toml:3:3: [auth] keys (name = \"admin\"): keys \"restricted\" (environment variable A) and \"admin\" (file /k) have the same value"),
+            "{e}"
+        );
+        assert!(!e.contains(KEY), "{e}");
+        let start = MapSecrets::default()
+            .with_env("A", KEY)
+            .with_file("/k", "admin-key-0123456789");
+        let c = parse(text, &start).unwrap();
+        let pasted = MapSecrets::default().with_file("/k", KEY);
+        let e = reload_file_keys(&c.auth.keys, &c.auth.file_keys, &pasted).unwrap_err();
+        assert!(
+            e.starts_with("keys \"restricted\" (environment variable A) and \"admin\" (file /k) have the same value"),
+            "{e}"
+        );
+        assert!(!e.contains(KEY), "{e}");
     }
 
     #[test]

@@ -319,3 +319,28 @@ fn a_dollar_without_braces_is_refused_and_a_doubled_one_is_literal() {
     let (status, _, stderr) = run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
     assert!(status.success(), "{stderr}");
 }
+
+#[test]
+fn two_keys_with_one_value_stop_check_and_start_up_naming_both() {
+    let dir = TempDir::new("same-value");
+    let admin = dir.write("admin-key", &format!("{KEY}\n"));
+    let text = GOOD.replace(
+        "{ name = \"next\", env = \"API_KEY_NEXT\", optional = true }",
+        &format!("{{ name = \"admin\", file = \"{}\" }}", admin.display()),
+    );
+    let path = dir.write("keygate.toml", &text);
+    let line = text.lines().nth(4).unwrap();
+    let column = line.find("{ name = \"admin\"").unwrap() + 1;
+    let expected = format!(
+        "{}:5:{column}: [auth] keys (name = \"admin\"): keys \"default\" (environment variable API_KEY) and \"admin\" (file {}) have the same value",
+        path.display(),
+        admin.display()
+    );
+    let config = path.to_str().unwrap();
+    for args in [&["check", "--config", config][..], &["--config", config]] {
+        let (status, stdout, stderr) = run_to_end(args, &env());
+        assert_eq!(status.code(), Some(2), "{args:?}: {stdout}");
+        assert!(stderr.starts_with(&expected), "{args:?}: {stderr}");
+        assert!(!stdout.contains(KEY) && !stderr.contains(KEY), "{stderr}");
+    }
+}
