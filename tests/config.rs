@@ -156,6 +156,7 @@ fn example_configs_pass_check() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
     let env = [
         ("API_KEY", KEY),
+        ("OPS_KEY", CI_KEY),
         ("SHARED_SECRET", SHARED_SECRET),
         ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
     ];
@@ -343,4 +344,53 @@ fn two_keys_with_one_value_stop_check_and_start_up_naming_both() {
         assert!(stderr.starts_with(&expected), "{args:?}: {stderr}");
         assert!(!stdout.contains(KEY) && !stderr.contains(KEY), "{stderr}");
     }
+}
+
+/// The text of the `keygate.toml: |` entry of a manifest: the lines below the entry that are
+/// blank or indented deeper than it, without the block's indentation, as YAML reads a
+/// literal block scalar (one final newline kept).
+fn embedded_config(manifest: &str) -> String {
+    let indent = |line: &str| line.len() - line.trim_start_matches(' ').len();
+    let mut lines = manifest
+        .lines()
+        .skip_while(|line| line.trim() != "keygate.toml: |");
+    let entry = lines.next().expect("a `keygate.toml: |` entry");
+    let mut block: Vec<&str> = lines
+        .take_while(|line| line.trim().is_empty() || indent(line) > indent(entry))
+        .collect();
+    while block.last().is_some_and(|line| line.trim().is_empty()) {
+        block.pop();
+    }
+    let margin = " ".repeat(indent(block.first().expect("an entry with text")));
+    block
+        .iter()
+        .map(|line| {
+            let text = match line.strip_prefix(&margin) {
+                Some(text) => text,
+                None if line.trim().is_empty() => "",
+                None => panic!("{line:?} is indented less than the block"),
+            };
+            format!("{text}\n")
+        })
+        .collect()
+}
+
+#[test]
+fn the_kubernetes_example_embeds_the_vllm_sidecar_config_unchanged() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let manifest = std::fs::read_to_string(format!("{examples}/kubernetes-sidecar.yaml")).unwrap();
+    let config = std::fs::read_to_string(format!("{examples}/vllm-sidecar.toml")).unwrap();
+    let embedded = embedded_config(&manifest);
+    for (n, (inside, outside)) in embedded.lines().zip(config.lines()).enumerate() {
+        assert_eq!(
+            inside,
+            outside,
+            "line {} of vllm-sidecar.toml differs in kubernetes-sidecar.yaml's ConfigMap",
+            n + 1
+        );
+    }
+    assert_eq!(
+        embedded, config,
+        "kubernetes-sidecar.yaml's ConfigMap must hold vllm-sidecar.toml unchanged"
+    );
 }
