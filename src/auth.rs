@@ -372,7 +372,10 @@ mod tests {
 
     #[test]
     fn replacing_refuses_a_fresh_key_with_a_kept_keys_value() {
-        let keys = keyset(&[("env", "env-value-0123456789"), ("file", "old-value-0123456789")]);
+        let keys = keyset(&[
+            ("env", "env-value-0123456789"),
+            ("file", "old-value-0123456789"),
+        ]);
         let is_file = |name: &str| name == "file";
         let clash = keys
             .replacing(is_file, vec![named("file", "env-value-0123456789")])
@@ -381,7 +384,10 @@ mod tests {
         let rotated = keys
             .replacing(is_file, vec![named("file", "new-value-0123456789")])
             .unwrap();
-        assert_eq!(&*rotated.verify(b"new-value-0123456789").unwrap().name, "file");
+        assert_eq!(
+            &*rotated.verify(b"new-value-0123456789").unwrap().name,
+            "file"
+        );
         assert!(rotated.verify(b"old-value-0123456789").is_none());
     }
 

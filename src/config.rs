@@ -1432,7 +1432,9 @@ fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> 
         }
         match secrets.env(var) {
             Some(v) if !v.expose().is_empty() => out.push_str(v.expose()),
-            _ => return Err(format!("uses ${{{var}}}, but the environment variable {var} is not set or empty; set it")),
+            _ => return Err(format!(
+                "uses ${{{var}}}, but the environment variable {var} is not set or empty; set it"
+            )),
         }
         rest = &after[end + 1..];
     }
@@ -1631,7 +1633,9 @@ mod tests {
         let text = "[auth]\nkeys = [{ name = \"restricted\", env = \"A\", allow = [{ path = \"/v1/models\" }] },\n  { name = \"admin\", file = \"/k\" }]\n";
         let e = errors(
             text,
-            &MapSecrets::default().with_env("A", KEY).with_file("/k", KEY),
+            &MapSecrets::default()
+                .with_env("A", KEY)
+                .with_file("/k", KEY),
         );
         assert!(
             e.starts_with("test.toml:3:3: [auth] keys (name = \"admin\"): keys \"restricted\" (environment variable A) and \"admin\" (file /k) have the same value"),

@@ -195,7 +195,10 @@ fn a_reload_that_would_give_two_keys_one_value_keeps_the_old_keys() {
     std::fs::rename(&pasted, &admin).unwrap();
     keygate.signal("HUP");
     let line = keygate.wait_for_line("have the same value");
-    assert!(line.contains("key reload failed; the previous keys stay in force"), "{line}");
+    assert!(
+        line.contains("key reload failed; the previous keys stay in force"),
+        "{line}"
+    );
     assert!(
         line.contains(&format!(
             "keys \\\"default\\\" (environment variable API_KEY) and \\\"admin\\\" (file {})",
@@ -203,8 +206,16 @@ fn a_reload_that_would_give_two_keys_one_value_keeps_the_old_keys() {
         )),
         "{line}"
     );
-    assert_eq!(chat(OLD), StatusCode::OK, "the admin key still has its value");
-    assert_eq!(chat(KEY), StatusCode::FORBIDDEN, "the restricted key gained nothing");
+    assert_eq!(
+        chat(OLD),
+        StatusCode::OK,
+        "the admin key still has its value"
+    );
+    assert_eq!(
+        chat(KEY),
+        StatusCode::FORBIDDEN,
+        "the restricted key gained nothing"
+    );
     let (status, output) = keygate.terminate();
     assert!(status.success(), "{output}");
     assert!(!output.contains(KEY) && !output.contains(OLD), "{output}");
