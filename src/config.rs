@@ -1432,9 +1432,11 @@ fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> 
         }
         match secrets.env(var) {
             Some(v) if !v.expose().is_empty() => out.push_str(v.expose()),
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "uses ${{{var}}}, but the environment variable {var} is not set or empty; set it"
-            )),
+            ))
+            }
         }
         rest = &after[end + 1..];
     }
