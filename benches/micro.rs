@@ -86,12 +86,15 @@ fn auth_verify(c: &mut Criterion) {
         let set = KeySet::new(
             keys.into_iter()
                 .enumerate()
-                .map(|(i, key)| {
-                    let policy = std::sync::Arc::new(keygate::policy::scope::Policy::default());
-                    (format!("key-{i}"), Secret::new(key), policy)
+                .map(|(i, key)| auth::NamedKey {
+                    name: format!("key-{i}"),
+                    origin: format!("environment variable KEY_{i}"),
+                    secret: Secret::new(key),
+                    policy: std::sync::Arc::new(keygate::policy::scope::Policy::default()),
                 })
                 .collect(),
-        );
+        )
+        .expect("random keys differ");
         let wrong = auth::generate_key().expect("OS randomness");
         group.bench_with_input(BenchmarkId::new("last_key", n), &last, |b, token| {
             b.iter(|| set.verify(black_box(token.as_bytes())))

@@ -100,7 +100,10 @@ fn missing_secret_exits_2_naming_the_variable_and_the_config_line() {
         run_to_end(&["--config", path.to_str().unwrap()], &[("API_KEY", KEY)]);
     assert_eq!(status.code(), Some(2));
     assert!(
-        stderr.contains(&format!("{}:6:1: [[inject]]", path.display())),
+        stderr.contains(&format!(
+            "{}:8:9: [[inject]] (name = \"x-shared-secret\") value: uses ${{SHARED_SECRET}}",
+            path.display()
+        )),
         "{stderr}"
     );
     assert!(stderr.contains("SHARED_SECRET"), "{stderr}");
@@ -153,6 +156,7 @@ fn example_configs_pass_check() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
     let env = [
         ("API_KEY", KEY),
+        ("OPS_KEY", CI_KEY),
         ("SHARED_SECRET", SHARED_SECRET),
         ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
     ];
@@ -229,7 +233,7 @@ const EVERY_KEY: &[(&str, &str)] = &[
     ("upstream", "sse_keepalive = \"15s\""),
     (
         "auth",
-        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false, allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }], max_concurrent = 8, not_after = \"2099-01-01T00:00:00Z\" }]",
+        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false, allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }, { methods = [\"GET\"], path = \"/v1/models\" }], max_concurrent = 8, not_after = \"2099-01-01T00:00:00Z\" }]",
     ),
     ("auth", "identity_header = \"x-keygate-key\""),
     ("auth", "forward_authorization = false"),
@@ -291,4 +295,102 @@ fn default_config_documents_every_key() {
             "{key} is not documented in config/keygate.toml"
         );
     }
+}
+
+#[test]
+fn a_dollar_without_braces_is_refused_and_a_doubled_one_is_literal() {
+    let dir = TempDir::new("dollar");
+    let path = dir.write(
+        "keygate.toml",
+        &GOOD.replace("${SHARED_SECRET}", "$SHARED_SECRET"),
+    );
+    let (status, stdout, stderr) =
+        run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+    assert_eq!(status.code(), Some(2), "{stdout}");
+    let expected = format!(
+        "{}:8:9: [[inject]] (name = \"x-shared-secret\") value: has $SHARED_SECRET without braces, which would be sent as written; write ${{SHARED_SECRET}} to insert the environment variable SHARED_SECRET, or $$SHARED_SECRET for a literal $",
+        path.display()
+    );
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    assert!(!stderr.contains(SHARED_SECRET), "{stderr}");
+    let path = dir.write(
+        "escaped.toml",
+        &GOOD.replace("${SHARED_SECRET}", "$$5-${SHARED_SECRET}"),
+    );
+    let (status, _, stderr) = run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+    assert!(status.success(), "{stderr}");
+}
+
+#[test]
+fn two_keys_with_one_value_stop_check_and_start_up_naming_both() {
+    let dir = TempDir::new("same-value");
+    let admin = dir.write("admin-key", &format!("{KEY}\n"));
+    let text = GOOD.replace(
+        "{ name = \"next\", env = \"API_KEY_NEXT\", optional = true }",
+        &format!("{{ name = \"admin\", file = \"{}\" }}", admin.display()),
+    );
+    let path = dir.write("keygate.toml", &text);
+    let line = text.lines().nth(4).unwrap();
+    let column = line.find("{ name = \"admin\"").unwrap() + 1;
+    let expected = format!(
+        "{}:5:{column}: [auth] keys (name = \"admin\"): keys \"default\" (environment variable API_KEY) and \"admin\" (file {}) have the same value",
+        path.display(),
+        admin.display()
+    );
+    let config = path.to_str().unwrap();
+    for args in [&["check", "--config", config][..], &["--config", config]] {
+        let (status, stdout, stderr) = run_to_end(args, &env());
+        assert_eq!(status.code(), Some(2), "{args:?}: {stdout}");
+        assert!(stderr.starts_with(&expected), "{args:?}: {stderr}");
+        assert!(!stdout.contains(KEY) && !stderr.contains(KEY), "{stderr}");
+    }
+}
+
+/// The text of the `keygate.toml: |` entry of a manifest: the lines below the entry that are
+/// blank or indented deeper than it, without the block's indentation, as YAML reads a
+/// literal block scalar (one final newline kept).
+fn embedded_config(manifest: &str) -> String {
+    let indent = |line: &str| line.len() - line.trim_start_matches(' ').len();
+    let mut lines = manifest
+        .lines()
+        .skip_while(|line| line.trim() != "keygate.toml: |");
+    let entry = lines.next().expect("a `keygate.toml: |` entry");
+    let mut block: Vec<&str> = lines
+        .take_while(|line| line.trim().is_empty() || indent(line) > indent(entry))
+        .collect();
+    while block.last().is_some_and(|line| line.trim().is_empty()) {
+        block.pop();
+    }
+    let margin = " ".repeat(indent(block.first().expect("an entry with text")));
+    block
+        .iter()
+        .map(|line| {
+            let text = match line.strip_prefix(&margin) {
+                Some(text) => text,
+                None if line.trim().is_empty() => "",
+                None => panic!("{line:?} is indented less than the block"),
+            };
+            format!("{text}\n")
+        })
+        .collect()
+}
+
+#[test]
+fn the_kubernetes_example_embeds_the_vllm_sidecar_config_unchanged() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
+    let manifest = std::fs::read_to_string(format!("{examples}/kubernetes-sidecar.yaml")).unwrap();
+    let config = std::fs::read_to_string(format!("{examples}/vllm-sidecar.toml")).unwrap();
+    let embedded = embedded_config(&manifest);
+    for (n, (inside, outside)) in embedded.lines().zip(config.lines()).enumerate() {
+        assert_eq!(
+            inside,
+            outside,
+            "line {} of vllm-sidecar.toml differs in kubernetes-sidecar.yaml's ConfigMap",
+            n + 1
+        );
+    }
+    assert_eq!(
+        embedded, config,
+        "kubernetes-sidecar.yaml's ConfigMap must hold vllm-sidecar.toml unchanged"
+    );
 }

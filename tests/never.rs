@@ -76,7 +76,7 @@ fn never_a_secret_value_in_a_log_line() {
         .collect();
     let access: Vec<_> = events
         .iter()
-        .filter(|e| e["target"] == "keygate::access")
+        .filter(|e| e["target"] == "keygate::observe::access")
         .collect();
     assert_eq!(access.len(), 9, "one access line per request:\n{output}");
     for line in &access {

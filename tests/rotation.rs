@@ -3,7 +3,7 @@
 
 mod support;
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use support::process::{Running, TempDir, ENV};
 use support::*;
 
@@ -160,4 +160,63 @@ fn sighup_makes_the_binary_reread_its_key_files() {
     let (status, output) = keygate.terminate();
     assert!(status.success(), "{output}");
     assert!(!output.contains(OLD) && !output.contains(NEW), "{output}");
+}
+
+#[test]
+fn a_reload_that_would_give_two_keys_one_value_keeps_the_old_keys() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(start_upstream());
+    let dir = TempDir::new("rotation-same-value");
+    let admin = dir.write("admin", OLD);
+    let config = config_text(upstream.addr, "").replace(
+        "keys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ci\", env = \"CI_KEY\" }]",
+        &format!(
+            "keys = [{{ name = \"default\", env = \"API_KEY\", allow = [{{ methods = [\"GET\"], path = \"/v1/models\" }}] }}, {{ name = \"admin\", file = \"{}\" }}]",
+            admin.display()
+        ),
+    )
+    .replace("level = \"warn\"", "level = \"info\"");
+    let path = dir.write("keygate.toml", &config);
+    let mut keygate = Running::start(&path, &ENV);
+    let addr = keygate.addr;
+    let chat = |key: &str| {
+        let request = request(
+            Method::POST,
+            "/v1/chat/completions",
+            &[("authorization", &bearer(key))],
+            "",
+        );
+        runtime.block_on(send(addr, request)).status
+    };
+    assert_eq!(chat(KEY), StatusCode::FORBIDDEN);
+    assert_eq!(chat(OLD), StatusCode::OK);
+    // The restricted key's value pasted into the admin key's file, published in one step.
+    let pasted = dir.write("admin.new", KEY);
+    std::fs::rename(&pasted, &admin).unwrap();
+    keygate.signal("HUP");
+    let line = keygate.wait_for_line("have the same value");
+    assert!(
+        line.contains("key reload failed; the previous keys stay in force"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!(
+            "keys \\\"default\\\" (environment variable API_KEY) and \\\"admin\\\" (file {})",
+            admin.display()
+        )),
+        "{line}"
+    );
+    assert_eq!(
+        chat(OLD),
+        StatusCode::OK,
+        "the admin key still has its value"
+    );
+    assert_eq!(
+        chat(KEY),
+        StatusCode::FORBIDDEN,
+        "the restricted key gained nothing"
+    );
+    let (status, output) = keygate.terminate();
+    assert!(status.success(), "{output}");
+    assert!(!output.contains(KEY) && !output.contains(OLD), "{output}");
 }

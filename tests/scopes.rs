@@ -225,3 +225,45 @@ async fn allow_rules_narrow_a_preset_further() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_prefix_admits_whole_segments_and_a_path_one_route() {
+    let upstream = start_upstream().await;
+    let keys = r#"{ name = "default", env = "API_KEY", allow = [{ methods = ["POST"], path_prefix = "/v1/chat/completions" }, { methods = ["GET"], path = "/v1/models" }] }"#;
+    let proxy = start_proxy_with(&scoped_config(upstream.addr, keys, "")).await;
+    let allowed = [
+        (Method::POST, "/v1/chat/completions"),
+        (Method::POST, "/v1/chat/completions/batch"),
+        (Method::GET, "/v1/models"),
+        (Method::GET, "/v1/models?limit=1"),
+    ];
+    for (method, path) in &allowed {
+        let reply = status(proxy.addr, method.clone(), path, Some(KEY)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{method} {path}");
+    }
+    let refused = [
+        (Method::POST, "/v1/chat/completionsX"),
+        (Method::POST, "/v1/chat/completions.json"),
+        (Method::POST, "/v1/chat/completions/"),
+        (Method::POST, "/v1/chat"),
+        (Method::GET, "/v1/modelsX"),
+        (Method::GET, "/v1/models/"),
+        (Method::GET, "/v1/models/some-model"),
+        (Method::GET, "//v1/models"),
+        (Method::GET, "/v1//models"),
+        (Method::GET, "/v1/./models"),
+        (Method::GET, "/v1/x/../models"),
+        (Method::GET, "/v1/%2e/models"),
+        (Method::GET, "/v1%2fmodels"),
+    ];
+    for (method, path) in &refused {
+        let reply = status(proxy.addr, method.clone(), path, Some(KEY)).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{method} {path}");
+        assert_out_of_scope(&reply);
+    }
+    let seen = upstream.wait_for_requests(allowed.len()).await;
+    let reached: Vec<String> = seen.iter().map(|s| s.uri.clone()).collect();
+    let expected: Vec<String> = allowed.iter().map(|(_, p)| (*p).to_owned()).collect();
+    assert_eq!(reached, expected, "no refused request reached the upstream");
+    proxy.stop().await;
+}

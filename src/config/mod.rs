@@ -26,7 +26,7 @@ use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
 use crate::listener::tls::{self, Certificate};
 use crate::policy::auth::{KeySet, NamedKey};
 use crate::policy::preset::{Preset, PRESETS};
-use crate::policy::scope::{Classes, Clock, Policy, Rule};
+use crate::policy::scope::{Classes, Clock, Paths, Policy, Rule};
 
 /// Keys shorter than this are refused at start-up.
 pub const MIN_KEY_BYTES: usize = 16;
@@ -139,12 +139,14 @@ struct KeyFile {
     not_after: Option<toml::Value>,
 }
 
-/// One `allow` rule as written: `{ methods = ["POST"], path_prefix = "/v1/" }`.
+/// One `allow` rule as written: `{ methods = ["POST"], path_prefix = "/v1/" }` or
+/// `{ methods = ["GET"], path = "/v1/models" }`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleFile {
     #[serde(default)]
     methods: Vec<String>,
+    path: Option<String>,
     path_prefix: Option<String>,
 }
 
@@ -172,7 +174,8 @@ struct PublicFile {
 #[serde(deny_unknown_fields)]
 struct InjectFile {
     name: String,
-    value: String,
+    /// A template: `${NAME}` is the environment variable NAME, `$$` a literal `$`.
+    value: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -951,6 +954,8 @@ fn auth(
     p: &mut Problems<'_>,
 ) -> Option<Auth> {
     let mut keys: Vec<NamedKey> = Vec::new();
+    // Where each key with a value is written, for a clash of values.
+    let mut spans = Vec::new();
     let mut absent_optional = Vec::new();
     let mut file_keys = Vec::new();
     for entry in &a.keys {
@@ -962,7 +967,7 @@ fn auth(
                 &key,
                 "name must be 1-64 characters of A-Z a-z 0-9 . _ -",
             );
-        } else if keys.iter().any(|(n, _, _)| *n == k.name)
+        } else if keys.iter().any(|named| named.name == k.name)
             || absent_optional.iter().any(|(n, _)| *n == k.name)
         {
             p.at(
@@ -994,7 +999,15 @@ fn auth(
             }
         };
         match resolve_key(&source, k.optional, secrets) {
-            Ok(Some(secret)) => keys.push((k.name.clone(), secret, policy)),
+            Ok(Some(secret)) => {
+                spans.push((k.name.clone(), entry.span()));
+                keys.push(NamedKey {
+                    name: k.name.clone(),
+                    origin: source.to_string(),
+                    secret,
+                    policy,
+                });
+            }
             Ok(None) => absent_optional.push((k.name.clone(), policy)),
             Err(why) => p.at(entry.span(), &key, why),
         }
@@ -1020,8 +1033,22 @@ fn auth(
         }
         Some(name)
     });
+    let keys = KeySet::new(keys).map_err(|clashes| {
+        for clash in clashes {
+            let later = &clash.second.0;
+            let span = spans
+                .iter()
+                .find(|(name, _)| **name == **later)
+                .map_or(0..0, |(_, span)| span.clone());
+            p.at(
+                span,
+                format!("[auth] keys (name = \"{later}\")"),
+                clash.to_string(),
+            );
+        }
+    });
     Some(Auth {
-        keys: KeySet::new(keys),
+        keys: keys.ok()?,
         file_keys,
         absent_optional,
         identity_header,
@@ -1082,13 +1109,41 @@ fn policy(k: &KeyFile, preset: Option<&Preset>, problem: &mut dyn FnMut(String))
 }
 
 fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {
-    if r.methods.is_empty() && r.path_prefix.is_none() {
-        problem(
-            "an allow rule needs methods, path_prefix or both; leave allow out to allow everything"
-                .into(),
-        );
-        return None;
-    }
+    let paths = match (&r.path, &r.path_prefix) {
+        (None, None) if r.methods.is_empty() => {
+            problem(
+                "an allow rule needs methods, a path or path_prefix, or both; leave allow out to allow everything"
+                    .into(),
+            );
+            return None;
+        }
+        (None, None) => None,
+        (Some(path), Some(prefix)) => {
+            problem(format!(
+                "an allow rule has path or path_prefix, not both; write path = {path:?} for that route alone, or path_prefix = {prefix:?} for that path and the paths below it"
+            ));
+            return None;
+        }
+        (Some(path), None) => {
+            if !rule_path(path) {
+                problem(format!(
+                    "path {path:?} must be a plain path: starting with /, without a query, a trailing /, an empty, \".\" or \"..\" segment, a backslash or %2e %2f %5c; e.g. path = \"/v1/models\""
+                ));
+                return None;
+            }
+            Some(Paths::Exact(path.clone()))
+        }
+        (None, Some(prefix)) => {
+            let trimmed = prefix.strip_suffix('/').filter(|p| !p.is_empty());
+            if !rule_path(trimmed.unwrap_or(prefix)) {
+                problem(format!(
+                    "path_prefix {prefix:?} must be a plain path: starting with /, without a query, an empty, \".\" or \"..\" segment, a backslash or %2e %2f %5c; e.g. path_prefix = \"/v1/\""
+                ));
+                return None;
+            }
+            Some(Paths::Prefix(prefix.clone()))
+        }
+    };
     let mut methods = Vec::new();
     for m in &r.methods {
         let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
@@ -1102,19 +1157,16 @@ fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {
             }
         }
     }
-    if let Some(prefix) = &r.path_prefix {
-        let trimmed = prefix.strip_suffix('/').filter(|p| !p.is_empty());
-        if !crate::policy::preset::plain_path(trimmed.unwrap_or(prefix)) {
-            problem(format!(
-                "path_prefix {prefix:?} must be a plain path starting with /, e.g. \"/v1/\""
-            ));
-            return None;
-        }
-    }
-    Some(Rule {
-        methods,
-        path_prefix: r.path_prefix.clone(),
-    })
+    Some(Rule { methods, paths })
+}
+
+/// A path an `allow` rule can match: plain (see [`crate::policy::preset::plain_path`]) and
+/// nothing but a path.
+fn rule_path(path: &str) -> bool {
+    crate::policy::preset::plain_path(path)
+        && path
+            .parse::<http::uri::PathAndQuery>()
+            .is_ok_and(|pq| pq.query().is_none() && pq.path() == path)
 }
 
 fn valid_key_name(name: &str) -> bool {
@@ -1191,6 +1243,15 @@ enum KeySource {
     File(PathBuf),
 }
 
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Env(var) => write!(f, "environment variable {var}"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
 /// A key's value: `Ok(None)` for an optional key that is not set (an empty variable or file
 /// counts as not set), `Err` with what is wrong and what to do.
 fn resolve_key(
@@ -1198,13 +1259,11 @@ fn resolve_key(
     optional: bool,
     secrets: &dyn SecretSource,
 ) -> Result<Option<Secret>, String> {
-    let (found, origin) = match source {
-        KeySource::Env(var) => (Ok(secrets.env(var)), format!("environment variable {var}")),
-        KeySource::File(path) => (
-            secrets.file(path).map(Some),
-            format!("file {}", path.display()),
-        ),
+    let found = match source {
+        KeySource::Env(var) => Ok(secrets.env(var)),
+        KeySource::File(path) => secrets.file(path).map(Some),
     };
+    let origin = source.to_string();
     match found.map(|s| s.filter(|s| !s.expose().is_empty())) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && optional => Ok(None),
         Err(e) => Err(format!("cannot read the {origin}: {e}")),
@@ -1219,8 +1278,9 @@ fn resolve_key(
     }
 }
 
-/// The key set after re-reading the key files (SIGHUP): environment keys stay as loaded at
-/// start-up, file keys take the files' current values. Any problem leaves `current` in force.
+/// The key set after re-reading the key files (SIGHUP or a changed file): environment keys
+/// stay as loaded at start-up, file keys take the files' current values. Any problem, two
+/// keys with one value included, leaves `current` in force.
 pub fn reload_file_keys(
     current: &KeySet,
     file_keys: &[FileKey],
@@ -1229,8 +1289,14 @@ pub fn reload_file_keys(
     let mut fresh = Vec::new();
     let mut problems = Vec::new();
     for k in file_keys {
-        match resolve_key(&KeySource::File(k.path.clone()), k.optional, secrets) {
-            Ok(Some(secret)) => fresh.push((k.name.clone(), secret, k.policy.clone())),
+        let source = KeySource::File(k.path.clone());
+        match resolve_key(&source, k.optional, secrets) {
+            Ok(Some(secret)) => fresh.push(NamedKey {
+                name: k.name.clone(),
+                origin: source.to_string(),
+                secret,
+                policy: k.policy.clone(),
+            }),
             Ok(None) => {}
             Err(why) => problems.push(format!("key \"{}\": {why}", k.name)),
         }
@@ -1238,7 +1304,12 @@ pub fn reload_file_keys(
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
-    let keys = current.replacing(|name| file_keys.iter().any(|k| k.name == name), fresh);
+    let keys = current
+        .replacing(|name| file_keys.iter().any(|k| k.name == name), fresh)
+        .map_err(|clashes| {
+            let clashes: Vec<String> = clashes.iter().map(ToString::to_string).collect();
+            clashes.join("; ")
+        })?;
     if keys.is_empty() {
         return Err("no key would be left to admit anyone".into());
     }
@@ -1310,10 +1381,11 @@ fn inject(
             );
             continue;
         }
-        let value = match expand(&i.value, secrets) {
+        let value_key = format!("{key} value");
+        let value = match expand(i.value.get_ref(), secrets) {
             Ok(v) => v,
             Err(why) => {
-                p.at(entry.span(), &key, why);
+                p.at(i.value.span(), &value_key, why);
                 continue;
             }
         };
@@ -1323,25 +1395,34 @@ fn inject(
                 out.push(Injected { name, value: v });
             }
             Err(_) => p.at(
-                entry.span(),
-                &key,
-                "the value (after ${...} expansion) contains characters not allowed in a header, such as a newline",
+                i.value.span(),
+                &value_key,
+                "contains characters not allowed in a header (after ${...} expansion), such as a newline",
             ),
         }
     }
     out
 }
 
-/// Expands `${NAME}` from the environment; any other `$` is literal.
+/// Expands `${NAME}` from the environment and `$$` to a literal `$`. Any other `$` is an
+/// error: `$NAME` without braces looks like a variable but would reach the origin as written.
 fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
-    while let Some(start) = rest.find("${") {
+    while let Some(start) = rest.find('$') {
         out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| "value has a \"${\" without a closing \"}\"".to_owned())?;
+        let after = &rest[start + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+            continue;
+        }
+        let Some(after) = after.strip_prefix('{') else {
+            return Err(unbraced(after));
+        };
+        let end = after.find('}').ok_or_else(|| {
+            "has a \"${\" without a closing \"}\"; write ${NAME}, or $$ for a literal $".to_owned()
+        })?;
         let var = &after[..end];
         let valid = !var.is_empty()
             && !var.starts_with(|c: char| c.is_ascii_digit())
@@ -1353,12 +1434,31 @@ fn expand(template: &str, secrets: &dyn SecretSource) -> Result<Secret, String> 
         }
         match secrets.env(var) {
             Some(v) if !v.expose().is_empty() => out.push_str(v.expose()),
-            _ => return Err(format!("value uses ${{{var}}}, but the environment variable {var} is not set or empty; set it")),
+            _ => {
+                return Err(format!(
+                "uses ${{{var}}}, but the environment variable {var} is not set or empty; set it"
+            ))
+            }
         }
         rest = &after[end + 1..];
     }
     out.push_str(rest);
     Ok(Secret::new(out))
+}
+
+/// The problem with a `$` followed by neither `{` nor `$`; `after` is the text after it. The
+/// name is repeated only when it looks like an environment variable (capitals, digits, `_`),
+/// so a literal value that happens to hold a `$` is not echoed into the log.
+fn unbraced(after: &str) -> String {
+    let end = after
+        .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+        .unwrap_or(after.len());
+    let name = &after[..end];
+    if name.starts_with(|c: char| c.is_ascii_uppercase() || c == '_') {
+        format!("has ${name} without braces, which would be sent as written; write ${{{name}}} to insert the environment variable {name}, or $${name} for a literal $")
+    } else {
+        "has a $ that starts no ${NAME}; write ${NAME} to insert an environment variable, or $$ for a literal $".to_owned()
+    }
 }
 
 /// Whether two listen addresses would collide: same port, and the same IP or a wildcard.
@@ -1533,6 +1633,33 @@ mod tests {
     }
 
     #[test]
+    fn two_keys_with_one_value_are_refused_at_start_and_on_reload() {
+        let text = "[auth]\nkeys = [{ name = \"restricted\", env = \"A\", allow = [{ path = \"/v1/models\" }] },\n  { name = \"admin\", file = \"/k\" }]\n";
+        let e = errors(
+            text,
+            &MapSecrets::default()
+                .with_env("A", KEY)
+                .with_file("/k", KEY),
+        );
+        assert!(
+            e.starts_with("test.toml:3:3: [auth] keys (name = \"admin\"): keys \"restricted\" (environment variable A) and \"admin\" (file /k) have the same value"),
+            "{e}"
+        );
+        assert!(!e.contains(KEY), "{e}");
+        let start = MapSecrets::default()
+            .with_env("A", KEY)
+            .with_file("/k", "admin-key-0123456789");
+        let c = parse(text, &start).unwrap();
+        let pasted = MapSecrets::default().with_file("/k", KEY);
+        let e = reload_file_keys(&c.auth.keys, &c.auth.file_keys, &pasted).unwrap_err();
+        assert!(
+            e.starts_with("keys \"restricted\" (environment variable A) and \"admin\" (file /k) have the same value"),
+            "{e}"
+        );
+        assert!(!e.contains(KEY), "{e}");
+    }
+
+    #[test]
     fn inject_template_reads_the_environment_and_marks_the_value_sensitive() {
         let text = format!(
             "{}[[inject]]\nname = \"Authorization\"\nvalue = \"Bearer ${{UP}}\"\n",
@@ -1546,8 +1673,45 @@ mod tests {
         assert_eq!(c.inject[0].value, "Bearer upstream-key");
         assert!(c.inject[0].value.is_sensitive());
         let e = errors(&text, &MapSecrets::default().with_env("API_KEY", KEY));
-        assert!(e.starts_with("test.toml:3:1: [[inject]]"), "{e}");
+        assert!(
+            e.starts_with("test.toml:5:9: [[inject]] (name = \"Authorization\") value: uses ${UP}"),
+            "{e}"
+        );
         assert!(e.contains("environment variable UP"), "{e}");
+    }
+
+    #[test]
+    fn a_dollar_starts_a_braced_name_or_is_doubled() {
+        let secrets = MapSecrets::default()
+            .with_env("API_KEY", KEY)
+            .with_env("S", "shared");
+        let inject = |value: &str| {
+            format!(
+                "{}[[inject]]\nname = \"x-secret\"\nvalue = '{value}'\n",
+                minimal()
+            )
+        };
+        let c = parse(&inject("$$5 ${S}$$${S}$$ $${S}"), &secrets).unwrap();
+        assert_eq!(c.inject[0].value, "$5 shared$shared$ ${S}");
+        for (value, expected) in [
+            (
+                "$SHARED_SECRET",
+                "has $SHARED_SECRET without braces, which would be sent as written; write ${SHARED_SECRET} to insert the environment variable SHARED_SECRET, or $$SHARED_SECRET for a literal $",
+            ),
+            ("Bearer $UP_1-x", "write ${UP_1} to insert"),
+            ("price: 5$", "has a $ that starts no ${NAME}; write ${NAME} to insert an environment variable, or $$ for a literal $"),
+            ("pa$sword", "has a $ that starts no ${NAME}"),
+            ("$$$S", "write ${S} to insert"),
+            ("${S", "without a closing"),
+        ] {
+            let e = errors(&inject(value), &secrets);
+            assert!(
+                e.starts_with("test.toml:5:9: [[inject]] (name = \"x-secret\") value: "),
+                "{value}: {e}"
+            );
+            assert!(e.contains(expected), "{value}: {e}");
+        }
+        assert!(!errors(&inject("pa$sword"), &secrets).contains("sword"));
     }
 
     #[test]
@@ -1689,7 +1853,7 @@ mod tests {
         let (name, policy) = c.auth.keys.policies().next().unwrap();
         assert_eq!(&**name, "default");
         assert!(policy.routes.admin && policy.routes.inference);
-        assert_eq!(policy.allow[0].to_string(), "POST /v1/*");
+        assert_eq!(policy.allow[0].to_string(), "POST below /v1/");
         assert_eq!(policy.max_concurrent(), Some(4));
         assert_eq!(
             policy.not_after,
@@ -1712,7 +1876,7 @@ mod tests {
         let secrets = MapSecrets::default().with_env("API_KEY", KEY);
         for (entry, expected) in [
             ("allow = []", "lets the key do nothing"),
-            ("allow = [{}]", "needs methods, path_prefix or both"),
+            ("allow = [{}]", "needs methods, a path or path_prefix, or both"),
             ("allow = [{ methods = [\"post\"] }]", "write it in capitals"),
             (
                 "allow = [{ path_prefix = \"v1/\" }]",
@@ -1721,6 +1885,22 @@ mod tests {
             (
                 "allow = [{ path_prefix = \"/v1/../\" }]",
                 "must be a plain path",
+            ),
+            (
+                "allow = [{ path_prefix = \"/v1?x=1\" }]",
+                "must be a plain path",
+            ),
+            (
+                "allow = [{ path = \"/v1/models/\" }]",
+                "must be a plain path",
+            ),
+            (
+                "allow = [{ path = \"/v1//models\" }]",
+                "must be a plain path",
+            ),
+            (
+                "allow = [{ path = \"/v1/models\", path_prefix = \"/v1/\" }]",
+                "has path or path_prefix, not both; write path = \"/v1/models\" for that route alone, or path_prefix = \"/v1/\"",
             ),
             ("routes = [\"admin\"]", "only applies with a server preset"),
             ("max_concurrent = 0", "admits nothing"),
@@ -1804,6 +1984,20 @@ mod tests {
         );
         assert!(summary.contains("sse keep-alive:  15s\n"), "{summary}");
         assert!(!summary.contains("ops-key"), "{summary}");
+    }
+
+    #[test]
+    fn summary_says_what_each_allow_rule_admits() {
+        let text = "[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\", allow = [{ methods = [\"POST\"], path_prefix = \"/v1/chat/completions\" }, { methods = [\"GET\"], path = \"/v1/models\" }, { path_prefix = \"/v2/\" }] }]\n";
+        let summary = parse(text, &MapSecrets::default().with_env("API_KEY", KEY))
+            .unwrap()
+            .summary();
+        assert!(
+            summary.contains(
+                "key default:     allow POST /v1/chat/completions and below, GET /v1/models exactly, any method below /v2/\n"
+            ),
+            "{summary}"
+        );
     }
 
     #[test]

@@ -42,22 +42,55 @@ impl Default for Policy {
     }
 }
 
-/// One `allow` rule: the methods (any when empty) and the path prefix (any when `None`).
+/// One `allow` rule: the methods (any when empty) and the paths (any when `None`).
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub methods: Vec<Method>,
-    pub path_prefix: Option<String>,
+    pub paths: Option<Paths>,
 }
 
 impl Rule {
-    /// A prefix is compared byte for byte, and only with plain paths, so `/v1/../admin`
-    /// never counts as under `/v1/`.
     fn matches(&self, method: &Method, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.contains(method))
-            && self
-                .path_prefix
-                .as_deref()
-                .is_none_or(|prefix| plain_path(path) && path.starts_with(prefix))
+            && self.paths.as_ref().is_none_or(|paths| paths.matches(path))
+    }
+}
+
+/// The paths an `allow` rule admits. Only plain paths (see [`plain_path`]) ever match, so
+/// `/v1/../admin` never counts as under `/v1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Paths {
+    /// `path`: this one route.
+    Exact(String),
+    /// `path_prefix`: this path and the paths below it, on segment boundaries, so that
+    /// "/v1/chat/completions" admits "/v1/chat/completions/batch" but not
+    /// "/v1/chat/completionsX". Written with a trailing `/`, as "/v1/", the prefix admits
+    /// only what is below it: "/v1/models", not "/v1".
+    Prefix(String),
+}
+
+impl Paths {
+    fn matches(&self, path: &str) -> bool {
+        plain_path(path)
+            && match self {
+                Self::Exact(exact) => path == exact,
+                Self::Prefix(prefix) => path.strip_prefix(prefix.as_str()).is_some_and(|rest| {
+                    rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/')
+                }),
+            }
+    }
+}
+
+impl fmt::Display for Paths {
+    /// What the paths admit, in words: `check` shows it for every rule.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(path) => write!(f, "{path} exactly"),
+            Self::Prefix(prefix) if prefix.len() > 1 && prefix.ends_with('/') => {
+                write!(f, "below {prefix}")
+            }
+            Self::Prefix(prefix) => write!(f, "{prefix} and below"),
+        }
     }
 }
 
@@ -70,8 +103,8 @@ impl fmt::Display for Rule {
                 f.write_str(&names.join("|"))?;
             }
         }
-        match &self.path_prefix {
-            Some(prefix) => write!(f, " {prefix}*"),
+        match &self.paths {
+            Some(paths) => write!(f, " {paths}"),
             None => f.write_str(" any path"),
         }
     }
@@ -226,19 +259,23 @@ impl fmt::Debug for Clock {
 mod tests {
     use super::*;
 
-    fn rule(methods: &[Method], prefix: Option<&str>) -> Rule {
+    fn rule(methods: &[Method], paths: Option<Paths>) -> Rule {
         Rule {
             methods: methods.to_vec(),
-            path_prefix: prefix.map(str::to_owned),
+            paths,
         }
+    }
+
+    fn prefix(prefix: &str) -> Option<Paths> {
+        Some(Paths::Prefix(prefix.to_owned()))
     }
 
     #[test]
     fn rules_match_method_and_plain_path_prefix() {
         let p = Policy::new(
             vec![
-                rule(&[Method::POST], Some("/v1/")),
-                rule(&[], Some("/health")),
+                rule(&[Method::POST], prefix("/v1/")),
+                rule(&[], prefix("/health")),
             ],
             Classes::default(),
             None,
@@ -250,8 +287,83 @@ mod tests {
         assert!(!p.permits(&Method::POST, "/v1", None));
         assert!(!p.permits(&Method::POST, "/v1/../start_profile", None));
         assert!(!p.permits(&Method::POST, "/v1/%2e%2e/start_profile", None));
-        assert!(p.permits(&Method::DELETE, "/health_generate", None));
+        assert!(p.permits(&Method::DELETE, "/health", None));
+        assert!(p.permits(&Method::DELETE, "/health/ready", None));
+        assert!(!p.permits(&Method::DELETE, "/health_generate", None));
         assert!(Policy::default().permits(&Method::PATCH, "/anything/..", None));
+    }
+
+    #[test]
+    fn a_prefix_matches_on_segment_boundaries_only() {
+        let chat = Paths::Prefix("/v1/chat/completions".into());
+        for path in [
+            "/v1/chat/completions",
+            "/v1/chat/completions/batch",
+            "/v1/chat/completions/render",
+        ] {
+            assert!(chat.matches(path), "{path}");
+        }
+        for path in [
+            "/v1/chat/completionsX",
+            "/v1/chat/completions.json",
+            "/v1/chat/completions/",
+            "/v1/chat/completions//x",
+            "/v1/chat/completions/../../start_profile",
+            "/v1/chat",
+        ] {
+            assert!(!chat.matches(path), "{path}");
+        }
+        let below = Paths::Prefix("/v1/".into());
+        assert!(below.matches("/v1/models") && below.matches("/v1/chat/completions"));
+        assert!(!below.matches("/v1") && !below.matches("/v1/") && !below.matches("/v10/x"));
+        let root = Paths::Prefix("/".into());
+        assert!(root.matches("/") && root.matches("/v1/models"));
+        assert!(!root.matches("//v1") && !root.matches("/v1/./models"));
+    }
+
+    #[test]
+    fn an_exact_path_matches_that_path_alone() {
+        let models = Paths::Exact("/v1/models".into());
+        assert!(models.matches("/v1/models"));
+        for path in [
+            "/v1/models/",
+            "/v1/models/x",
+            "/v1/modelsX",
+            "/v1",
+            "//v1/models",
+            "/v1//models",
+            "/v1/./models",
+            "/v1/x/../models",
+            "/v1/%2e/models",
+            "/v1%2fmodels",
+            "/v1\\models",
+            "/V1/models",
+        ] {
+            assert!(!models.matches(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_rule_says_what_it_admits() {
+        let cases = [
+            (
+                rule(&[Method::POST], prefix("/v1/chat/completions")),
+                "POST /v1/chat/completions and below",
+            ),
+            (
+                rule(
+                    &[Method::GET, Method::HEAD],
+                    Some(Paths::Exact("/v1/models".into())),
+                ),
+                "GET|HEAD /v1/models exactly",
+            ),
+            (rule(&[], prefix("/v1/")), "any method below /v1/"),
+            (rule(&[], prefix("/")), "any method / and below"),
+            (rule(&[Method::DELETE], None), "DELETE any path"),
+        ];
+        for (rule, expected) in cases {
+            assert_eq!(rule.to_string(), expected);
+        }
     }
 
     #[test]
