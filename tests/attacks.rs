@@ -1609,7 +1609,10 @@ async fn misframed_upstream_responses_never_poison_the_pool_for_the_next_client(
 }
 
 /// The test config with the vLLM preset, `keys` and no public path.
-fn vllm_preset_config(upstream: std::net::SocketAddr, keys: impl IntoIterator<Item = Key>) -> String {
+fn vllm_preset_config(
+    upstream: std::net::SocketAddr,
+    keys: impl IntoIterator<Item = Key>,
+) -> String {
     TestConfig::new(upstream)
         .keys(keys)
         .preset("vllm")

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::process::{Running, TempDir, ENV};
@@ -32,8 +34,9 @@ async fn refused_upstream_is_502_json() {
 #[tokio::test]
 async fn upstream_without_response_headers_in_time_is_504_json_and_closed() {
     let (silent, mut events) = start_silent_upstream().await;
-    let text = config_text(silent, "")
-        .replace("response_timeout = \"3s\"", "response_timeout = \"300ms\"");
+    let text = TestConfig::new(silent)
+        .response_timeout(Duration::from_millis(300))
+        .text();
     let proxy = start_proxy_with(&text).await;
     let reply = send(
         proxy.addr,
@@ -112,10 +115,9 @@ async fn oversized_request_head_is_431() {
 #[tokio::test]
 async fn slow_header_client_is_disconnected_after_header_read_timeout() {
     let upstream = start_upstream().await;
-    let text = config_text(upstream.addr, "").replace(
-        "header_read_timeout = \"2s\"",
-        "header_read_timeout = \"300ms\"",
-    );
+    let text = TestConfig::new(upstream.addr)
+        .header_read_timeout(Duration::from_millis(300))
+        .text();
     let proxy = start_proxy_with(&text).await;
     for partial in [
         &b""[..],
@@ -165,8 +167,7 @@ async fn smuggling_attempts_never_deliver_a_second_request_upstream() {
 #[tokio::test]
 async fn over_max_connections_the_probe_is_answered_and_other_requests_get_503() {
     let upstream = start_upstream().await;
-    let text = config_text(upstream.addr, "")
-        .replace("max_request_body", "max_connections = 2\nmax_request_body");
+    let text = TestConfig::new(upstream.addr).max_connections(2).text();
     let proxy = start_proxy_with(&text).await;
     let auth = bearer(KEY);
     // Two keep-alive connections, each served once and held open, fill the limit.
@@ -230,8 +231,9 @@ async fn upstream_that_never_completes_the_connect_is_502_after_connect_timeout(
             fillers.push(stream);
         }
     }
-    let text =
-        config_text(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"300ms\"");
+    let text = TestConfig::new(addr)
+        .connect_timeout(Duration::from_millis(300))
+        .text();
     let proxy = start_proxy_with(&text).await;
     let reply = send(
         proxy.addr,
@@ -294,7 +296,7 @@ fn accept_errors_back_off_and_serving_resumes() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let upstream = runtime.block_on(start_upstream());
     let dir = TempDir::new("emfile");
-    let config = config_text(upstream.addr, "").replace("level = \"warn\"", "level = \"info\"");
+    let config = TestConfig::new(upstream.addr).log_level("info").text();
     let path = dir.write("keygate.toml", &config);
     let mut keygate = Running::start_with_fd_limit(&path, &ENV, 64);
     let addr = keygate.addr;

@@ -7,8 +7,7 @@ mod support;
 use http::{Method, StatusCode};
 use support::process::{run_to_end, Running, TempDir, ENV};
 use support::tls::{
-    connect, https_upstream_config, send_tls, start_tls_proxy, start_tls_upstream, Ca,
-    SeenOverTls,
+    connect, https_upstream_config, send_tls, start_tls_proxy, start_tls_upstream, Ca, SeenOverTls,
 };
 use support::*;
 use tokio::io::AsyncWriteExt;

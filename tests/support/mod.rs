@@ -701,5 +701,8 @@ pub mod config;
 pub mod process;
 pub mod tls;
 
-#[allow(unused_imports, reason = "each test file uses a different part of the harness")]
+#[allow(
+    unused_imports,
+    reason = "each test file uses a different part of the harness"
+)]
 pub use config::{Key, TestConfig, TlsFiles};
