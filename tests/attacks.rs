@@ -601,38 +601,99 @@ async fn asterisk_authority_and_schemeless_targets_never_reach_the_upstream_keyl
     proxy.stop().await;
 }
 
+/// What an origin that answers every request with a WebSocket 101 saw.
+#[derive(Debug)]
+enum SwitchingEvent {
+    /// A request head, on a connection not switched yet.
+    Head(String),
+    /// Bytes after its 101: what a tunnel would carry.
+    Tunnelled(String),
+}
+
+/// An origin that answers every request with 101 Switching Protocols to WebSocket and then
+/// reads on: whatever arrives after the 101 came through a tunnel, and is answered with a
+/// `tunnel` response before the connection is closed.
+async fn start_switching_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<SwitchingEvent>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let events = events_tx.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_request_head(&mut stream).await else {
+                    return;
+                };
+                let _ = events.send(SwitchingEvent::Head(head));
+                let switched = "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if stream.write_all(switched.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                if let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    let bytes = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let _ = events.send(SwitchingEvent::Tunnelled(bytes));
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\ntunnel")
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, events)
+}
+
 #[tokio::test]
 async fn a_101_from_the_upstream_never_turns_a_keyless_probe_into_a_tunnel() {
-    let upstream = start_upstream_with(|_| fixed(StatusCode::SWITCHING_PROTOCOLS, "")).await;
-    let proxy = start_proxy(upstream.addr).await;
+    let (upstream, mut events) = start_switching_upstream().await;
+    let proxy = start_proxy(upstream).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    tokio::time::timeout(DEADLINE, async {
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                break;
-            }
-            head.push(byte[0]);
-        }
-    })
-    .await
-    .expect("a response head within the deadline");
-    // Whatever keygate answered, what follows on this connection is not a tunnel to the
-    // upstream: a key-less request written now must not reach it.
-    let _ = stream
-        .write_all(b"GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
-    let seen = upstream.requests();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!(seen[0].uri, "/health");
-    assert!(!seen[0].headers.contains_key("upgrade"));
+    let head = tokio::time::timeout(DEADLINE, read_request_head(&mut stream))
+        .await
+        .expect("a response head within the deadline")
+        .expect("a response head, not the end");
+    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    let mut body = vec![0u8; declared_length(&head)];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut body))
+        .await
+        .expect("the error body within the deadline")
+        .unwrap();
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_protocol_error", "{error}");
+    // Whatever follows on this connection is not a tunnel to the upstream: a keyed request
+    // written now is either read by keygate as a request of its own or not read at all, and
+    // never reaches the upstream as bytes after its 101.
+    let follow_up =
+        format!("GET /v1/after HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n");
+    stream.write_all(follow_up.as_bytes()).await.unwrap();
+    let rest = String::from_utf8_lossy(&read_to_close(&mut stream).await).into_owned();
+    assert!(rest.starts_with("HTTP/1.1 502 "), "{rest}");
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    let heads: Vec<&str> = seen
+        .iter()
+        .map(|event| match event {
+            SwitchingEvent::Head(head) => head.as_str(),
+            SwitchingEvent::Tunnelled(bytes) => panic!("a tunnel carried {bytes:?}"),
+        })
+        .collect();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].starts_with("GET /health "), "{}", heads[0]);
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("upgrade"),
+        "{}",
+        heads[0]
+    );
+    assert!(heads[1].starts_with("GET /v1/after "), "{}", heads[1]);
     proxy.stop().await;
 }
 
