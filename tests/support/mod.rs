@@ -1,6 +1,7 @@
 //! Shared harness for the integration tests: a recording upstream, a keygate on an ephemeral
-//! port with its own shutdown, and clients (hyper for well-formed requests, raw TCP for
-//! requests a well-behaved client would never send). Every wait has a deadline.
+//! port with its own shutdown and a config from [`TestConfig`], and clients (hyper for
+//! well-formed requests, raw TCP for requests a well-behaved client would never send). Every
+//! wait has a deadline.
 
 #![allow(
     dead_code,
