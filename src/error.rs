@@ -294,34 +294,152 @@ impl fmt::Display for ErrorChain<'_> {
 mod tests {
     use super::*;
 
+    /// Every variant that can be made without a hyper error, with its status, and the type
+    /// and code of its body.
+    fn all() -> Vec<(ProxyError, StatusCode, &'static str, &'static str)> {
+        use StatusCode as S;
+        let (auth, request) = ("authentication_error", "invalid_request_error");
+        vec![
+            (
+                ProxyError::MethodNotAllowed,
+                S::METHOD_NOT_ALLOWED,
+                request,
+                "method_not_allowed",
+            ),
+            (
+                ProxyError::MissingCredentials,
+                S::UNAUTHORIZED,
+                auth,
+                "invalid_api_key",
+            ),
+            (
+                ProxyError::MalformedCredentials,
+                S::UNAUTHORIZED,
+                auth,
+                "invalid_api_key",
+            ),
+            (
+                ProxyError::InvalidCredentials,
+                S::UNAUTHORIZED,
+                auth,
+                "invalid_api_key",
+            ),
+            (
+                ProxyError::KeyExpired,
+                S::UNAUTHORIZED,
+                auth,
+                "invalid_api_key",
+            ),
+            (
+                ProxyError::OutOfScope,
+                S::FORBIDDEN,
+                "permission_error",
+                "insufficient_scope",
+            ),
+            (
+                ProxyError::RouteNotInPreset,
+                S::NOT_FOUND,
+                "not_found_error",
+                "route_not_found",
+            ),
+            (
+                ProxyError::KeyBusy,
+                S::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "concurrency_limit_exceeded",
+            ),
+            (
+                ProxyError::BadRequest,
+                S::BAD_REQUEST,
+                request,
+                "bad_request",
+            ),
+            (
+                ProxyError::ClientBody("reset".into()),
+                S::BAD_REQUEST,
+                request,
+                "bad_request",
+            ),
+            (
+                ProxyError::BodyTooLarge,
+                S::PAYLOAD_TOO_LARGE,
+                request,
+                "request_too_large",
+            ),
+            (
+                ProxyError::Draining,
+                S::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "draining",
+            ),
+            (
+                ProxyError::OverCapacity,
+                S::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "over_capacity",
+            ),
+            (
+                ProxyError::OriginNotAllowed,
+                S::FORBIDDEN,
+                request,
+                "origin_not_allowed",
+            ),
+            (
+                ProxyError::UpstreamUnreachable("refused".into()),
+                S::BAD_GATEWAY,
+                "upstream_error",
+                "upstream_unavailable",
+            ),
+            (
+                ProxyError::UnexpectedUpgrade,
+                S::BAD_GATEWAY,
+                "upstream_error",
+                "upstream_protocol_error",
+            ),
+            (
+                ProxyError::UpstreamTimeout,
+                S::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "upstream_timeout",
+            ),
+            (
+                ProxyError::UpstreamIdle,
+                S::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "upstream_idle_timeout",
+            ),
+        ]
+    }
+
+    /// The message, type and code of an error body, which must be exactly
+    /// `{"error":{"message":…,"type":…,"code":…}}` with three strings.
+    fn fields(body: &str) -> [String; 3] {
+        let parsed: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+        let outer = parsed.as_object().expect("an object");
+        assert_eq!(outer.len(), 1, "{body}");
+        let error = outer["error"].as_object().expect("`error` is an object");
+        assert_eq!(error.len(), 3, "{body}");
+        ["message", "type", "code"].map(|field| {
+            error
+                .get(field)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_else(|| panic!("no string `{field}`: {body}"))
+                .to_owned()
+        })
+    }
+
     #[test]
     fn every_body_is_json_with_the_openai_error_shape() {
-        let all = [
-            ProxyError::MethodNotAllowed,
-            ProxyError::MissingCredentials,
-            ProxyError::MalformedCredentials,
-            ProxyError::InvalidCredentials,
-            ProxyError::KeyExpired,
-            ProxyError::OutOfScope,
-            ProxyError::RouteNotInPreset,
-            ProxyError::KeyBusy,
-            ProxyError::BadRequest,
-            ProxyError::BodyTooLarge,
-            ProxyError::Draining,
-            ProxyError::OverCapacity,
-            ProxyError::OriginNotAllowed,
-            ProxyError::UnexpectedUpgrade,
-            ProxyError::UpstreamTimeout,
-            ProxyError::UpstreamIdle,
-        ];
-        for e in all {
-            let body = e.body();
-            assert!(body.starts_with(r#"{"error":{"message":""#), "{body}");
-            assert!(
-                body.contains(r#""type":""#) && body.contains(r#""code":""#),
-                "{body}"
+        for (e, status, kind, code) in all() {
+            let [message, found_kind, found_code] = fields(e.body());
+            assert!(!message.is_empty(), "{e}");
+            assert_eq!(
+                (found_kind.as_str(), found_code.as_str()),
+                (kind, code),
+                "{e}"
             );
-            assert_eq!(body.matches('"').count() % 2, 0, "{body}");
+            assert_eq!(e.status(), status, "{e}");
         }
     }
 
@@ -334,8 +452,9 @@ mod tests {
             ProxyError::KeyExpired,
         ] {
             assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
-            assert!(e.body().contains(r#""type":"authentication_error""#));
-            assert!(e.body().contains(r#""code":"invalid_api_key""#));
+            let [_, kind, code] = fields(e.body());
+            assert_eq!(kind, "authentication_error");
+            assert_eq!(code, "invalid_api_key");
             assert!(e.challenge().is_some());
         }
         assert_eq!(
@@ -361,7 +480,8 @@ mod tests {
     fn scope_refusals_are_403_and_limits_429_with_retry_after() {
         let scope = ProxyError::OutOfScope;
         assert_eq!(scope.status(), StatusCode::FORBIDDEN);
-        assert!(scope.body().contains(r#""type":"permission_error""#));
+        let [_, kind, _] = fields(scope.body());
+        assert_eq!(kind, "permission_error");
         assert_eq!(
             scope.challenge().unwrap(),
             r#"Bearer realm="keygate", error="insufficient_scope""#

@@ -465,14 +465,10 @@ async fn keyless_requests_cannot_forge_the_identity_header() {
 #[tokio::test]
 async fn injected_and_identity_names_with_underscores_cannot_be_forged_with_dashes() {
     let upstream = start_upstream().await;
-    let text = config_text(
-        upstream.addr,
-        "\n[[inject]]\nname = \"x_origin_secret\"\nvalue = \"${SHARED_SECRET}\"\n",
-    )
-    .replace(
-        "identity_header = \"x-keygate-key\"",
-        "identity_header = \"x_keygate_id\"",
-    );
+    let text = TestConfig::new(upstream.addr)
+        .inject("x_origin_secret", "${SHARED_SECRET}")
+        .identity_header("x_keygate_id")
+        .text();
     let proxy = start_proxy_with(&text).await;
     let auth = bearer(KEY);
     let forged = [
@@ -605,38 +601,99 @@ async fn asterisk_authority_and_schemeless_targets_never_reach_the_upstream_keyl
     proxy.stop().await;
 }
 
+/// What an origin that answers every request with a WebSocket 101 saw.
+#[derive(Debug)]
+enum SwitchingEvent {
+    /// A request head, on a connection not switched yet.
+    Head(String),
+    /// Bytes after its 101: what a tunnel would carry.
+    Tunnelled(String),
+}
+
+/// An origin that answers every request with 101 Switching Protocols to WebSocket and then
+/// reads on: whatever arrives after the 101 came through a tunnel, and is answered with a
+/// `tunnel` response before the connection is closed.
+async fn start_switching_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<SwitchingEvent>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let events = events_tx.clone();
+            tokio::spawn(async move {
+                let Some(head) = read_request_head(&mut stream).await else {
+                    return;
+                };
+                let _ = events.send(SwitchingEvent::Head(head));
+                let switched = "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                if stream.write_all(switched.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                if let Ok(n @ 1..) = stream.read(&mut buf).await {
+                    let bytes = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let _ = events.send(SwitchingEvent::Tunnelled(bytes));
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\ntunnel")
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, events)
+}
+
 #[tokio::test]
 async fn a_101_from_the_upstream_never_turns_a_keyless_probe_into_a_tunnel() {
-    let upstream = start_upstream_with(|_| fixed(StatusCode::SWITCHING_PROTOCOLS, "")).await;
-    let proxy = start_proxy(upstream.addr).await;
+    let (upstream, mut events) = start_switching_upstream().await;
+    let proxy = start_proxy(upstream).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    tokio::time::timeout(DEADLINE, async {
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                break;
-            }
-            head.push(byte[0]);
-        }
-    })
-    .await
-    .expect("a response head within the deadline");
-    // Whatever keygate answered, what follows on this connection is not a tunnel to the
-    // upstream: a key-less request written now must not reach it.
-    let _ = stream
-        .write_all(b"GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
-    let seen = upstream.requests();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!(seen[0].uri, "/health");
-    assert!(!seen[0].headers.contains_key("upgrade"));
+    let head = tokio::time::timeout(DEADLINE, read_request_head(&mut stream))
+        .await
+        .expect("a response head within the deadline")
+        .expect("a response head, not the end");
+    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    let mut body = vec![0u8; declared_length(&head)];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut body))
+        .await
+        .expect("the error body within the deadline")
+        .unwrap();
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_protocol_error", "{error}");
+    // Whatever follows on this connection is not a tunnel to the upstream: a keyed request
+    // written now is either read by keygate as a request of its own or not read at all, and
+    // never reaches the upstream as bytes after its 101.
+    let follow_up =
+        format!("GET /v1/after HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n");
+    stream.write_all(follow_up.as_bytes()).await.unwrap();
+    let rest = String::from_utf8_lossy(&read_to_close(&mut stream).await).into_owned();
+    assert!(rest.starts_with("HTTP/1.1 502 "), "{rest}");
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    let heads: Vec<&str> = seen
+        .iter()
+        .map(|event| match event {
+            SwitchingEvent::Head(head) => head.as_str(),
+            SwitchingEvent::Tunnelled(bytes) => panic!("a tunnel carried {bytes:?}"),
+        })
+        .collect();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].starts_with("GET /health "), "{}", heads[0]);
+    assert!(
+        !heads[0].to_ascii_lowercase().contains("upgrade"),
+        "{}",
+        heads[0]
+    );
+    assert!(heads[1].starts_with("GET /v1/after "), "{}", heads[1]);
     proxy.stop().await;
 }
 
@@ -857,7 +914,7 @@ async fn a_tls_http1_client_that_sends_nothing_is_cut_at_header_read_timeout() {
         support::tls::Ca::new(),
         support::process::TempDir::new("attack-tls-silent-h1"),
     );
-    let proxy = support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr)).await;
     let mut silent = support::tls::connect(proxy.addr, &ca.pem(), &[H1_ALPN])
         .await
         .unwrap();
@@ -879,7 +936,7 @@ async fn alpn_h2_spoken_as_http1_and_alpn_http1_spoken_as_h2_reach_nothing() {
         support::tls::Ca::new(),
         support::process::TempDir::new("attack-tls-alpn-mismatch"),
     );
-    let proxy = support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr)).await;
     // ALPN h2, then an HTTP/1.1 request with a key.
     let mut h2 = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
         .await
@@ -924,7 +981,8 @@ async fn an_https_upstream_must_present_a_certificate_for_its_own_name() {
         let ca = support::tls::Ca::new();
         let (addr, seen) = support::tls::start_tls_upstream(&ca.issue_for(names, 30)).await;
         let ca_file = dir.write("ca.pem", &ca.pem());
-        let text = support::tls::https_upstream_config(addr.port(), host, "/prefix", &ca_file);
+        let text =
+            support::tls::https_upstream_config(addr.port(), host, "/prefix", &ca_file).text();
         let proxy = start_proxy_with(&text).await;
         let reply = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
         assert_eq!(
@@ -995,7 +1053,7 @@ async fn a_websocket_handshake_carries_only_keygates_injected_identity_and_forwa
         support::tls::Ca::new(),
         support::process::TempDir::new("attack-ws-forged"),
     );
-    let tls = support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let tls = support::tls::start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr)).await;
     let forged = "x-shared-secret: forged\r\nx_shared_secret: forged\r\nx-upstream-token: forged\r\n\
                   x-keygate-key: forged\r\nx_keygate_key: forged\r\nx-forwarded-for: 6.6.6.6forged\r\n\
                   x-forwarded-proto: forged\r\nx-forwarded-host: forged\r\nforwarded: for=forged\r\n\r\n";
@@ -1113,12 +1171,11 @@ async fn upgrade_requests_that_are_not_exactly_websocket_never_become_a_tunnel()
     proxy.stop().await;
 }
 
-/// A TLS keygate with a redirect listener (https port 8443) and `lines` more in `[server]`.
-async fn redirecting_proxy(upstream: std::net::SocketAddr, tag: &str, lines: &str) -> Proxy {
+/// A TLS keygate run with `config` and a redirect listener (https port 8443).
+async fn redirecting_proxy(config: TestConfig, tag: &str) -> Proxy {
     let (ca, dir) = (support::tls::Ca::new(), support::process::TempDir::new(tag));
-    let lines =
-        format!("redirect_http_listen = \"127.0.0.1:0\"\nredirect_https_port = 8443\n{lines}");
-    support::tls::start_tls_proxy(&ca, &dir, upstream, &lines, "").await
+    let config = config.redirect_http_listen().redirect_https_port(8443);
+    support::tls::start_tls_proxy(&ca, &dir, config).await
 }
 
 /// The value of the response's `location` header, if any.
@@ -1131,7 +1188,7 @@ fn location_of(text: &str) -> Option<&str> {
 #[tokio::test]
 async fn the_redirect_listener_never_reflects_a_malformed_host_or_injects_a_header() {
     let upstream = start_upstream().await;
-    let proxy = redirecting_proxy(upstream.addr, "attack-redirect-host", "").await;
+    let proxy = redirecting_proxy(TestConfig::new(upstream.addr), "attack-redirect-host").await;
     let plain = proxy.redirect.unwrap();
     let long = "a".repeat(254);
     let long_label = format!("Host: {long}\r\n");
@@ -1240,9 +1297,8 @@ async fn the_redirect_listener_never_reflects_a_malformed_host_or_injects_a_head
 async fn the_redirect_listener_forwards_only_get_and_head_on_the_exact_probe_path() {
     let upstream = start_upstream().await;
     let proxy = redirecting_proxy(
-        upstream.addr,
+        TestConfig::new(upstream.addr).redirect_serves_probe(),
         "attack-redirect-probe",
-        "redirect_serves_probe = true\n",
     )
     .await;
     let plain = proxy.redirect.unwrap();
@@ -1337,8 +1393,8 @@ async fn a_certificate_replaced_before_its_key_keeps_the_old_pair_until_both_mat
         support::process::TempDir::new("attack-cert-race"),
     );
     let first = ca.issue(30);
-    let lines = first.install(&dir);
-    let text = support::tls::with_server_lines(&config_text(upstream.addr, ""), &lines);
+    let files = first.install(&dir);
+    let text = TestConfig::new(upstream.addr).tls(files).text();
     let proxy = start_proxy_with(&text).await;
     let second = ca.issue(60);
     // A rotation caught half-way: the new certificate with the old key, then a key file cut
@@ -1399,8 +1455,8 @@ async fn a_tls_client_that_picks_h2_and_never_sends_its_preface_is_cut_at_header
         support::tls::Ca::new(),
         support::process::TempDir::new("found-h2-silent"),
     );
-    let proxy =
-        support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
+    let config = TestConfig::new(upstream.addr).max_connections(1);
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, config).await;
     // The handshake completes with ALPN h2; then the client says nothing at all. The test
     // config's header_read_timeout is 2 s; DEADLINE is 10 s.
     let mut silent = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
@@ -1420,8 +1476,8 @@ async fn silent_tls_h2_connections_cannot_keep_keyed_clients_out_past_header_rea
         support::tls::Ca::new(),
         support::process::TempDir::new("found-h2-slot"),
     );
-    let proxy =
-        support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
+    let config = TestConfig::new(upstream.addr).max_connections(1);
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, config).await;
     let silent = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
@@ -1458,8 +1514,8 @@ async fn an_idle_tls_h2_connection_that_answers_pings_is_cut_like_an_idle_http1_
         support::tls::Ca::new(),
         support::process::TempDir::new("found-h2-idle"),
     );
-    let proxy =
-        support::tls::start_tls_proxy(&ca, &dir, upstream.addr, "max_connections = 1\n", "").await;
+    let config = TestConfig::new(upstream.addr).max_connections(1);
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, config).await;
     // A well-behaved h2 client (hyper's) that connects and never sends a request. An idle
     // HTTP/1.1 keep-alive connection is cut by header_read_timeout (2 s); this one must be too.
     let stream = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
@@ -1484,8 +1540,7 @@ async fn an_idle_tls_h2_connection_that_answers_pings_is_cut_like_an_idle_http1_
 #[tokio::test]
 async fn an_h2c_client_that_sends_only_the_preface_is_cut_at_header_read_timeout() {
     let upstream = start_upstream().await;
-    let text =
-        support::tls::with_server_lines(&config_text(upstream.addr, ""), "max_connections = 1\n");
+    let text = TestConfig::new(upstream.addr).max_connections(1).text();
     let proxy = start_proxy_with(&text).await;
     let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut silent, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
@@ -1509,14 +1564,8 @@ async fn two_host_header_lines_are_refused_on_the_redirect_and_proxy_listeners()
         support::tls::Ca::new(),
         support::process::TempDir::new("found-two-hosts"),
     );
-    let proxy = support::tls::start_tls_proxy(
-        &ca,
-        &dir,
-        upstream.addr,
-        "redirect_http_listen = \"127.0.0.1:0\"\n",
-        "",
-    )
-    .await;
+    let config = TestConfig::new(upstream.addr).redirect_http_listen();
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, config).await;
     let two_hosts =
         "GET /p HTTP/1.1\r\nHost: good.example\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
     let plain = start_proxy(upstream.addr).await;
@@ -1620,18 +1669,16 @@ async fn misframed_upstream_responses_never_poison_the_pool_for_the_next_client(
     }
 }
 
-/// The test config with the vLLM preset, `keys` for `[auth] keys` and no public path.
-fn vllm_preset_config(upstream: std::net::SocketAddr, keys: &str) -> String {
-    config_text(upstream, "")
-        .replace(
-            "keys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ci\", env = \"CI_KEY\" }]",
-            &format!("keys = [{keys}]"),
-        )
-        .replace(
-            "idle_timeout = \"2s\"",
-            "idle_timeout = \"2s\"\npreset = \"vllm\"",
-        )
-        .replace("[\"/docs\"]", "[]")
+/// The test config with the vLLM preset, `keys` and no public path.
+fn vllm_preset_config(
+    upstream: std::net::SocketAddr,
+    keys: impl IntoIterator<Item = Key>,
+) -> String {
+    TestConfig::new(upstream)
+        .keys(keys)
+        .preset("vllm")
+        .public_paths(&[])
+        .text()
 }
 
 /// Targets an ordinary key might use to reach vLLM's admin routes, or routes the preset
@@ -1674,7 +1721,7 @@ async fn preset_admin_and_unlisted_routes_cannot_be_reached_by_path_or_method_tr
     let upstream = start_upstream().await;
     let proxy = start_proxy_with(&vllm_preset_config(
         upstream.addr,
-        r#"{ name = "default", env = "API_KEY" }"#,
+        [Key::env("default", "API_KEY")],
     ))
     .await;
     let auth = bearer(KEY);
@@ -1722,9 +1769,12 @@ async fn preset_admin_and_unlisted_routes_cannot_be_reached_by_path_or_method_tr
 #[tokio::test]
 async fn an_allow_path_prefix_cannot_be_escaped_by_path_tricks() {
     let upstream = start_upstream().await;
-    let keys = r#"{ name = "default", env = "API_KEY", allow = [{ path_prefix = "/v1/chat/" }] }"#;
-    let text =
-        config_text(upstream.addr, "").replace("{ name = \"default\", env = \"API_KEY\" }", keys);
+    let text = TestConfig::new(upstream.addr)
+        .keys([
+            Key::env("default", "API_KEY").allow(&[], "/v1/chat/"),
+            Key::env("ci", "CI_KEY"),
+        ])
+        .text();
     let proxy = start_proxy_with(&text).await;
     let auth = bearer(KEY);
     for target in [
@@ -1832,8 +1882,12 @@ async fn h2_hanging(
 #[tokio::test]
 async fn a_max_concurrent_slot_comes_back_after_resets_hang_ups_and_refused_bodies() {
     let (upstream, mut hung) = start_hanging_upstream().await;
-    let key = r#"{ name = "default", env = "API_KEY", max_concurrent = 1 }"#;
-    let text = config_text(upstream, "").replace(r#"{ name = "default", env = "API_KEY" }"#, key);
+    let text = TestConfig::new(upstream)
+        .keys([
+            Key::env("default", "API_KEY").max_concurrent(1),
+            Key::env("ci", "CI_KEY"),
+        ])
+        .text();
     let proxy = start_proxy_with(&text).await;
     let auth = bearer(KEY);
     let cancel = 8u32.to_be_bytes();
@@ -1924,8 +1978,10 @@ async fn a_max_concurrent_slot_comes_back_after_resets_hang_ups_and_refused_bodi
 #[tokio::test]
 async fn refused_requests_take_no_slot_and_are_refused_for_their_own_reason() {
     let (upstream, mut hung) = start_hanging_upstream().await;
-    let keys = r#"{ name = "default", env = "API_KEY", max_concurrent = 1, allow = [{ methods = ["GET"], path_prefix = "/v1/" }] }"#;
-    let proxy = start_proxy_with(&vllm_preset_config(upstream, keys)).await;
+    let key = Key::env("default", "API_KEY")
+        .max_concurrent(1)
+        .allow(&["GET"], "/v1/");
+    let proxy = start_proxy_with(&vllm_preset_config(upstream, [key])).await;
     let auth = bearer(KEY);
     let mut holder = TcpStream::connect(proxy.addr).await.unwrap();
     let held =
@@ -1997,10 +2053,10 @@ fn sse_between_events(prefix: &[u8]) -> bool {
 async fn sse_keepalives_and_the_error_event_land_only_between_events_whatever_the_line_ends() {
     const KEEP_ALIVE: &str = ": keep-alive\n\n";
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let text = config_text(upstream.addr, "").replace(
-        "idle_timeout = \"2s\"",
-        "idle_timeout = \"5s\"\nsse_keepalive = \"10ms\"",
-    );
+    let text = TestConfig::new(upstream.addr)
+        .idle_timeout(std::time::Duration::from_secs(5))
+        .sse_keepalive(std::time::Duration::from_millis(10))
+        .text();
     let proxy = start_proxy_with(&text).await;
     let chat = request(
         Method::POST,

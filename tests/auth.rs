@@ -3,7 +3,10 @@
 
 mod support;
 
+use std::net::SocketAddr;
+
 use http::{Method, StatusCode};
+use keygate::policy::throttle::{FAILURE_BURST, SLOWDOWN};
 use support::*;
 
 fn assert_refused(reply: &Reply, token_presented: bool) {
@@ -163,73 +166,54 @@ async fn http2_prior_knowledge_requests_are_authenticated_too() {
     proxy.stop().await;
 }
 
+/// A GET of `/v1/models` from the client at `client` (behind the trusted proxy) presenting
+/// `credential`, a header.
+async fn from_client(addr: SocketAddr, client: String, credential: (&str, String)) -> Reply {
+    let (name, value) = credential;
+    let headers = [(name, value.as_str()), ("x-forwarded-for", client.as_str())];
+    send(addr, get("/v1/models", &headers)).await
+}
+
 #[tokio::test]
 async fn repeated_failures_from_one_client_are_slowed_without_affecting_others() {
     let upstream = start_upstream().await;
     // Behind a trusted load balancer, clients are told apart by X-Forwarded-For.
-    let text = config_text(upstream.addr, "").replace(
-        "max_request_body",
-        "trusted_proxies = [\"127.0.0.1\"]\nmax_request_body",
-    );
+    let text = TestConfig::new(upstream.addr)
+        .trusted_proxies(&["127.0.0.1"])
+        .text();
     let proxy = start_proxy_with(&text).await;
-    let wrong = bearer("kg-guessed-key-000000000000000");
-    for _ in 0..keygate::policy::throttle::FAILURE_BURST {
-        let reply = send(
-            proxy.addr,
-            get(
-                "/v1/models",
-                &[
-                    ("authorization", &wrong),
-                    ("x-forwarded-for", "203.0.113.66"),
-                ],
-            ),
-        )
-        .await;
+    let addr = proxy.addr;
+    let noisy = || "203.0.113.66".to_owned();
+    let wrong = || ("authorization", bearer("kg-guessed-key-000000000000000"));
+    for _ in 0..FAILURE_BURST {
+        let reply = from_client(addr, noisy(), wrong()).await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     }
-    let addr = proxy.addr;
-    let slowed = tokio::spawn(async move {
-        send(
-            addr,
-            get(
-                "/v1/models",
-                &[
-                    ("authorization", &wrong),
-                    ("x-forwarded-for", "203.0.113.66"),
-                ],
-            ),
-        )
-        .await
-    });
-    let good = bearer(KEY);
-    let other = send(
-        proxy.addr,
-        get(
-            "/v1/models",
-            &[
-                ("authorization", &good),
-                ("x-forwarded-for", "198.51.100.7"),
-            ],
-        ),
-    )
-    .await;
-    assert_eq!(other.status, StatusCode::OK);
-    let other_wrong = send(
-        proxy.addr,
-        get(
-            "/v1/models",
-            &[
-                ("x-api-key", "kg-other-wrong-key-0000000"),
-                ("x-forwarded-for", "198.51.100.7"),
-            ],
-        ),
-    )
-    .await;
-    assert_eq!(other_wrong.status, StatusCode::UNAUTHORIZED);
-    assert!(
-        !slowed.is_finished(),
-        "the noisy client's refusal is held while others are answered"
-    );
-    assert_eq!(slowed.await.unwrap().status, StatusCode::UNAUTHORIZED);
+    // The burst refills while this runs, so the noisy client keeps failing, one refusal per
+    // round, until one is held: it outruns the refill unless a round takes longer than a
+    // refill does. A held refusal takes at least SLOWDOWN, however fast the machine is.
+    // Each round a client not seen before, with a good key and then a wrong one, must be
+    // answered while the noisy client's refusal is still pending.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    for round in 0u32.. {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refusal of the noisy client was held while others were answered ({round} rounds)"
+        );
+        let started = tokio::time::Instant::now();
+        let slowed = tokio::spawn(from_client(addr, noisy(), wrong()));
+        let [_, a, b, c] = round.to_be_bytes();
+        let other = format!("10.{a}.{b}.{c}");
+        let good = from_client(addr, other.clone(), ("authorization", bearer(KEY))).await;
+        assert_eq!(good.status, StatusCode::OK);
+        let other_wrong = ("x-api-key", "kg-other-wrong-key-0000000".to_owned());
+        let other_wrong = from_client(addr, other, other_wrong).await;
+        assert_eq!(other_wrong.status, StatusCode::UNAUTHORIZED);
+        let others_first = !slowed.is_finished();
+        assert_eq!(slowed.await.unwrap().status, StatusCode::UNAUTHORIZED);
+        if others_first && started.elapsed() >= SLOWDOWN {
+            break;
+        }
+    }
     proxy.stop().await;
 }

@@ -46,10 +46,24 @@ fn check_prints_names_never_values_and_exits_0() {
 fn check_output_is_exactly_the_summary() {
     let dir = TempDir::new("golden");
     let key_file = dir.write("ci-key", &format!("{CI_KEY}\n"));
-    let text = GOOD.replace(
-        "{ name = \"next\", env = \"API_KEY_NEXT\", optional = true }",
-        &format!("{{ name = \"next\", env = \"API_KEY_NEXT\", optional = true }}, {{ name = \"ci\", file = \"{}\" }}", key_file.display()),
-    ) + "[public]\npaths = [\"/docs\"]\n[cors]\nallow_origins = [\"https://app.example\"]\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[auth]
+keys = [{{ name = "default", env = "API_KEY" }}, {{ name = "next", env = "API_KEY_NEXT", optional = true }}, {{ name = "ci", file = "{}" }}]
+[[inject]]
+name = "x-shared-secret"
+value = "${{SHARED_SECRET}}"
+[public]
+paths = ["/docs"]
+[cors]
+allow_origins = ["https://app.example"]
+[admin]
+listen = "127.0.0.1:9090"
+"#,
+        key_file.display()
+    );
     let path = dir.write("keygate.toml", &text);
     let (status, stdout, stderr) =
         run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
@@ -79,10 +93,14 @@ fn check_output_is_exactly_the_summary() {
 #[test]
 fn unknown_key_exits_2_naming_file_line_and_key() {
     let dir = TempDir::new("unknown");
-    let path = dir.write(
-        "keygate.toml",
-        &GOOD.replace("[server]\n", "[server]\nlisten_addr = \"x\"\n"),
-    );
+    let bad = r#"
+[server]
+listen_addr = "x"
+listen = "127.0.0.1:0"
+[auth]
+keys = [{ name = "default", env = "API_KEY" }]
+"#;
+    let path = dir.write("keygate.toml", bad);
     let (status, _, stderr) = run_to_end(&["--config", path.to_str().unwrap()], &env());
     assert_eq!(status.code(), Some(2));
     let expected = format!(
@@ -162,23 +180,21 @@ fn example_configs_pass_check() {
     ];
     // An example naming certificate files is checked with made-up files in their place.
     let certs = TempDir::new("example-certs");
-    let leaf = support::tls::Ca::new().issue(90);
-    leaf.install(&certs);
+    let files = support::tls::Ca::new().issue(90).install(&certs);
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let mut path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let text = std::fs::read_to_string(&path).unwrap();
-            if text.contains("tls_cert") {
-                let text = text
-                    .replace(
-                        "/etc/keygate/tls/tls.crt",
-                        certs.0.join("cert.pem").to_str().unwrap(),
-                    )
-                    .replace(
-                        "/etc/keygate/tls/tls.key",
-                        certs.0.join("key.pem").to_str().unwrap(),
-                    );
+            let mut example: toml::Table = text.parse().unwrap();
+            let server = example
+                .get_mut("server")
+                .and_then(toml::Value::as_table_mut);
+            if let Some(server) = server.filter(|s| s.contains_key("tls_cert")) {
+                let made_up = |file: &std::path::Path| file.to_str().unwrap().into();
+                server.insert("tls_cert".to_owned(), made_up(&files.cert));
+                server.insert("tls_key".to_owned(), made_up(&files.key));
+                let text = toml::to_string(&example).unwrap();
                 path = certs.write(path.file_name().unwrap().to_str().unwrap(), &text);
             }
             let (status, _, stderr) =

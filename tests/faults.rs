@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use support::process::{Running, TempDir, ENV};
@@ -32,8 +34,9 @@ async fn refused_upstream_is_502_json() {
 #[tokio::test]
 async fn upstream_without_response_headers_in_time_is_504_json_and_closed() {
     let (silent, mut events) = start_silent_upstream().await;
-    let text = config_text(silent, "")
-        .replace("response_timeout = \"3s\"", "response_timeout = \"300ms\"");
+    let text = TestConfig::new(silent)
+        .response_timeout(Duration::from_millis(300))
+        .text();
     let proxy = start_proxy_with(&text).await;
     let reply = send(
         proxy.addr,
@@ -112,10 +115,9 @@ async fn oversized_request_head_is_431() {
 #[tokio::test]
 async fn slow_header_client_is_disconnected_after_header_read_timeout() {
     let upstream = start_upstream().await;
-    let text = config_text(upstream.addr, "").replace(
-        "header_read_timeout = \"2s\"",
-        "header_read_timeout = \"300ms\"",
-    );
+    let text = TestConfig::new(upstream.addr)
+        .header_read_timeout(Duration::from_millis(300))
+        .text();
     let proxy = start_proxy_with(&text).await;
     for partial in [
         &b""[..],
@@ -146,27 +148,67 @@ async fn slow_header_client_is_disconnected_after_header_read_timeout() {
 async fn smuggling_attempts_never_deliver_a_second_request_upstream() {
     let upstream = start_upstream().await;
     let proxy = start_proxy(upstream.addr).await;
-    let smuggled = "GET /admin HTTP/1.1\r\nHost: x\r\n\r\n";
+    // The smuggled request carries a key: were it read as a request of its own, by keygate
+    // or by the origin, it would be forwarded and seen, not refused with a 401.
+    let smuggled = format!("GET /admin HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+    let post =
+        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n");
+    // Each attempt and the one status it gets; the connection is closed after it.
     let attempts = [
-        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"),
-        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello{smuggled}"),
-        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nTransfer-Encoding: xchunked\r\nContent-Length: 5\r\n\r\nhello{smuggled}"),
-        format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3): an empty body.
+        (
+            format!(
+                "{post}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+            200,
+        ),
+        (
+            format!("{post}Content-Length: 5\r\nContent-Length: 40\r\n\r\nhello{smuggled}"),
+            400,
+        ),
+        (
+            format!(
+                "{post}Transfer-Encoding: xchunked\r\nContent-Length: 5\r\n\r\nhello{smuggled}"
+            ),
+            400,
+        ),
+        (
+            format!("{post}Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
     ];
-    for attempt in &attempts {
-        let _ = raw(proxy.addr, attempt.as_bytes()).await;
+    for (attempt, expected) in &attempts {
+        let (status, text) = raw(proxy.addr, attempt.as_bytes()).await;
+        assert_eq!(status, *expected, "{attempt:?}:\n{text}");
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{attempt:?}:\n{text}");
     }
-    let seen = upstream.requests();
-    assert!(seen.iter().all(|s| s.uri != "/admin"), "{seen:?}");
-    assert!(seen.iter().all(|s| s.method == Method::POST));
+    // A request after them all, forwarded on a pooled upstream connection that smuggled
+    // bytes would have been left on: the origin reads those first.
+    let last = send(
+        proxy.addr,
+        get("/v1/last", &[("authorization", &bearer(KEY))]),
+    )
+    .await;
+    assert_eq!(last.status, StatusCode::OK);
+    let seen: Vec<(Method, String, Bytes)> = upstream
+        .requests()
+        .into_iter()
+        .map(|s| (s.method, s.uri, s.body))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Method::POST, "/v1/completions".to_owned(), Bytes::new()),
+            (Method::GET, "/v1/last".to_owned(), Bytes::new()),
+        ]
+    );
     proxy.stop().await;
 }
 
 #[tokio::test]
 async fn over_max_connections_the_probe_is_answered_and_other_requests_get_503() {
     let upstream = start_upstream().await;
-    let text = config_text(upstream.addr, "")
-        .replace("max_request_body", "max_connections = 2\nmax_request_body");
+    let text = TestConfig::new(upstream.addr).max_connections(2).text();
     let proxy = start_proxy_with(&text).await;
     let auth = bearer(KEY);
     // Two keep-alive connections, each served once and held open, fill the limit.
@@ -230,8 +272,9 @@ async fn upstream_that_never_completes_the_connect_is_502_after_connect_timeout(
             fillers.push(stream);
         }
     }
-    let text =
-        config_text(addr, "").replace("connect_timeout = \"1s\"", "connect_timeout = \"300ms\"");
+    let text = TestConfig::new(addr)
+        .connect_timeout(Duration::from_millis(300))
+        .text();
     let proxy = start_proxy_with(&text).await;
     let reply = send(
         proxy.addr,
@@ -294,7 +337,7 @@ fn accept_errors_back_off_and_serving_resumes() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let upstream = runtime.block_on(start_upstream());
     let dir = TempDir::new("emfile");
-    let config = config_text(upstream.addr, "").replace("level = \"warn\"", "level = \"info\"");
+    let config = TestConfig::new(upstream.addr).log_level("info").text();
     let path = dir.write("keygate.toml", &config);
     let mut keygate = Running::start_with_fd_limit(&path, &ENV, 64);
     let addr = keygate.addr;

@@ -6,6 +6,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -123,13 +124,6 @@ async fn start_sized_event_stream_upstream(
     addr
 }
 
-fn sse_config(upstream: std::net::SocketAddr, keepalive: &str) -> String {
-    config_text(upstream, "").replace(
-        "idle_timeout = \"2s\"",
-        &format!("idle_timeout = \"2s\"{keepalive}"),
-    )
-}
-
 fn chat() -> http::Request<http_body_util::Full<Bytes>> {
     request(
         Method::POST,
@@ -160,13 +154,15 @@ async fn read_waking(body: &mut hyper::body::Incoming, go: &Notify) -> (Vec<u8>,
 /// counted against the declared length, the comments would push the origin's last event
 /// past it and hyper would cut it off, with a clean end.
 #[tokio::test]
-
 async fn keepalives_never_cut_an_event_stream_that_has_a_content_length() {
     const REST: &str = "data: 22222222222222222222222\n\n";
     assert_eq!(REST.len() + 9, 40);
     let go = Arc::new(Notify::new());
     let upstream = start_sized_event_stream_upstream(Some(REST), go.clone()).await;
-    let proxy = start_proxy_with(&sse_config(upstream, "\nsse_keepalive = \"100ms\"")).await;
+    let text = TestConfig::new(upstream)
+        .sse_keepalive(Duration::from_millis(100))
+        .text();
+    let proxy = start_proxy_with(&text).await;
     let mut body = open(proxy.addr, chat()).await.into_body();
     // The first frame is the first event; the upstream then waits for a second frame, which
     // can only be a keep-alive comment, before it sends the rest.
@@ -182,20 +178,20 @@ async fn keepalives_never_cut_an_event_stream_that_has_a_content_length() {
 /// and abnormally: counted against the length, the event would be cut in half and the
 /// response would end cleanly, a broken stream looking complete.
 #[tokio::test]
-
 async fn a_broken_event_stream_with_a_content_length_never_looks_complete() {
     let go = Arc::new(Notify::new());
     let upstream = start_sized_event_stream_upstream(None, go.clone()).await;
-    let proxy = start_proxy_with(&sse_config(upstream, "")).await;
+    let proxy = start_proxy(upstream).await;
     let mut body = open(proxy.addr, chat()).await.into_body();
     let (bytes, clean) = read_waking(&mut body, &go).await;
     let text = String::from_utf8_lossy(&bytes);
     assert!(!clean, "a broken stream ended cleanly with {text:?}");
-    if let Some(event) = text.strip_prefix("data: 1\n\n").filter(|e| !e.is_empty()) {
-        assert!(
-            event.starts_with("event: error\n") && event.ends_with("\n\n"),
-            "the error event is whole: {text:?}"
-        );
-    }
+    let event = text
+        .strip_prefix("data: 1\n\nevent: error\ndata: ")
+        .and_then(|e| e.strip_suffix("\n\n"))
+        .unwrap_or_else(|| panic!("the origin's event, then the whole error event: {text:?}"));
+    let error: serde_json::Value = serde_json::from_str(event)
+        .unwrap_or_else(|e| panic!("the error event's data is one JSON line ({e}): {text:?}"));
+    assert_eq!(error["error"]["code"], "upstream_stream_broken", "{text:?}");
     proxy.stop().await;
 }

@@ -52,10 +52,9 @@ async fn client_credentials_never_reach_the_upstream() {
 #[tokio::test]
 async fn forward_authorization_passes_the_client_header_when_enabled() {
     let upstream = start_upstream().await;
-    let text = config_text(upstream.addr, "").replace(
-        "identity_header = \"x-keygate-key\"",
-        "identity_header = \"x-keygate-key\"\nforward_authorization = true",
-    );
+    let text = TestConfig::new(upstream.addr)
+        .forward_authorization()
+        .text();
     let proxy = start_proxy_with(&text).await;
     send(
         proxy.addr,
@@ -162,10 +161,9 @@ async fn forwarding_headers_from_an_untrusted_client_are_replaced() {
 #[tokio::test]
 async fn forwarding_headers_from_a_trusted_proxy_are_extended() {
     let upstream = start_upstream().await;
-    let text = config_text(upstream.addr, "").replace(
-        "max_request_body",
-        "trusted_proxies = [\"127.0.0.0/8\"]\nmax_request_body",
-    );
+    let text = TestConfig::new(upstream.addr)
+        .trusted_proxies(&["127.0.0.0/8"])
+        .text();
     let proxy = start_proxy_with(&text).await;
     let headers = [
         ("authorization", bearer(KEY)),

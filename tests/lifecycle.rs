@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::StatusCode;
 use support::*;
@@ -56,8 +58,9 @@ async fn drain_lets_an_inflight_stream_finish_and_refuses_new_connections() {
 #[tokio::test]
 async fn grace_expiry_cuts_an_unfinished_stream_abnormally() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let text = config_text(upstream.addr, "")
-        .replace("shutdown_grace = \"5s\"", "shutdown_grace = \"200ms\"");
+    let text = TestConfig::new(upstream.addr)
+        .shutdown_grace(Duration::from_millis(200))
+        .text();
     let mut proxy = start_proxy_with(&text).await;
     let (mut body, sender) = stream_first_event(proxy.addr, &mut senders).await;
 

@@ -15,11 +15,12 @@ use keygate::policy::scope::Clock;
 use support::process::{Running, TempDir, ENV};
 use support::*;
 
-const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
-const DEFAULT_KEY: &str = "{ name = \"default\", env = \"API_KEY\" }";
-
-fn with_default_key(upstream: std::net::SocketAddr, key: &str) -> String {
-    config_text(upstream, ADMIN).replace(DEFAULT_KEY, key)
+/// The test config with an admin listener and the keys `key` and `ci`.
+fn with_default_key(upstream: std::net::SocketAddr, key: Key) -> String {
+    TestConfig::new(upstream)
+        .admin()
+        .keys([key, Key::env("ci", "CI_KEY")])
+        .text()
 }
 
 fn chat(key: &str) -> http::Request<http_body_util::Full<Bytes>> {
@@ -34,7 +35,7 @@ fn chat(key: &str) -> http::Request<http_body_util::Full<Bytes>> {
 #[tokio::test]
 async fn max_concurrent_caps_parallel_streams_and_a_hangup_frees_the_slot() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let key = r#"{ name = "default", env = "API_KEY", max_concurrent = 2 }"#;
+    let key = Key::env("default", "API_KEY").max_concurrent(2);
     let proxy = start_proxy_with(&with_default_key(upstream.addr, key)).await;
     let (first, _first_sender) = stream_first_event(proxy.addr, &mut senders).await;
     let (second, _second_sender) = stream_first_event(proxy.addr, &mut senders).await;
@@ -104,7 +105,7 @@ async fn max_concurrent_caps_parallel_streams_and_a_hangup_frees_the_slot() {
 #[tokio::test]
 async fn a_finished_request_frees_its_slot() {
     let upstream = start_upstream().await;
-    let key = r#"{ name = "default", env = "API_KEY", max_concurrent = 1 }"#;
+    let key = Key::env("default", "API_KEY").max_concurrent(1);
     let proxy = start_proxy_with(&with_default_key(upstream.addr, key)).await;
     for _ in 0..5 {
         let reply = send(
@@ -135,7 +136,8 @@ fn test_clock(start: &str) -> (Clock, Arc<AtomicU64>) {
 #[tokio::test]
 async fn an_expired_key_is_refused_exactly_like_an_invalid_one() {
     let upstream = start_upstream().await;
-    let key = r#"{ name = "default", env = "API_KEY", not_after = "2030-01-01T00:00:00Z" }"#;
+    let expiry = humantime::parse_rfc3339("2030-01-01T00:00:00Z").unwrap();
+    let key = Key::env("default", "API_KEY").not_after(expiry);
     let mut config = parse_config(&with_default_key(upstream.addr, key));
     let (clock, now) = test_clock("2029-12-31T23:59:58Z");
     config.clock = clock;
@@ -185,17 +187,13 @@ fn keys_near_or_past_their_expiry_are_warned_of_at_start_up() {
     let upstream = runtime.block_on(start_upstream());
     let in_three_days = SystemTime::now() + Duration::from_secs(3 * 24 * 3600);
     let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
-    let keys = format!(
-        "{{ name = \"default\", env = \"API_KEY\", not_after = \"{}\" }}, {{ name = \"ci\", env = \"CI_KEY\", not_after = \"{}\" }}",
-        humantime::format_rfc3339_seconds(in_three_days),
-        humantime::format_rfc3339_seconds(an_hour_ago),
-    );
-    let text = config_text(upstream.addr, "")
-        .replace(
-            "keys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ci\", env = \"CI_KEY\" }]",
-            &format!("keys = [{keys}]"),
-        )
-        .replace("level = \"warn\"", "level = \"info\"");
+    let text = TestConfig::new(upstream.addr)
+        .keys([
+            Key::env("default", "API_KEY").not_after(in_three_days),
+            Key::env("ci", "CI_KEY").not_after(an_hour_ago),
+        ])
+        .log_level("info")
+        .text();
     let dir = TempDir::new("expiry");
     let path = dir.write("keygate.toml", &text);
     let mut keygate = Running::start(&path, &ENV);
@@ -224,7 +222,7 @@ fn keys_near_or_past_their_expiry_are_warned_of_at_start_up() {
     let refused = output
         .lines()
         .find(|l| {
-            l.contains(r#""target":"keygate::observe::access""#) && l.contains(r#""status":401"#)
+            l.contains(r#""target":"keygate::access""#) && l.contains(r#""status":401"#)
         })
         .unwrap_or_else(|| panic!("no access line for the refusal:\n{output}"));
     assert!(
@@ -240,11 +238,10 @@ async fn a_reloaded_key_keeps_its_scope_and_its_slots() {
     let (upstream, mut senders) = start_streaming_upstream().await;
     let dir = TempDir::new("limits-reload");
     let file = dir.write("key", OLD);
-    let key = format!(
-        r#"{{ name = "default", file = "{}", max_concurrent = 1, allow = [{{ path_prefix = "/v1/chat/" }}] }}"#,
-        file.display()
-    );
-    let proxy = start_proxy_with(&with_default_key(upstream.addr, &key)).await;
+    let key = Key::file("default", &file)
+        .max_concurrent(1)
+        .allow(&[], "/v1/chat/");
+    let proxy = start_proxy_with(&with_default_key(upstream.addr, key)).await;
     let held = open(proxy.addr, chat(OLD)).await;
     assert_eq!(held.status(), StatusCode::OK);
     let _held_sender = senders.recv().await.unwrap();

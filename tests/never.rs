@@ -26,7 +26,7 @@ fn never_a_secret_value_in_a_log_line() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let upstream = runtime.block_on(start_upstream());
     let dir = TempDir::new("never-log");
-    let config = config_text(upstream.addr, "").replace("level = \"warn\"", "level = \"debug\"");
+    let config = TestConfig::new(upstream.addr).log_level("debug").text();
     let path = dir.write("keygate.toml", &config);
     let keygate = Running::start(&path, &ENV);
     let addr = keygate.addr;
@@ -76,7 +76,7 @@ fn never_a_secret_value_in_a_log_line() {
         .collect();
     let access: Vec<_> = events
         .iter()
-        .filter(|e| e["target"] == "keygate::observe::access")
+        .filter(|e| e["target"] == "keygate::access")
         .collect();
     assert_eq!(access.len(), 9, "one access line per request:\n{output}");
     for line in &access {
@@ -164,8 +164,8 @@ fn never_a_secret_value_in_debug_output() {
     // With TLS on, the private key is held too: neither its PEM text nor its bytes show.
     let dir = TempDir::new("never-debug-tls");
     let leaf = support::tls::Ca::new().issue(30);
-    let lines = leaf.install(&dir);
-    let text = support::tls::with_server_lines(&config_text(upstream, ""), &lines);
+    let files = leaf.install(&dir);
+    let text = TestConfig::new(upstream).tls(files).text();
     let config = parse_config(&text);
     let debug = format!("{config:?} {config:#?}");
     assert!(debug.contains("not_after"), "{debug}");

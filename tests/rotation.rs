@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::os::unix::fs::MetadataExt;
+
 use http::{Method, StatusCode};
 use support::process::{Running, TempDir, ENV};
 use support::*;
@@ -10,17 +12,18 @@ use support::*;
 const OLD: &str = "kg-rotation-old-key-0123456789";
 const NEW: &str = "kg-rotation-new-key-0123456789";
 
+/// The base config whose keys are `default` from the environment, `current` from the file
+/// `current` in `dir` and the optional `next` from the file `next`.
+fn rotation(upstream: std::net::SocketAddr, dir: &TempDir) -> TestConfig {
+    TestConfig::new(upstream).keys([
+        Key::env("default", "API_KEY"),
+        Key::file("current", &dir.0.join("current")),
+        Key::file("next", &dir.0.join("next")).optional(),
+    ])
+}
+
 fn rotation_config(upstream: std::net::SocketAddr, dir: &TempDir) -> String {
-    let current = dir.0.join("current");
-    let next = dir.0.join("next");
-    config_text(upstream, "").replace(
-        "keys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ci\", env = \"CI_KEY\" }]",
-        &format!(
-            "keys = [{{ name = \"default\", env = \"API_KEY\" }}, {{ name = \"current\", file = \"{}\" }}, {{ name = \"next\", file = \"{}\", optional = true }}]",
-            current.display(),
-            next.display()
-        ),
-    )
+    rotation(upstream, dir).text()
 }
 
 async fn status_with(addr: std::net::SocketAddr, key: &str) -> StatusCode {
@@ -92,7 +95,7 @@ async fn a_bad_key_file_keeps_the_keys_in_force() {
     let upstream = start_upstream().await;
     let dir = TempDir::new("rotation-bad");
     dir.write("current", OLD);
-    let text = rotation_config(upstream.addr, &dir) + "\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+    let text = rotation(upstream.addr, &dir).admin().text();
     let proxy = start_proxy_with(&text).await;
     dir.write("current", "short");
     proxy.reload();
@@ -142,17 +145,30 @@ fn sighup_makes_the_binary_reread_its_key_files() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let upstream = runtime.block_on(start_upstream());
     let dir = TempDir::new("rotation-sighup");
-    dir.write("current", OLD);
-    let config =
-        rotation_config(upstream.addr, &dir).replace("level = \"warn\"", "level = \"info\"");
+    let current = dir.write("current", OLD);
+    let config = rotation(upstream.addr, &dir).log_level("info").text();
     let path = dir.write("keygate.toml", &config);
     let mut keygate = Running::start(&path, &ENV);
     let addr = keygate.addr;
     assert_eq!(runtime.block_on(status_with(addr, OLD)), StatusCode::OK);
-    dir.write("current", NEW);
+    // The new key is written over the old one in place (the same inode and length) and the
+    // modification time is put back: the file watcher sees no change, only SIGHUP can.
+    let before = std::fs::metadata(&current).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&current)
+        .unwrap();
+    std::io::Write::write_all(&mut file, NEW.as_bytes()).unwrap();
+    file.set_modified(before.modified().unwrap()).unwrap();
+    drop(file);
+    let after = std::fs::metadata(&current).unwrap();
+    assert_eq!(
+        (after.ino(), after.len(), after.modified().unwrap()),
+        (before.ino(), before.len(), before.modified().unwrap())
+    );
     keygate.signal("HUP");
+    runtime.block_on(wait_for_status(addr, NEW, StatusCode::OK));
     keygate.wait_for_line("keys reloaded");
-    assert_eq!(runtime.block_on(status_with(addr, NEW)), StatusCode::OK);
     assert_eq!(
         runtime.block_on(status_with(addr, OLD)),
         StatusCode::UNAUTHORIZED

@@ -81,10 +81,9 @@ async fn absolute_form_target_is_judged_by_its_path() {
 #[tokio::test]
 async fn upstream_path_prefix_is_kept_and_query_forwarded() {
     let upstream = start_upstream().await;
-    let text = config_text(upstream.addr, "").replace(
-        &format!("url = \"http://{}\"", upstream.addr),
-        &format!("url = \"http://{}/api/\"", upstream.addr),
-    );
+    let text = TestConfig::new(upstream.addr)
+        .upstream_url(format!("http://{}/api/", upstream.addr))
+        .text();
     let proxy = start_proxy_with(&text).await;
     let reply = send(
         proxy.addr,

@@ -8,19 +8,20 @@ use http::{Method, StatusCode};
 use keygate::policy::preset::{Class, PRESETS};
 use support::*;
 
-const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+/// The test config with an admin listener and `keys`, the inline tables of `[auth] keys`
+/// as written.
+fn scoped(upstream: std::net::SocketAddr, keys: &str) -> TestConfig {
+    TestConfig::new(upstream).admin().keys_toml(keys)
+}
 
-/// The test config with other `keys` and more `[upstream]` lines.
-fn scoped_config(upstream: std::net::SocketAddr, keys: &str, upstream_extra: &str) -> String {
-    config_text(upstream, ADMIN)
-        .replace(
-            "keys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ci\", env = \"CI_KEY\" }]",
-            &format!("keys = [{keys}]"),
-        )
-        .replace(
-            "idle_timeout = \"2s\"",
-            &format!("idle_timeout = \"2s\"\n{upstream_extra}"),
-        )
+/// [`scoped`] with the server preset `preset`, none if it is empty.
+fn scoped_config(upstream: std::net::SocketAddr, keys: &str, preset: &str) -> String {
+    let config = scoped(upstream, keys);
+    match preset {
+        "" => config,
+        name => config.preset(name),
+    }
+    .text()
 }
 
 async fn status(
@@ -117,9 +118,11 @@ async fn each_preset_table_holds_against_a_recording_upstream() {
     for preset in &PRESETS {
         let upstream = start_upstream().await;
         let keys = r#"{ name = "default", env = "API_KEY" }, { name = "ci", env = "CI_KEY", routes = ["inference", "admin"] }"#;
-        let extra = format!("preset = \"{}\"", preset.name);
         // No public paths: vLLM's and SGLang's /docs are admin routes of the presets.
-        let text = scoped_config(upstream.addr, keys, &extra).replace("[\"/docs\"]", "[]");
+        let text = scoped(upstream.addr, keys)
+            .preset(preset.name)
+            .public_paths(&[])
+            .text();
         let proxy = start_proxy_with(&text).await;
         let mut forwarded = Vec::new();
         for (method, pattern, class) in preset.routes() {
@@ -193,7 +196,7 @@ async fn each_preset_table_holds_against_a_recording_upstream() {
 async fn an_admin_only_key_cannot_use_inference_routes() {
     let upstream = start_upstream().await;
     let keys = r#"{ name = "default", env = "API_KEY", routes = ["admin"] }"#;
-    let proxy = start_proxy_with(&scoped_config(upstream.addr, keys, "preset = \"vllm\"")).await;
+    let proxy = start_proxy_with(&scoped_config(upstream.addr, keys, "vllm")).await;
     let admin = status(proxy.addr, Method::POST, "/start_profile", Some(KEY)).await;
     assert_eq!(admin.status, StatusCode::OK);
     let inference = status(proxy.addr, Method::POST, "/v1/chat/completions", Some(KEY)).await;
@@ -205,7 +208,7 @@ async fn an_admin_only_key_cannot_use_inference_routes() {
 async fn allow_rules_narrow_a_preset_further() {
     let upstream = start_upstream().await;
     let keys = r#"{ name = "default", env = "API_KEY", routes = ["inference", "admin"], allow = [{ path_prefix = "/v1/" }] }"#;
-    let proxy = start_proxy_with(&scoped_config(upstream.addr, keys, "preset = \"vllm\"")).await;
+    let proxy = start_proxy_with(&scoped_config(upstream.addr, keys, "vllm")).await;
     let inside = status(proxy.addr, Method::POST, "/v1/load_lora_adapter", Some(KEY)).await;
     assert_eq!(inside.status, StatusCode::OK, "an admin route under /v1/");
     let outside = status(proxy.addr, Method::POST, "/start_profile", Some(KEY)).await;

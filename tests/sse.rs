@@ -11,15 +11,13 @@ use http::Method;
 use hyper::body::Incoming;
 use support::*;
 
-const ADMIN: &str = "\n[admin]\nlisten = \"127.0.0.1:9090\"\n";
+const KEEPALIVE: Duration = Duration::from_millis(100);
 
-/// The test config with `[upstream]` lines changed: `idle_timeout` and `sse_keepalive`.
-fn sse_config(upstream: std::net::SocketAddr, idle: &str, keepalive: Option<&str>) -> String {
-    let keepalive = keepalive.map_or(String::new(), |k| format!("\nsse_keepalive = \"{k}\""));
-    config_text(upstream, ADMIN).replace(
-        "idle_timeout = \"2s\"",
-        &format!("idle_timeout = \"{idle}\"{keepalive}"),
-    )
+/// The test config with an admin listener and a 5 s `idle_timeout`.
+fn sse_config(upstream: std::net::SocketAddr) -> TestConfig {
+    TestConfig::new(upstream)
+        .admin()
+        .idle_timeout(Duration::from_secs(5))
 }
 
 fn chat() -> http::Request<http_body_util::Full<Bytes>> {
@@ -42,7 +40,7 @@ async fn assert_nothing_for(body: &mut Incoming, quiet: Duration) {
 #[tokio::test]
 async fn keepalive_comments_arrive_while_the_upstream_is_silent() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", Some("100ms"))).await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr).sse_keepalive(KEEPALIVE).text()).await;
     let mut body = open(proxy.addr, chat()).await.into_body();
     let mut sender = senders.recv().await.unwrap();
     for _ in 0..3 {
@@ -74,7 +72,7 @@ async fn keepalive_comments_arrive_while_the_upstream_is_silent() {
 #[tokio::test]
 async fn keepalive_waits_for_the_end_of_an_event() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", Some("100ms"))).await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr).sse_keepalive(KEEPALIVE).text()).await;
     let mut body = open(proxy.addr, chat()).await.into_body();
     let mut sender = senders.recv().await.unwrap();
     sender
@@ -96,7 +94,13 @@ async fn keepalive_waits_for_the_end_of_an_event() {
 #[tokio::test]
 async fn keepalives_do_not_keep_an_idle_stream_alive() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let proxy = start_proxy_with(&sse_config(upstream.addr, "600ms", Some("100ms"))).await;
+    let proxy = start_proxy_with(
+        &sse_config(upstream.addr)
+            .idle_timeout(Duration::from_millis(600))
+            .sse_keepalive(KEEPALIVE)
+            .text(),
+    )
+    .await;
     let mut body = open(proxy.addr, chat()).await.into_body();
     let sender = senders.recv().await.unwrap();
     let mut keepalives = 0;
@@ -118,7 +122,7 @@ async fn keepalives_do_not_keep_an_idle_stream_alive() {
 #[tokio::test]
 async fn without_sse_keepalive_a_silent_stream_gets_nothing_added() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", None)).await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr).text()).await;
     let mut body = open(proxy.addr, chat()).await.into_body();
     let sender = senders.recv().await.unwrap();
     assert_nothing_for(&mut body, Duration::from_millis(300)).await;
@@ -139,7 +143,7 @@ async fn only_event_streams_get_keepalives() {
         response
     })
     .await;
-    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", Some("100ms"))).await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr).sse_keepalive(KEEPALIVE).text()).await;
     let mut body = open(proxy.addr, chat()).await.into_body();
     assert_nothing_for(&mut body, Duration::from_millis(300)).await;
     drop(body);
@@ -173,7 +177,7 @@ async fn assert_error_event_then_abnormal_end(mut body: Incoming, mut sender: Bo
 #[tokio::test]
 async fn a_broken_stream_gets_an_error_event_then_ends_abnormally() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", None)).await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr).text()).await;
     let body = open(proxy.addr, chat()).await.into_body();
     assert_error_event_then_abnormal_end(body, senders.recv().await.unwrap()).await;
     wait_for_sample(
@@ -188,7 +192,7 @@ async fn a_broken_stream_gets_an_error_event_then_ends_abnormally() {
 #[tokio::test]
 async fn a_broken_http2_stream_gets_an_error_event_then_a_reset() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", None)).await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr).text()).await;
     let body = open_h2(proxy.addr, chat()).await.into_body();
     assert_error_event_then_abnormal_end(body, senders.recv().await.unwrap()).await;
     proxy.stop().await;
@@ -197,7 +201,7 @@ async fn a_broken_http2_stream_gets_an_error_event_then_a_reset() {
 #[tokio::test]
 async fn a_stream_broken_inside_an_event_ends_without_an_error_event() {
     let (upstream, mut senders) = start_streaming_upstream().await;
-    let proxy = start_proxy_with(&sse_config(upstream.addr, "5s", None)).await;
+    let proxy = start_proxy_with(&sse_config(upstream.addr).text()).await;
     let mut body = open(proxy.addr, chat()).await.into_body();
     let mut sender = senders.recv().await.unwrap();
     sender

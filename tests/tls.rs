@@ -7,8 +7,7 @@ mod support;
 use http::{Method, StatusCode};
 use support::process::{run_to_end, Running, TempDir, ENV};
 use support::tls::{
-    connect, https_upstream_config, send_tls, start_tls_proxy, start_tls_upstream,
-    with_server_lines, Ca, SeenOverTls,
+    connect, https_upstream_config, send_tls, start_tls_proxy, start_tls_upstream, Ca, SeenOverTls,
 };
 use support::*;
 use tokio::io::AsyncWriteExt;
@@ -21,7 +20,7 @@ const H1: &[u8] = b"http/1.1";
 async fn alpn_offers_h2_and_http1_and_both_carry_requests() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-alpn"));
-    let proxy = start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let proxy = start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr)).await;
     let auth = bearer(KEY);
     for (offer, chosen) in [
         (&[H2, H1][..], Some(H2)),
@@ -50,7 +49,7 @@ async fn alpn_offers_h2_and_http1_and_both_carry_requests() {
 async fn a_keyless_request_over_tls_gets_401() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-401"));
-    let proxy = start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let proxy = start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr)).await;
     for alpn in [H2, H1] {
         let got = send_tls(proxy.addr, &ca.pem(), &[alpn], get("/v1/models", &[])).await;
         assert_eq!(got.reply.status, StatusCode::UNAUTHORIZED);
@@ -75,7 +74,7 @@ async fn a_keyless_request_over_tls_gets_401() {
 async fn plaintext_http_on_the_tls_port_gets_no_http_answer() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-plain"));
-    let proxy = start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let proxy = start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr)).await;
     for request in [
         format!("GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n\r\n"),
         "GET /health HTTP/1.1\r\nhost: x\r\n\r\n".to_owned(),
@@ -114,7 +113,7 @@ fn tls11_client_hello() -> Vec<u8> {
 async fn tls_1_1_and_older_are_refused() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-old"));
-    let proxy = start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let proxy = start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr)).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
     stream.write_all(&tls11_client_hello()).await.unwrap();
     let answer = read_to_close(&mut stream).await;
@@ -127,8 +126,7 @@ async fn tls_1_1_and_older_are_refused() {
 async fn a_stalled_handshake_is_cut_at_header_read_timeout_and_counted() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-stall"));
-    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
-    let proxy = start_tls_proxy(&ca, &dir, upstream.addr, "", admin).await;
+    let proxy = start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr).admin()).await;
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
     let mut partial = TcpStream::connect(proxy.addr).await.unwrap();
     partial
@@ -152,8 +150,8 @@ async fn a_reload_serves_the_new_certificate_on_the_next_handshake_and_keeps_ope
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-reload"));
     let first = ca.issue(30);
-    let lines = first.install(&dir);
-    let proxy = start_proxy_with(&with_server_lines(&config_text(upstream.addr, ""), &lines)).await;
+    let files = first.install(&dir);
+    let proxy = start_proxy_with(&TestConfig::new(upstream.addr).tls(files).text()).await;
     let auth = bearer(KEY);
     let before = send_tls(proxy.addr, &ca.pem(), &[H1], get("/health", &[])).await;
     assert_eq!(before.server_cert, first.der);
@@ -193,14 +191,9 @@ async fn a_reload_serves_the_new_certificate_on_the_next_handshake_and_keeps_ope
 async fn a_bad_certificate_file_keeps_the_certificate_in_force() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-bad-reload"));
-    let admin = "[admin]\nlisten = \"127.0.0.1:0\"\n";
     let first = ca.issue(30);
-    let lines = first.install(&dir);
-    let proxy = start_proxy_with(&with_server_lines(
-        &config_text(upstream.addr, admin),
-        &lines,
-    ))
-    .await;
+    let files = first.install(&dir);
+    let proxy = start_proxy_with(&TestConfig::new(upstream.addr).admin().tls(files).text()).await;
     dir.write(
         "cert.pem",
         "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n",
@@ -222,8 +215,10 @@ async fn a_bad_certificate_file_keeps_the_certificate_in_force() {
 async fn the_redirect_listener_answers_308_to_the_https_url_and_forwards_nothing() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-redirect"));
-    let extra = "redirect_http_listen = \"127.0.0.1:0\"\nredirect_https_port = 8443\n";
-    let proxy = start_tls_proxy(&ca, &dir, upstream.addr, extra, "").await;
+    let config = TestConfig::new(upstream.addr)
+        .redirect_http_listen()
+        .redirect_https_port(8443);
+    let proxy = start_tls_proxy(&ca, &dir, config).await;
     let plain = proxy.redirect.unwrap();
     let auth = bearer(KEY);
     for (method, path) in [
@@ -258,8 +253,10 @@ async fn the_redirect_listener_answers_308_to_the_https_url_and_forwards_nothing
 async fn the_redirect_listener_answers_the_probe_only_when_configured() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-redirect-probe"));
-    let extra = "redirect_http_listen = \"127.0.0.1:0\"\nredirect_serves_probe = true\n";
-    let proxy = start_tls_proxy(&ca, &dir, upstream.addr, extra, "").await;
+    let config = TestConfig::new(upstream.addr)
+        .redirect_http_listen()
+        .redirect_serves_probe();
+    let proxy = start_tls_proxy(&ca, &dir, config).await;
     let plain = proxy.redirect.unwrap();
     let probe = send(plain, get("/health", &[])).await;
     assert_eq!(probe.status, StatusCode::OK);
@@ -281,13 +278,9 @@ async fn an_https_upstream_signed_by_the_ca_file_gets_sni_host_and_injected_head
     let (ca, dir) = (Ca::new(), TempDir::new("tls-upstream"));
     let (upstream, seen) = start_tls_upstream(&ca.issue(30)).await;
     let ca_file = dir.write("upstream-ca.pem", &ca.pem());
-    let proxy = start_proxy_with(&https_upstream_config(
-        upstream.port(),
-        "localhost",
-        "",
-        &ca_file,
-    ))
-    .await;
+    let proxy =
+        start_proxy_with(&https_upstream_config(upstream.port(), "localhost", "", &ca_file).text())
+            .await;
     let auth = bearer(KEY);
     let reply = send(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -310,7 +303,8 @@ fn an_untrusted_https_upstream_gets_502_and_a_log_line_that_says_why() {
     let (upstream, seen) = runtime.block_on(start_tls_upstream(&stranger.issue(30)));
     let ca_file = dir.write("upstream-ca.pem", &ca.pem());
     let text = https_upstream_config(upstream.port(), "localhost", "", &ca_file)
-        .replace("level = \"warn\"", "level = \"info\"");
+        .log_level("info")
+        .text();
     let config = dir.write("keygate.toml", &text);
     let mut running = Running::start(&config, &ENV);
     let auth = bearer(KEY);
@@ -332,8 +326,10 @@ fn an_untrusted_https_upstream_gets_502_and_a_log_line_that_says_why() {
 #[test]
 fn check_names_the_certificate_and_when_it_expires() {
     let (ca, dir) = (Ca::new(), TempDir::new("tls-check"));
-    let lines = ca.issue(23).install(&dir);
-    let text = with_server_lines(&config_text("127.0.0.1:8000".parse().unwrap(), ""), &lines);
+    let files = ca.issue(23).install(&dir);
+    let text = TestConfig::new("127.0.0.1:8000".parse().unwrap())
+        .tls(files)
+        .text();
     let config = dir.write("keygate.toml", &text);
     let (status, stdout, stderr) =
         run_to_end(&["check", "--config", config.to_str().unwrap()], &ENV);
@@ -348,9 +344,11 @@ fn check_names_the_certificate_and_when_it_expires() {
 #[test]
 fn check_refuses_a_key_that_does_not_fit_the_certificate() {
     let (ca, dir) = (Ca::new(), TempDir::new("tls-mismatch"));
-    let lines = ca.issue(30).install(&dir);
+    let files = ca.issue(30).install(&dir);
     dir.write("key.pem", &ca.issue(30).key_pem);
-    let text = with_server_lines(&config_text("127.0.0.1:8000".parse().unwrap(), ""), &lines);
+    let text = TestConfig::new("127.0.0.1:8000".parse().unwrap())
+        .tls(files)
+        .text();
     let config = dir.write("keygate.toml", &text);
     let (status, _, stderr) = run_to_end(&["check", "--config", config.to_str().unwrap()], &ENV);
     assert_eq!(status.code(), Some(2));
@@ -365,7 +363,7 @@ fn check_refuses_a_key_that_does_not_fit_the_certificate() {
 async fn h2c_prior_knowledge_is_not_spoken_on_the_tls_port() {
     let upstream = start_upstream().await;
     let (ca, dir) = (Ca::new(), TempDir::new("tls-h2c"));
-    let proxy = start_tls_proxy(&ca, &dir, upstream.addr, "", "").await;
+    let proxy = start_tls_proxy(&ca, &dir, TestConfig::new(upstream.addr)).await;
     let attempt = tokio::time::timeout(DEADLINE, async {
         let stream = TcpStream::connect(proxy.addr).await.unwrap();
         let (mut sender, conn) = hyper::client::conn::http2::handshake(

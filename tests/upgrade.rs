@@ -34,7 +34,7 @@ const WEBSOCKET: [(&str, &str); 4] = [
 const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// What the upstream writes first on every tunnel, before it echoes.
 const GREETING: &[u8] = b"hello from upstream";
-/// `idle_timeout` in the configs of the idle tests; `config_text`'s 2 s would only slow them.
+/// `idle_timeout` in the configs of the idle tests; the base config's 2 s would only slow them.
 const IDLE: Duration = Duration::from_secs(1);
 /// Spacing of the traffic that must keep a tunnel open: well inside `IDLE`.
 const PACE: Duration = Duration::from_millis(250);
@@ -306,24 +306,6 @@ impl Tunnel {
     }
 }
 
-fn with_idle(text: &str, idle: &str) -> String {
-    let changed = text.replace(
-        "idle_timeout = \"2s\"",
-        &format!("idle_timeout = \"{idle}\""),
-    );
-    assert_ne!(changed, text, "config_text sets idle_timeout");
-    changed
-}
-
-fn with_grace(text: &str, grace: &str) -> String {
-    let changed = text.replace(
-        "shutdown_grace = \"5s\"",
-        &format!("shutdown_grace = \"{grace}\""),
-    );
-    assert_ne!(changed, text, "config_text sets shutdown_grace");
-    changed
-}
-
 fn has_upgrade_headers(headers: &HeaderMap) -> bool {
     headers.contains_key("upgrade")
         || headers
@@ -548,7 +530,7 @@ async fn upstream_declining_the_upgrade_is_answered_normally_on_a_usable_connect
 #[tokio::test]
 async fn tunnel_traffic_keeps_it_open_and_silence_closes_it_after_idle_timeout() {
     let upstream = start_ws_upstream().await;
-    let proxy = start_proxy_with(&with_idle(&config_text(upstream.addr, ""), "1s")).await;
+    let proxy = start_proxy_with(&TestConfig::new(upstream.addr).idle_timeout(IDLE).text()).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/ws")).await;
     let started = Instant::now();
     let mut ticks = tokio::time::interval(PACE);
@@ -575,7 +557,7 @@ async fn tunnel_traffic_keeps_it_open_and_silence_closes_it_after_idle_timeout()
 #[tokio::test]
 async fn upstream_only_traffic_keeps_a_tunnel_open_past_idle_timeout() {
     let upstream = start_ws_upstream().await;
-    let proxy = start_proxy_with(&with_idle(&config_text(upstream.addr, ""), "1s")).await;
+    let proxy = start_proxy_with(&TestConfig::new(upstream.addr).idle_timeout(IDLE).text()).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/push")).await;
     // The client never writes; the upstream's bytes, PACE apart, span twice IDLE.
     assert_eq!(tunnel.read_exact(PUSHES).await, vec![b'.'; PUSHES]);
@@ -591,8 +573,7 @@ async fn upstream_only_traffic_keeps_a_tunnel_open_past_idle_timeout() {
 #[tokio::test]
 async fn a_tunnel_counts_as_an_open_connection_until_the_client_closes_it() {
     let upstream = start_ws_upstream().await;
-    let admin = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
-    let proxy = start_proxy_with(&config_text(upstream.addr, admin)).await;
+    let proxy = start_proxy_with(&TestConfig::new(upstream.addr).admin().text()).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/ws")).await;
     tunnel.echo(b"ping").await;
     assert_eq!(connections(&proxy).await, 1.0);
@@ -617,10 +598,12 @@ async fn a_tunnel_counts_as_an_open_connection_until_the_client_closes_it() {
 #[tokio::test]
 async fn an_open_tunnel_holds_its_keys_concurrency_slot() {
     let upstream = start_ws_upstream().await;
-    let text = config_text(upstream.addr, "").replace(
-        r#"{ name = "default", env = "API_KEY" }"#,
-        r#"{ name = "default", env = "API_KEY", max_concurrent = 1 }"#,
-    );
+    let text = TestConfig::new(upstream.addr)
+        .keys([
+            Key::env("default", "API_KEY").max_concurrent(1),
+            Key::env("ci", "CI_KEY"),
+        ])
+        .text();
     let proxy = start_proxy_with(&text).await;
     let auth = bearer(KEY);
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/ws")).await;
@@ -667,7 +650,9 @@ async fn connections(proxy: &Proxy) -> f64 {
 async fn draining_waits_for_an_open_tunnel_and_ends_when_it_closes() {
     let upstream = start_ws_upstream().await;
     // A grace far beyond the deadline: only the tunnel's end can let the proxy stop in time.
-    let text = with_grace(&config_text(upstream.addr, ""), "60s");
+    let text = TestConfig::new(upstream.addr)
+        .shutdown_grace(Duration::from_secs(60))
+        .text();
     let mut proxy = start_proxy_with(&text).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/ws")).await;
     proxy.begin_shutdown();
@@ -696,7 +681,10 @@ async fn shutdown_grace_cuts_an_open_tunnel_and_the_proxy_stops() {
     let upstream = start_ws_upstream().await;
     let grace = Duration::from_secs(2);
     // Idle timeout far beyond the grace: only the grace can cut this tunnel.
-    let text = with_idle(&with_grace(&config_text(upstream.addr, ""), "2s"), "60s");
+    let text = TestConfig::new(upstream.addr)
+        .shutdown_grace(grace)
+        .idle_timeout(Duration::from_secs(60))
+        .text();
     let mut proxy = start_proxy_with(&text).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/ws")).await;
     proxy.begin_shutdown();

@@ -51,12 +51,28 @@ class Stack:
     keygate_log: Path
 
 
+# Sockets that hold the ports free_ports handed out, open until the test process ends.
+_HELD_PORTS: list[socket.socket] = []
+
+
 def free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as held:
-        socks = [held.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
+    """n ports on 127.0.0.1 that stay reserved for the servers the tests start on them.
+
+    Each port is held, for the whole run, by a bound socket that never listens, with
+    SO_REUSEADDR and SO_REUSEPORT: a server that sets either (keygate and uvicorn set
+    SO_REUSEADDR) still binds the port and listens on it, while no other socket can take it
+    in between, neither as a port of the kernel's choosing nor by a bind without those
+    options. A port closed before the server binds it could be taken by anything meanwhile.
+    """
+    ports = []
+    for _ in range(n):
+        held = socket.socket()
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("127.0.0.1", 0))
+        _HELD_PORTS.append(held)
+        ports.append(held.getsockname()[1])
+    return ports
 
 
 def keygate_bin() -> Path:

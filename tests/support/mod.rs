@@ -1,6 +1,7 @@
 //! Shared harness for the integration tests: a recording upstream, a keygate on an ephemeral
-//! port with its own shutdown, and clients (hyper for well-formed requests, raw TCP for
-//! requests a well-behaved client would never send). Every wait has a deadline.
+//! port with its own shutdown and a config from [`TestConfig`], and clients (hyper for
+//! well-formed requests, raw TCP for requests a well-behaved client would never send). Every
+//! wait has a deadline.
 
 #![allow(
     dead_code,
@@ -82,45 +83,10 @@ impl SecretSource for TestSecrets {
     }
 }
 
-/// A config in front of `upstream`: two keys, identity header, two injected headers, one
-/// public path. `extra` is appended (more tables).
+/// The base [`TestConfig`] in front of `upstream` as TOML, with `extra` appended (more
+/// tables).
 pub fn config_text(upstream: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-header_read_timeout = "2s"
-max_request_body = "1MiB"
-shutdown_grace = "5s"
-
-[upstream]
-url = "http://{upstream}"
-connect_timeout = "1s"
-response_timeout = "3s"
-idle_timeout = "2s"
-
-[auth]
-keys = [{{ name = "default", env = "API_KEY" }}, {{ name = "ci", env = "CI_KEY" }}]
-identity_header = "x-keygate-key"
-
-[probe]
-path = "/health"
-
-[public]
-paths = ["/docs"]
-
-[[inject]]
-name = "x-shared-secret"
-value = "${{SHARED_SECRET}}"
-
-[[inject]]
-name = "x-upstream-token"
-value = "Bearer ${{UPSTREAM_API_KEY}}"
-
-[log]
-level = "warn"
-{extra}"#
-    )
+    TestConfig::new(upstream).tables(extra).text()
 }
 
 /// The validated config of `toml`, with the test environment and real key files.
@@ -732,5 +698,12 @@ pub fn closed_port() -> ClosedPort {
     let addr = socket.local_addr().unwrap();
     ClosedPort { addr, socket }
 }
+pub mod config;
 pub mod process;
 pub mod tls;
+
+#[allow(
+    unused_imports,
+    reason = "each test file uses a different part of the harness"
+)]
+pub use config::{Key, TestConfig, TlsFiles};

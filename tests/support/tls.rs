@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::process::TempDir;
-use super::{read_reply, Reply, DEADLINE};
+use super::{read_reply, Reply, TestConfig, TlsFiles, DEADLINE};
 
 /// A certificate authority made for one test.
 pub struct Ca {
@@ -77,52 +77,27 @@ impl Ca {
 }
 
 impl Leaf {
-    /// Writes `cert.pem` and `key.pem` into `dir` and returns the `[server]` lines naming them.
-    pub fn install(&self, dir: &TempDir) -> String {
-        let cert = dir.write("cert.pem", &self.cert_pem);
-        let key = dir.write("key.pem", &self.key_pem);
-        format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            cert.display(),
-            key.display()
-        )
+    /// Writes `cert.pem` and `key.pem` into `dir` and returns their paths.
+    pub fn install(&self, dir: &TempDir) -> TlsFiles {
+        TlsFiles {
+            cert: dir.write("cert.pem", &self.cert_pem),
+            key: dir.write("key.pem", &self.key_pem),
+        }
     }
 }
 
-/// A keygate terminating TLS with a certificate from `ca` (files in `dir`) in front of
-/// `upstream`: `config_text` with `tables` appended and `server_lines` added to `[server]`.
-pub async fn start_tls_proxy(
-    ca: &Ca,
-    dir: &TempDir,
-    upstream: SocketAddr,
-    server_lines: &str,
-    tables: &str,
-) -> super::Proxy {
-    let lines = ca.issue(30).install(dir) + server_lines;
-    super::start_proxy_with(&with_server_lines(
-        &super::config_text(upstream, tables),
-        &lines,
-    ))
-    .await
+/// A keygate terminating TLS with a certificate from `ca` (files in `dir`), run with `config`.
+pub async fn start_tls_proxy(ca: &Ca, dir: &TempDir, config: TestConfig) -> super::Proxy {
+    let files = ca.issue(30).install(dir);
+    super::start_proxy_with(&config.tls(files).text()).await
 }
 
-/// `config_text` with an `https://{host}:{port}{prefix}` upstream trusting `ca_file`.
-pub fn https_upstream_config(port: u16, host: &str, prefix: &str, ca_file: &Path) -> String {
+/// The base config with an `https://{host}:{port}{prefix}` upstream trusting `ca_file`.
+pub fn https_upstream_config(port: u16, host: &str, prefix: &str, ca_file: &Path) -> TestConfig {
     let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    super::config_text(placeholder, "")
-        .replace(
-            "url = \"http://127.0.0.1:9\"",
-            &format!("url = \"https://{host}:{port}{prefix}\""),
-        )
-        .replace(
-            "[upstream]\n",
-            &format!("[upstream]\nca_file = \"{}\"\n", ca_file.display()),
-        )
-}
-
-/// `config_text` with `lines` added to its `[server]` table.
-pub fn with_server_lines(config: &str, lines: &str) -> String {
-    config.replacen("[server]\n", &format!("[server]\n{lines}"), 1)
+    TestConfig::new(placeholder)
+        .upstream_url(format!("https://{host}:{port}{prefix}"))
+        .ca_file(ca_file)
 }
 
 fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<ClientConfig> {
