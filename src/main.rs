@@ -85,7 +85,10 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    keygate::logging::init(&config.log);
+    if let Err(e) = keygate::logging::init(&config.log) {
+        eprintln!("keygate: cannot start the log writer thread: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match runtime(config.server.workers) {
         Ok(rt) => rt,
         Err(e) => {
@@ -93,7 +96,7 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let listeners = match keygate::Listeners::bind(&config).await {
             Ok(listeners) => listeners,
             Err(e) => {
@@ -124,7 +127,9 @@ fn serve(config: Config) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    keygate::logging::finish(keygate::logging::FINISH_WITHIN);
+    code
 }
 
 /// One worker runs everything on the main thread (tokio's current-thread scheduler), the
