@@ -100,10 +100,7 @@ fn serve(config: Config) -> ExitCode {
         let listeners = match keygate::Listeners::bind(&config).await {
             Ok(listeners) => listeners,
             Err(e) => {
-                eprintln!(
-                    "keygate: cannot listen on {} (or the [admin] address): {e}",
-                    config.server.listen
-                );
+                eprintln!("keygate: {e}");
                 return ExitCode::FAILURE;
             }
         };
