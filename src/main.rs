@@ -5,38 +5,62 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use keygate::config::{LogFormat, Overrides};
+use clap::{Args, Parser, Subcommand};
+use keygate::config::{ConfigError, LogFormat, Overrides};
 use keygate::secrets::ProcessSecrets;
 use keygate::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
-#[command(version, about = "Authenticating reverse proxy for inference servers")]
+#[command(
+    version,
+    about = "Authenticating reverse proxy for inference servers",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
-    /// Config file (TOML).
-    #[arg(long, global = true, default_value = "config/keygate.toml")]
-    config: PathBuf,
-    /// Listen address, replacing [server] listen.
-    #[arg(long, global = true)]
-    listen: Option<String>,
-    /// Upstream URL, replacing [upstream] url.
-    #[arg(long, global = true)]
-    upstream: Option<String>,
-    /// Log format, replacing [log] format.
-    #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormat>,
-    /// Log filter such as "info" or "keygate=debug,warn", replacing [log] level.
-    #[arg(long, global = true)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// The config to run or check, and the flags that replace parts of it.
+#[derive(Args)]
+struct ConfigArgs {
+    /// Config file (TOML).
+    #[arg(long, default_value = "config/keygate.toml")]
+    config: PathBuf,
+    /// Listen address, replacing [server] listen.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Upstream URL, replacing [upstream] url.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Log format, replacing [log] format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter such as "info" or "keygate=debug,warn", replacing [log] level.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(self) -> Result<(PathBuf, Config), ConfigError> {
+        let overrides = Overrides {
+            listen: self.listen,
+            upstream: self.upstream,
+            log_format: self.log_format,
+            log_level: self.log_level,
+        };
+        let config = Config::load(&self.config, &overrides, &ProcessSecrets)?;
+        Ok((self.config, config))
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Load the config and every secret it names, print a summary (names, never values).
-    Check,
+    Check(ConfigArgs),
     /// Print one new random API key (256 bits, URL-safe).
     Keygen,
 }
@@ -46,13 +70,6 @@ const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = Overrides {
-        listen: cli.listen,
-        upstream: cli.upstream,
-        log_format: cli.log_format,
-        log_level: cli.log_level,
-    };
-    let load = || Config::load(&cli.config, &overrides, &ProcessSecrets);
     match cli.command {
         Some(Command::Keygen) => match keygate::auth::generate_key() {
             Ok(key) => {
@@ -64,9 +81,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Check) => match load() {
-            Ok(config) => {
-                println!("{}: OK\n{}", cli.config.display(), config.summary());
+        Some(Command::Check(args)) => match args.load() {
+            Ok((path, config)) => {
+                println!("{}: OK\n{}", path.display(), config.summary());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -74,8 +91,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        None => match load() {
-            Ok(config) => serve(config),
+        None => match cli.config.load() {
+            Ok((_, config)) => serve(config),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(EXIT_CONFIG)

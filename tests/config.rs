@@ -292,3 +292,25 @@ fn default_config_documents_every_key() {
         );
     }
 }
+
+#[test]
+fn keygen_takes_and_shows_no_config_flags_and_check_keeps_them() {
+    let (status, help, stderr) = run_to_end(&["keygen", "--help"], &[]);
+    assert!(status.success(), "{stderr}");
+    for flag in [
+        "--config",
+        "--listen",
+        "--upstream",
+        "--log-format",
+        "--log-level",
+    ] {
+        assert!(!help.contains(flag), "keygen --help lists {flag}:\n{help}");
+    }
+    let (status, _, stderr) = run_to_end(&["keygen", "--config", "x.toml"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let (status, help, stderr) = run_to_end(&["check", "--help"], &[]);
+    assert!(status.success(), "{stderr}");
+    for flag in ["--config", "--listen", "--upstream"] {
+        assert!(help.contains(flag), "check --help lacks {flag}:\n{help}");
+    }
+}
