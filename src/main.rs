@@ -68,6 +68,10 @@ enum Command {
 /// Exit code for a config that cannot be used.
 const EXIT_CONFIG: u8 = 2;
 
+/// How long a second shutdown signal lets the log writer write what is queued (among it,
+/// the line saying why the process exits) before exiting.
+const EXIT_NOW_LOG_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -194,6 +198,7 @@ impl Signals {
                 _ = self.interrupt.recv() => {},
             }
             tracing::warn!("second shutdown signal: exiting now");
+            keygate::logging::finish(EXIT_NOW_LOG_WAIT);
             std::process::exit(1);
         });
     }
