@@ -5,38 +5,62 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use keygate::config::secrets::ProcessSecrets;
-use keygate::config::{LogFormat, Overrides};
+use keygate::config::{ConfigError, LogFormat, Overrides};
 use keygate::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
-#[command(version, about = "Authenticating reverse proxy for inference servers")]
+#[command(
+    version,
+    about = "Authenticating reverse proxy for inference servers",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
-    /// Config file (TOML).
-    #[arg(long, global = true, default_value = "config/keygate.toml")]
-    config: PathBuf,
-    /// Listen address, replacing [server] listen.
-    #[arg(long, global = true)]
-    listen: Option<String>,
-    /// Upstream URL, replacing [upstream] url.
-    #[arg(long, global = true)]
-    upstream: Option<String>,
-    /// Log format, replacing [log] format.
-    #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormat>,
-    /// Log filter such as "info" or "keygate=debug,warn", replacing [log] level.
-    #[arg(long, global = true)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// The config to run or check, and the flags that replace parts of it.
+#[derive(Args)]
+struct ConfigArgs {
+    /// Config file (TOML).
+    #[arg(long, default_value = "config/keygate.toml")]
+    config: PathBuf,
+    /// Listen address, replacing [server] listen.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Upstream URL, replacing [upstream] url.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Log format, replacing [log] format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter such as "info" or "keygate=debug,warn", replacing [log] level.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(self) -> Result<(PathBuf, Config), ConfigError> {
+        let overrides = Overrides {
+            listen: self.listen,
+            upstream: self.upstream,
+            log_format: self.log_format,
+            log_level: self.log_level,
+        };
+        let config = Config::load(&self.config, &overrides, &ProcessSecrets)?;
+        Ok((self.config, config))
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Load the config and every secret it names, print a summary (names, never values).
-    Check,
+    Check(ConfigArgs),
     /// Print one new random API key (256 bits, URL-safe).
     Keygen,
 }
@@ -44,15 +68,12 @@ enum Command {
 /// Exit code for a config that cannot be used.
 const EXIT_CONFIG: u8 = 2;
 
+/// How long a second shutdown signal lets the log writer write what is queued (among it,
+/// the line saying why the process exits) before exiting.
+const EXIT_NOW_LOG_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = Overrides {
-        listen: cli.listen,
-        upstream: cli.upstream,
-        log_format: cli.log_format,
-        log_level: cli.log_level,
-    };
-    let load = || Config::load(&cli.config, &overrides, &ProcessSecrets);
     match cli.command {
         Some(Command::Keygen) => match keygate::policy::auth::generate_key() {
             Ok(key) => {
@@ -64,9 +85,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Check) => match load() {
-            Ok(config) => {
-                println!("{}: OK\n{}", cli.config.display(), config.summary());
+        Some(Command::Check(args)) => match args.load() {
+            Ok((path, config)) => {
+                println!("{}: OK\n{}", path.display(), config.summary());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -74,8 +95,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        None => match load() {
-            Ok(config) => serve(config),
+        None => match cli.config.load() {
+            Ok((_, config)) => serve(config),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(EXIT_CONFIG)
@@ -85,7 +106,10 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    keygate::observe::logging::init(&config.log);
+    if let Err(e) = keygate::observe::logging::init(&config.log) {
+        eprintln!("keygate: cannot start the log writer thread: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match runtime(config.server.workers) {
         Ok(rt) => rt,
         Err(e) => {
@@ -93,14 +117,11 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let listeners = match keygate::Listeners::bind(&config).await {
             Ok(listeners) => listeners,
             Err(e) => {
-                eprintln!(
-                    "keygate: cannot listen on {} (or the [admin] address): {e}",
-                    config.server.listen
-                );
+                eprintln!("keygate: {e}");
                 return ExitCode::FAILURE;
             }
         };
@@ -124,7 +145,9 @@ fn serve(config: Config) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    keygate::observe::logging::finish(keygate::observe::logging::FINISH_WITHIN);
+    code
 }
 
 /// One worker runs everything on the main thread (tokio's current-thread scheduler), the
@@ -175,6 +198,7 @@ impl Signals {
                 _ = self.interrupt.recv() => {},
             }
             tracing::warn!("second shutdown signal: exiting now");
+            keygate::observe::logging::finish(EXIT_NOW_LOG_WAIT);
             std::process::exit(1);
         });
     }

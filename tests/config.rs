@@ -104,7 +104,7 @@ keys = [{ name = "default", env = "API_KEY" }]
     let (status, _, stderr) = run_to_end(&["--config", path.to_str().unwrap()], &env());
     assert_eq!(status.code(), Some(2));
     let expected = format!(
-        "{}:3:1: syntax: unknown field `listen_addr`",
+        "{}:3:1: unknown key `listen_addr` in [server]; expected one of `listen`,",
         path.display()
     );
     assert!(stderr.starts_with(&expected), "{stderr}");
@@ -318,7 +318,7 @@ fn a_dollar_without_braces_is_refused_and_a_doubled_one_is_literal() {
     let dir = TempDir::new("dollar");
     let path = dir.write(
         "keygate.toml",
-        &GOOD.replace("${SHARED_SECRET}", "$SHARED_SECRET"),
+        &edited(GOOD, "${SHARED_SECRET}", "$SHARED_SECRET"),
     );
     let (status, stdout, stderr) =
         run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
@@ -331,7 +331,7 @@ fn a_dollar_without_braces_is_refused_and_a_doubled_one_is_literal() {
     assert!(!stderr.contains(SHARED_SECRET), "{stderr}");
     let path = dir.write(
         "escaped.toml",
-        &GOOD.replace("${SHARED_SECRET}", "$$5-${SHARED_SECRET}"),
+        &edited(GOOD, "${SHARED_SECRET}", "$$5-${SHARED_SECRET}"),
     );
     let (status, _, stderr) = run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
     assert!(status.success(), "{stderr}");
@@ -341,7 +341,8 @@ fn a_dollar_without_braces_is_refused_and_a_doubled_one_is_literal() {
 fn two_keys_with_one_value_stop_check_and_start_up_naming_both() {
     let dir = TempDir::new("same-value");
     let admin = dir.write("admin-key", &format!("{KEY}\n"));
-    let text = GOOD.replace(
+    let text = edited(
+        GOOD,
         "{ name = \"next\", env = \"API_KEY_NEXT\", optional = true }",
         &format!("{{ name = \"admin\", file = \"{}\" }}", admin.display()),
     );
@@ -409,4 +410,100 @@ fn the_kubernetes_example_embeds_the_vllm_sidecar_config_unchanged() {
         embedded, config,
         "kubernetes-sidecar.yaml's ConfigMap must hold vllm-sidecar.toml unchanged"
     );
+}
+
+#[test]
+fn keygen_takes_and_shows_no_config_flags_and_check_keeps_them() {
+    let (status, help, stderr) = run_to_end(&["keygen", "--help"], &[]);
+    assert!(status.success(), "{stderr}");
+    for flag in [
+        "--config",
+        "--listen",
+        "--upstream",
+        "--log-format",
+        "--log-level",
+    ] {
+        assert!(!help.contains(flag), "keygen --help lists {flag}:\n{help}");
+    }
+    let (status, _, stderr) = run_to_end(&["keygen", "--config", "x.toml"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let (status, help, stderr) = run_to_end(&["check", "--help"], &[]);
+    assert!(status.success(), "{stderr}");
+    for flag in ["--config", "--listen", "--upstream"] {
+        assert!(help.contains(flag), "check --help lacks {flag}:\n{help}");
+    }
+}
+
+/// The message `check` prints for `config`.
+fn check_error(config: &str) -> String {
+    let dir = TempDir::new("message");
+    let path = dir.write("keygate.toml", config);
+    let (status, _, stderr) = run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    stderr.replace(path.to_str().unwrap(), "keygate.toml")
+}
+
+#[test]
+fn a_duration_or_size_without_a_unit_is_named_with_how_to_write_it() {
+    for (line, expected) in [
+        (
+            "[upstream]\nidle_timeout = 300\n",
+            "keygate.toml:2:16: [upstream] idle_timeout: expected a duration with a unit, such as \"300s\" or \"5m\"\n",
+        ),
+        (
+            "[server]\nshutdown_grace = \"30\"\n",
+            "keygate.toml:2:18: [server] shutdown_grace: expected a duration with a unit, such as \"300s\" or \"5m\"\n",
+        ),
+        (
+            "[server]\nmax_request_body = \"lots\"\n",
+            "keygate.toml:2:20: [server] max_request_body: expected a size, such as \"64MiB\" or \"512KiB\", or a number of bytes\n",
+        ),
+        (
+            "[server]\nmax_connections = \"many\"\n",
+            "keygate.toml:2:19: [server] max_connections: expected a whole number, such as 100\n",
+        ),
+    ] {
+        assert_eq!(check_error(line), expected);
+    }
+}
+
+#[test]
+fn an_unknown_key_names_its_table_and_the_keys_allowed_there() {
+    for (text, expected) in [
+        (
+            "[server]\nlisten = \"127.0.0.1:0\" # [x] \"\nfoo = 1\n",
+            "keygate.toml:3:1: unknown key `foo` in [server]; expected one of `listen`, `tls_cert`,",
+        ),
+        (
+            "[auth]\nkeys = [\n  { name = \"a\", env = \"API_KEY\", allow = [{ method = [\"GET\"] }] },\n]\n",
+            "keygate.toml:3:45: unknown key `method` in [auth] keys.allow; expected one of `methods`, `path`, `path_prefix`\n",
+        ),
+        (
+            "[auth]\nkeys = [{ name = \"a\", env = \"API_KEY\", bogus = 1 }]\n",
+            "keygate.toml:2:40: unknown key `bogus` in [auth] keys; expected one of `name`, `env`,",
+        ),
+        (
+            "[[inject]]\nname = \"x-a\"\nvalu = \"b\"\n",
+            "keygate.toml:3:1: unknown key `valu` in [[inject]]; expected `name` or `value`\n",
+        ),
+        (
+            "[sever]\nlisten = \"127.0.0.1:0\"\n",
+            "keygate.toml:1:2: unknown table `sever`; expected one of `server`, `upstream`,",
+        ),
+    ] {
+        let e = check_error(text);
+        assert!(e.starts_with(expected), "{text}:\n{e}");
+        assert!(!e.contains("syntax"), "{e}");
+    }
+    assert!(
+        check_error("[server\n").starts_with("keygate.toml:1:8: syntax: invalid table header"),
+        "what is not TOML is still a syntax error"
+    );
+}
+
+/// `text` with `from` replaced by `to`; `from` must be there, so a change to the base text
+/// cannot turn a test's variant back into the base.
+fn edited(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "{from:?} is not in the base config");
+    text.replace(from, to)
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use support::process::{Running, TempDir, ENV};
+use support::process::{Running, TempDir, Unread, ENV};
 use support::*;
 
 fn assert_upstream_error(reply: &Reply, status: StatusCode) {
@@ -358,4 +358,35 @@ fn accept_errors_back_off_and_serving_resumes() {
     assert_eq!(reply.status, StatusCode::OK);
     let (status, output) = keygate.terminate();
     assert!(status.success(), "{output}");
+}
+
+#[test]
+fn a_stalled_log_reader_costs_counted_lines_and_one_warning_once_it_reads_again() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(start_upstream());
+    let dir = TempDir::new("stalled-log");
+    let config = TestConfig::new(upstream.addr)
+        .admin()
+        .log_level("info")
+        .text();
+    let path = dir.write("keygate.toml", &config);
+    let mut keygate = Unread::start(&path, &ENV);
+    let (addr, admin) = (keygate.addr, keygate.admin);
+    runtime.block_on(async {
+        flood_the_log(addr).await;
+        wait_for_dropped_log_lines(admin).await;
+    });
+    keygate.read_again();
+    let warnings = keygate.wait_for_lines("log lines were dropped");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let warning: serde_json::Value = serde_json::from_str(&warnings[0]).unwrap();
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    let dropped = runtime.block_on(wait_for_dropped_log_lines(admin));
+    assert_eq!(
+        warning["lost"].as_f64(),
+        Some(dropped),
+        "the warning counts every dropped line: {warning}"
+    );
+    let status = keygate.terminate_within(DEADLINE);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }

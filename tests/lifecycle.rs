@@ -1,6 +1,7 @@
 //! Lifecycle: on shutdown keygate stops accepting, lets open requests and streams
 //! finish within `shutdown_grace`, answers the probe 503 meanwhile, and cuts what is still
-//! open when the grace expires.
+//! open when the grace expires. At start-up, a listen address that cannot be bound is named
+//! with the listener it is for.
 
 mod support;
 
@@ -148,4 +149,45 @@ async fn idle_keepalive_connections_are_closed_at_shutdown() {
         .expect("keygate closes the idle keep-alive connection")
         .unwrap();
     assert!(proxy.finished().await);
+}
+
+#[test]
+fn a_busy_listen_address_is_named_with_its_own_listener() {
+    let dir = support::process::TempDir::new("busy-listener");
+    let tls = support::tls::Ca::new().issue(30).install(&dir);
+    let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    for (listener, taken_by) in [
+        ("[server] listen", "--listen"),
+        ("[admin] listen", "[admin]"),
+        ("[server] redirect_http_listen", "redirect_http_listen"),
+    ] {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = held.local_addr().unwrap().to_string();
+        let (listen, config) = match taken_by {
+            "--listen" => (busy.clone(), TestConfig::new(upstream)),
+            "[admin]" => (
+                "127.0.0.1:0".into(),
+                TestConfig::new(upstream).tables(&format!("[admin]\nlisten = \"{busy}\"\n")),
+            ),
+            _ => (
+                "127.0.0.1:0".into(),
+                TestConfig::new(upstream)
+                    .tls(tls.clone())
+                    .redirect_http_listen_on(&busy),
+            ),
+        };
+        let config = config.text();
+        let path = dir.write("keygate.toml", &config);
+        let (status, _, stderr) = support::process::run_to_end(
+            &["--config", path.to_str().unwrap(), "--listen", &listen],
+            &support::process::ENV,
+        );
+        assert!(!status.success(), "{listener}: {stderr}");
+        assert!(
+            stderr.contains(&format!("keygate: cannot listen on {busy} ({listener}): ")),
+            "{listener}: {stderr}"
+        );
+        assert_eq!(stderr.matches("cannot listen").count(), 1, "{stderr}");
+        drop(held);
+    }
 }

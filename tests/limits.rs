@@ -221,9 +221,7 @@ fn keys_near_or_past_their_expiry_are_warned_of_at_start_up() {
     );
     let refused = output
         .lines()
-        .find(|l| {
-            l.contains(r#""target":"keygate::access""#) && l.contains(r#""status":401"#)
-        })
+        .find(|l| l.contains(r#""target":"keygate::access""#) && l.contains(r#""status":401"#))
         .unwrap_or_else(|| panic!("no access line for the refusal:\n{output}"));
     assert!(
         refused.contains(r#""key":"ci""#) && refused.contains(r#""outcome":"key_expired""#),

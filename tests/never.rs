@@ -4,7 +4,7 @@
 mod support;
 
 use http::{Method, StatusCode};
-use support::process::{Running, TempDir, ENV};
+use support::process::{Running, TempDir, Unread, ENV};
 use support::*;
 
 const WRONG_TOKEN: &str = "kg-presented-wrong-token-31337";
@@ -393,4 +393,33 @@ async fn never_a_secret_value_in_a_metric_label() {
         );
     }
     proxy.stop().await;
+}
+
+#[test]
+fn never_request_handling_waiting_on_the_log() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(start_upstream());
+    let dir = TempDir::new("never-wait-log");
+    let config = TestConfig::new(upstream.addr)
+        .admin()
+        .log_level("info")
+        .text();
+    let path = dir.write("keygate.toml", &config);
+    let mut keygate = Unread::start(&path, &ENV);
+    let (addr, admin) = (keygate.addr, keygate.admin);
+    runtime.block_on(async {
+        flood_the_log(addr).await;
+        let probe = tokio::time::timeout(DEADLINE, send(addr, get("/health", &[])))
+            .await
+            .expect("the probe is answered while the log is not read");
+        assert_eq!(probe.status, StatusCode::OK);
+        wait_for_dropped_log_lines(admin).await;
+    });
+    // No request is open, so the 5 s shutdown_grace is not used: the process exits once the
+    // log has had its own, shorter, bound to be written.
+    let status = keygate.terminate_within(DEADLINE);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "keygate did not exit cleanly after SIGTERM with its log unread: {status:?}"
+    );
 }

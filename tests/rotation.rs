@@ -184,14 +184,13 @@ fn a_reload_that_would_give_two_keys_one_value_keeps_the_old_keys() {
     let upstream = runtime.block_on(start_upstream());
     let dir = TempDir::new("rotation-same-value");
     let admin = dir.write("admin", OLD);
-    let config = config_text(upstream.addr, "").replace(
-        "keys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"ci\", env = \"CI_KEY\" }]",
-        &format!(
-            "keys = [{{ name = \"default\", env = \"API_KEY\", allow = [{{ methods = [\"GET\"], path = \"/v1/models\" }}] }}, {{ name = \"admin\", file = \"{}\" }}]",
+    let config = TestConfig::new(upstream.addr)
+        .keys_toml(&format!(
+            "{{ name = \"default\", env = \"API_KEY\", allow = [{{ methods = [\"GET\"], path = \"/v1/models\" }}] }}, {{ name = \"admin\", file = \"{}\" }}",
             admin.display()
-        ),
-    )
-    .replace("level = \"warn\"", "level = \"info\"");
+        ))
+        .log_level("info")
+        .text();
     let path = dir.write("keygate.toml", &config);
     let mut keygate = Running::start(&path, &ENV);
     let addr = keygate.addr;

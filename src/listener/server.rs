@@ -63,11 +63,18 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds the addresses the config names.
-    pub async fn bind(config: &Config) -> io::Result<Self> {
-        let proxy = TcpListener::bind(config.server.listen).await?;
-        let admin = bind_optional(config.admin).await?;
-        let redirect = bind_optional(config.server.redirect.as_ref().map(|r| r.listen)).await?;
+    /// Binds the addresses the config names; an address that cannot be bound is named with
+    /// its listener.
+    pub async fn bind(config: &Config) -> Result<Self, BindError> {
+        let proxy = bind(config.server.listen, "[server] listen").await?;
+        let admin = match config.admin {
+            Some(addr) => Some(bind(addr, "[admin] listen").await?),
+            None => None,
+        };
+        let redirect = match &config.server.redirect {
+            Some(r) => Some(bind(r.listen, "[server] redirect_http_listen").await?),
+            None => None,
+        };
         Ok(Self {
             proxy,
             admin,
@@ -76,12 +83,34 @@ impl Listeners {
     }
 }
 
-async fn bind_optional(addr: Option<SocketAddr>) -> io::Result<Option<TcpListener>> {
-    match addr {
-        Some(addr) => TcpListener::bind(addr).await.map(Some),
-        None => Ok(None),
+async fn bind(addr: SocketAddr, listener: &'static str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|error| BindError {
+        addr,
+        listener,
+        error,
+    })
+}
+
+/// A listen address that could not be bound: which one, for which listener, and why.
+#[derive(Debug)]
+pub struct BindError {
+    pub addr: SocketAddr,
+    /// The config key the address comes from.
+    pub listener: &'static str,
+    pub error: io::Error,
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot listen on {} ({}): {}",
+            self.addr, self.listener, self.error
+        )
     }
 }
+
+impl std::error::Error for BindError {}
 
 /// Runs the proxy until `shutdown` completes, then stops accepting, answers the probe with
 /// 503, and lets open requests, streams and tunnels finish for up to `shutdown_grace`. Each

@@ -9,11 +9,12 @@
 //! shape as tracing's own lines (`timestamp`, `level`, `message`, `target`,
 //! then the fields). Going through tracing-subscriber's JSON formatter cost 28 % of all
 //! instructions per proxied request (callgrind); it still decides whether the line is written,
-//! through the `[log] level` filter on target `keygate::access`.
+//! through the `[log] level` filter on target `keygate::access`. Batches reach stdout through
+//! `logging`'s bounded queue and writer thread, so a stalled log reader never holds up a
+//! request: it costs lines, which are counted.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -74,17 +75,21 @@ pub struct AccessLog {
     written: bool,
 }
 
-/// Access lines not yet written. One `write` per request cost 8 % of the CPU of a proxied
-/// request, so lines are written in batches, as Envoy does with its file access logs: when
-/// [`FLUSH_AT`] bytes are pending, every [`FLUSH_EVERY`], and at shutdown. A process killed
-/// with SIGKILL loses at most the last second of lines.
+/// Access lines not yet handed to the log writer. One `write` per request cost 8 % of the
+/// CPU of a proxied request, so lines go out in batches, as Envoy writes its file access
+/// logs: when [`FLUSH_AT`] bytes are pending, every [`FLUSH_EVERY`], and at shutdown. Each
+/// batch is one piece in the log queue and one write to stdout, made by the writer thread,
+/// never here. A process killed with SIGKILL loses at most the last second of lines.
 static PENDING: Mutex<String> = Mutex::new(String::new());
 
-/// Pending bytes that trigger a write.
+/// Pending bytes that trigger a hand-over.
 const FLUSH_AT: usize = 32 * 1024;
 
-/// Longest time an access line waits before it is written.
+/// Longest time an access line waits before it is handed over.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// A fresh batch's room: [`FLUSH_AT`] and the line that crosses it.
+const BATCH_CAPACITY: usize = FLUSH_AT + 4 * 1024;
 
 impl AccessLog {
     pub fn new<B>(
@@ -149,7 +154,7 @@ impl AccessLog {
             LogFormat::Text => fields.text(&mut pending),
         }
         if pending.len() >= FLUSH_AT {
-            write_out(&mut pending);
+            hand_over(&mut pending);
         }
     }
 }
@@ -171,17 +176,18 @@ const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
     Err(_) => StatusCode::BAD_REQUEST,
 };
 
-/// Writes the pending access lines to stdout now. `server::run` calls it every
+/// Hands the pending access lines to the log writer now. `server::run` calls it every
 /// [`FLUSH_EVERY`] and once more when it returns.
 pub fn flush() {
-    write_out(&mut PENDING.lock().unwrap_or_else(PoisonError::into_inner));
+    hand_over(&mut PENDING.lock().unwrap_or_else(PoisonError::into_inner));
 }
 
-fn write_out(pending: &mut String) {
+/// Queues the pending lines as one batch, never waiting on stdout (the queue drops and
+/// counts what it has no room for), and leaves an empty buffer of the same size behind.
+fn hand_over(pending: &mut String) {
     if !pending.is_empty() {
-        // A full disk or closed stdout must not take the proxy down; the lines are lost.
-        let _ = std::io::stdout().lock().write_all(pending.as_bytes());
-        pending.clear();
+        let batch = std::mem::replace(pending, String::with_capacity(BATCH_CAPACITY));
+        crate::observe::logging::write(batch.into_bytes());
     }
 }
 

@@ -198,6 +198,11 @@ impl Default for Metrics {
             "Plain HTTP requests answered with a redirect to https",
             redirects.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log output was not read fast enough (or could not be written)",
+            crate::observe::logging::dropped_lines(),
+        );
         registry.register("build_info", "keygate's version", build);
         Self {
             registry,

@@ -17,7 +17,7 @@ pub struct TestConfig {
     max_connections: Option<usize>,
     trusted_proxies: Vec<String>,
     tls: Option<TlsFiles>,
-    redirect_http_listen: bool,
+    redirect_http_listen: Option<String>,
     redirect_https_port: Option<u16>,
     redirect_serves_probe: bool,
     url: String,
@@ -61,7 +61,7 @@ impl TestConfig {
             max_connections: None,
             trusted_proxies: Vec::new(),
             tls: None,
-            redirect_http_listen: false,
+            redirect_http_listen: None,
             redirect_https_port: None,
             redirect_serves_probe: false,
             url: format!("http://{upstream}"),
@@ -120,8 +120,13 @@ impl TestConfig {
     }
 
     /// A plain HTTP listener on an ephemeral port that redirects to https.
-    pub fn redirect_http_listen(mut self) -> Self {
-        self.redirect_http_listen = true;
+    pub fn redirect_http_listen(self) -> Self {
+        self.redirect_http_listen_on("127.0.0.1:0")
+    }
+
+    /// The redirecting listener on this address.
+    pub fn redirect_http_listen_on(mut self, addr: &str) -> Self {
+        self.redirect_http_listen = Some(addr.to_owned());
         self
     }
 
@@ -235,8 +240,8 @@ impl TestConfig {
                 path(&tls.key)
             );
         }
-        if self.redirect_http_listen {
-            server += "redirect_http_listen = \"127.0.0.1:0\"\n";
+        if let Some(addr) = &self.redirect_http_listen {
+            server += &format!("redirect_http_listen = \"{addr}\"\n");
         }
         if let Some(port) = self.redirect_https_port {
             server += &format!("redirect_https_port = {port}\n");

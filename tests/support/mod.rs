@@ -425,6 +425,63 @@ pub fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
 
+/// Sends `count` keyed GETs of `path` one after another over one keep-alive connection;
+/// returns how many were answered with 200, each within the deadline.
+pub async fn keyed_gets(addr: SocketAddr, path: String, count: usize) -> usize {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut answered = 0;
+    for _ in 0..count {
+        let req = get(&path, &[("authorization", &bearer(KEY))]);
+        let reply = tokio::time::timeout(DEADLINE, async {
+            let response = sender.send_request(req).await.unwrap();
+            read_reply(response).await
+        })
+        .await
+        .expect("each request is answered within the deadline");
+        answered += usize::from(reply.status == StatusCode::OK);
+    }
+    answered
+}
+
+/// Sends 2,000 keyed GETs over 8 connections, each to a path of over 4 KiB, and asserts
+/// all are answered with 200. The access lines carry the path: 8 MiB of log, many times what
+/// a pipe and keygate's log queue hold.
+pub async fn flood_the_log(addr: SocketAddr) {
+    let long_path = format!("/v1/{}", "a".repeat(4096));
+    let (connections, per_connection) = (8, 250);
+    let senders: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(keyed_gets(addr, long_path.clone(), per_connection)))
+        .collect();
+    for sender in senders {
+        assert_eq!(sender.await.unwrap(), per_connection);
+    }
+}
+
+/// Scrapes the admin listener at `admin` until `keygate_log_lines_dropped_total` is above 0,
+/// or panics at the deadline; returns the count.
+pub async fn wait_for_dropped_log_lines(admin: SocketAddr) -> f64 {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let metrics = tokio::time::timeout(DEADLINE, send(admin, get("/metrics", &[])))
+            .await
+            .expect("the admin listener answers within the deadline")
+            .text();
+        let dropped = sample(&metrics, "keygate_log_lines_dropped_total");
+        if dropped > 0.0 {
+            return dropped;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dropped log lines counted:\n{metrics}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Sends one request over a new HTTP/1.1 connection and reads the whole response.
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
     read_reply(open(addr, req).await).await

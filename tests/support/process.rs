@@ -200,3 +200,131 @@ impl Drop for Running {
         }
     }
 }
+
+/// A running keygate whose stdout and stderr are pipes the test holds open and, once the
+/// start-up lines have told it the addresses, never reads: a log reader that stalled.
+pub struct Unread {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stdout: Option<BufReader<std::process::ChildStdout>>,
+    _stderr: std::process::ChildStderr,
+    /// Lines read since [`Unread::read_again`].
+    read: Arc<Mutex<Vec<String>>>,
+}
+
+impl Unread {
+    /// Starts `keygate --config CONFIG --listen 127.0.0.1:0`; the config must log at `info`
+    /// and have an `[admin]` listener.
+    pub fn start(config: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let mut child = keygate()
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut stdout = BufReader::new(stdout);
+            let (mut addr, mut admin) = (None, None);
+            let mut line = String::new();
+            while addr.is_none() || admin.is_none() {
+                line.clear();
+                if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let listen = event["listen"].as_str().and_then(|a| a.parse().ok());
+                match event["message"].as_str() {
+                    Some("accepting connections") => addr = listen,
+                    Some(m) if m.starts_with("admin endpoints") => admin = listen,
+                    _ => {}
+                }
+            }
+            let _ = tx.send((addr.unwrap(), admin.unwrap(), stdout));
+        });
+        let (addr, admin, stdout) = rx
+            .recv_timeout(DEADLINE)
+            .expect("keygate logs its proxy and admin addresses");
+        Self {
+            child,
+            addr,
+            admin,
+            stdout: Some(stdout),
+            _stderr: stderr,
+            read: Arc::default(),
+        }
+    }
+
+    /// The reader comes back: stdout is read from now on (stderr stays unread).
+    pub fn read_again(&mut self) {
+        let stdout = self.stdout.take().expect("stdout is not read yet");
+        let read = self.read.clone();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                read.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    /// Waits for a line read since [`Unread::read_again`] that contains `needle`; returns
+    /// every such line read by then.
+    pub fn wait_for_lines(&self, needle: &str) -> Vec<String> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let found: Vec<String> = self
+                .read
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
+            if !found.is_empty() {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in keygate's output once read again"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status, or `None` if the process is still running
+    /// at `within`; the pipes stay unread throughout.
+    pub fn terminate_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
