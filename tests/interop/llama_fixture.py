@@ -6,8 +6,10 @@
 - `tiny_model`: llama/make_model.py's model (0.5 MB, random weights, ASCII gibberish that runs
   to max_tokens), written into the session's temporary directory with the `gguf` package of
   llama/requirements.txt, which is installed first when missing.
-- `llama_server`: one llama-server for the session on a free 127.0.0.1 port with 4 slots and
-  8192 tokens of context, and its admin routes on (--metrics --props --slots), stopped by pid.
+- `llama_server`: one llama-server for the session on a free 127.0.0.1 port with 4 slots of
+  8192 tokens of context each, its admin routes on (--metrics --props --slots), stopped by
+  pid. With --context-shift, a request whose context fills up goes on (dropping its oldest
+  tokens) until max_tokens, so a long stream lasts as long as a test needs it to.
 
 Test modules import the fixtures they use from here.
 """
@@ -34,7 +36,8 @@ REQUIREMENTS = LLAMA_DIR / "requirements.txt"
 # llama-server answers /v1/models with this id and accepts any `model` in requests.
 MODEL_ID = "tiny-llama"
 SLOTS = 4
-CONTEXT = 8192
+# Tokens of context per slot: llama-server divides --ctx-size among the slots.
+SLOT_CONTEXT = 8192
 # A first build on 2 busy cores takes minutes; a cached binary returns at once.
 BUILD_TIMEOUT_S = 1800
 START_DEADLINE_S = 60
@@ -65,6 +68,7 @@ def llama_server_bin() -> Path:
     try:
         built = subprocess.run(
             [BUILD_SCRIPT],
+            check=False,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -142,7 +146,8 @@ def running_llama_server(binary: Path, model: Path, logs: Path, extra_args: tupl
             "--host", "127.0.0.1",
             "--port", str(port),
             "--parallel", str(SLOTS),
-            "--ctx-size", str(CONTEXT),
+            "--ctx-size", str(SLOTS * SLOT_CONTEXT),
+            "--context-shift",
             "--threads", "1",
             "--threads-batch", "1",
             "--metrics",
@@ -183,4 +188,3 @@ def wait_slots_idle(server: LlamaServer, deadline_s: float) -> list[dict]:
         if time.monotonic() > deadline:
             pytest.fail(f"llama-server's slots still busy after {deadline_s} s: {slots}")
         time.sleep(POLL_INTERVAL_S)
-

@@ -49,10 +49,9 @@ class Redis:
 
 
 def answers_ping(port: int) -> bool:
-    with contextlib.suppress(OSError):
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(64) == b"+PONG\r\n"
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+        conn.sendall(b"PING\r\n")
+        return conn.recv(64) == b"+PONG\r\n"
     return False
 
 
