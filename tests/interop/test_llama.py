@@ -1,4 +1,4 @@
-"""keygate in front of llama.cpp's own llama-server, with the official openai client and httpx.
+"""keygate in front of llama.cpp's own llama-server, with the official openai client.
 
 llama-server (llama_fixture.py) serves a tiny random model whose every request runs to
 max_tokens, so its `usage` is known in advance; keygate runs with llama/keygate-llama.toml
@@ -26,7 +26,7 @@ CONFIG = "tests/interop/llama/keygate-llama.toml"
 PROMPT = [{"role": "user", "content": "Tell me a long story."}]
 MAX_TOKENS = 32
 WIDE_MAX_TOKENS = 512
-# With --context-shift, llama-server would generate these for an hour: a slot idle again within
+# With --context-shift, llama-server would take most of an hour for these: a slot idle again within
 # DEADLINE_S was freed by the hang-up, not by the end of the request.
 LONG_MAX_TOKENS = 1_000_000
 CHUNKS_BEFORE_HANGING_UP = 3
