@@ -15,9 +15,10 @@
 //! key's queue with `max(virtual time, the key's last finish)` is also what keeps an idle
 //! key from banking credit: the virtual time has moved on while it was idle.
 //!
-//! Nothing is queued while a permit is free: that path takes one uncontended lock. The queue
-//! is drained at shutdown ([`FairQueue::drain`]): the waiting requests are refused at once,
-//! the requests in flight keep their permits and finish.
+//! Nothing is queued while a place is free: taking it is one uncontended lock, and so is
+//! giving it back while nobody waits. The queue is drained at shutdown
+//! ([`FairQueue::drain`]): the waiting requests are refused at once, the requests in flight
+//! keep their permits and finish.
 
 use std::collections::{HashMap, VecDeque};
 use std::error::Error;
