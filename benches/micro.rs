@@ -1,15 +1,21 @@
 //! Micro-benchmarks of keygate's per-request work outside the network: checking a key
 //! against 1, 8 and 64 configured keys, reading the credential header, matching the key-less
-//! routes, rewriting request and response headers, and picking the request id.
+//! routes, rewriting request and response headers, picking the request id, and taking a
+//! place from the upstream's fair queue.
 //!
 //! Run from the repository root with `cargo bench --bench micro`; a quicker pass (about a
 //! minute on two cores, once built) is
 //! `cargo bench --bench micro -- --warm-up-time 1 --measurement-time 3`.
 //! A name filter runs a subset: `cargo bench --bench micro -- rewrite`.
 
+use std::future::Future;
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use http::header::HOST;
@@ -18,6 +24,7 @@ use keygate::config::secrets::{MapSecrets, Secret};
 use keygate::config::Overrides;
 use keygate::forward::rewrite::{self, Origin, Peer, Rules};
 use keygate::policy::auth::{self, KeySet};
+use keygate::policy::fair::{FairQueue, Permit};
 use keygate::policy::route::Routes;
 use keygate::Config;
 
@@ -215,6 +222,51 @@ fn request_id(c: &mut Criterion) {
     group.finish();
 }
 
+/// Polls an admission once, as a task's first poll does.
+fn admit_once(queue: &FairQueue, key: &Arc<str>) -> Poll<Option<Permit>> {
+    let admission = pin!(queue.admit(key, 1, Duration::from_secs(30)));
+    admission
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .map(Result::ok)
+}
+
+fn fair_admit(c: &mut Criterion) {
+    // A waiting admission arms a tokio timer, so it needs a runtime to register with.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a tokio runtime");
+    let _entered = runtime.enter();
+    let key: Arc<str> = Arc::from("bench");
+    let mut group = c.benchmark_group("fair_admit");
+    // A place is free: one lock to take it, one to give it back.
+    let queue = FairQueue::new(64);
+    group.bench_function("free_place", |b| {
+        b.iter(|| match admit_once(&queue, black_box(&key)) {
+            Poll::Ready(permit) => drop(permit.expect("admitted")),
+            Poll::Pending => unreachable!("a place is free"),
+        })
+    });
+    // Full: a request queues, the holder gives its place back, the waiter takes it.
+    let queue = FairQueue::new(1);
+    let Poll::Ready(mut held) = admit_once(&queue, &key) else {
+        unreachable!("the only place is free")
+    };
+    group.bench_function("queue_and_hand_over", |b| {
+        b.iter(|| {
+            let mut admission = pin!(queue.admit(black_box(&key), 1, Duration::from_secs(30)));
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(admission.as_mut().poll(&mut cx).is_pending());
+            drop(held.take());
+            match admission.poll(&mut cx) {
+                Poll::Ready(permit) => held = permit.ok(),
+                Poll::Pending => unreachable!("the place was handed over"),
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     auth_verify,
@@ -222,6 +274,7 @@ criterion_group!(
     preset_lookup,
     route_classify,
     rewrite_headers,
-    request_id
+    request_id,
+    fair_admit
 );
 criterion_main!(benches);
