@@ -1,0 +1,340 @@
+//! `[auth]`: the keys, where each value comes from, and each key's scope and limits; the
+//! re-reading of key files.
+
+use super::*;
+
+pub(super) fn auth(
+    a: AuthFile,
+    inject: &[Injected],
+    preset: Option<&Preset>,
+    secrets: &dyn SecretSource,
+    p: &mut Problems<'_>,
+) -> Option<Auth> {
+    let mut keys: Vec<NamedKey> = Vec::new();
+    // Where each key with a value is written, for a clash of values.
+    let mut spans = Vec::new();
+    let mut absent_optional = Vec::new();
+    let mut file_keys = Vec::new();
+    for entry in &a.keys {
+        let k = entry.get_ref();
+        let key = format!("[auth] keys (name = \"{}\")", k.name);
+        if !valid_key_name(&k.name) {
+            p.at(
+                entry.span(),
+                &key,
+                "name must be 1-64 characters of A-Z a-z 0-9 . _ -",
+            );
+        } else if keys.iter().any(|named| named.name == k.name)
+            || absent_optional.iter().any(|(n, _)| *n == k.name)
+        {
+            p.at(
+                entry.span(),
+                &key,
+                "this name is used twice; every key needs its own name",
+            );
+        }
+        let policy = Arc::new(policy(k, preset, &mut |why| p.at(entry.span(), &key, why)));
+        let source = match (&k.env, &k.file) {
+            (Some(var), None) => KeySource::Env(var.clone()),
+            (None, Some(path)) => {
+                file_keys.push(FileKey {
+                    name: k.name.clone(),
+                    path: path.clone(),
+                    optional: k.optional,
+                    stamp: FileStamp::of(path),
+                    policy: policy.clone(),
+                });
+                KeySource::File(path.clone())
+            }
+            _ => {
+                p.at(
+                    entry.span(),
+                    &key,
+                    "give exactly one of env = \"VAR\" or file = \"/path\"",
+                );
+                continue;
+            }
+        };
+        match resolve_key(&source, k.optional, secrets) {
+            Ok(Some(secret)) => {
+                spans.push((k.name.clone(), entry.span()));
+                keys.push(NamedKey {
+                    name: k.name.clone(),
+                    origin: source.to_string(),
+                    secret,
+                    policy,
+                });
+            }
+            Ok(None) => absent_optional.push((k.name.clone(), policy)),
+            Err(why) => p.at(entry.span(), &key, why),
+        }
+    }
+    if a.keys.is_empty() {
+        p.at(0..0, "[auth] keys", "no keys are configured, so nobody could be admitted; add e.g. keys = [{ name = \"default\", env = \"API_KEY\" }]");
+    } else if keys.is_empty() && p.list.is_empty() {
+        p.at(
+            0..0,
+            "[auth] keys",
+            "every key is optional and none is set, so nobody could be admitted; set at least one",
+        );
+    }
+    let identity_header = a.identity_header.as_ref().and_then(|h| {
+        let key = "[auth] identity_header";
+        let name = header_name(h, key, p)?;
+        if inject.iter().any(|i| i.name == name) {
+            p.at(
+                h.span(),
+                key,
+                "is also an [[inject]] name; pick a different header",
+            );
+        }
+        Some(name)
+    });
+    let keys = KeySet::new(keys).map_err(|clashes| {
+        for clash in clashes {
+            let later = &clash.second.0;
+            let span = spans
+                .iter()
+                .find(|(name, _)| **name == **later)
+                .map_or(0..0, |(_, span)| span.clone());
+            p.at(
+                span,
+                format!("[auth] keys (name = \"{later}\")"),
+                clash.to_string(),
+            );
+        }
+    });
+    Some(Auth {
+        keys: keys.ok()?,
+        file_keys,
+        absent_optional,
+        identity_header,
+        forward_authorization: a.forward_authorization,
+    })
+}
+
+/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent` and `not_after`.
+pub(super) fn policy(
+    k: &KeyFile,
+    preset: Option<&Preset>,
+    problem: &mut dyn FnMut(String),
+) -> Policy {
+    let allow = match &k.allow {
+        None => Vec::new(),
+        Some(rules) if rules.is_empty() => {
+            problem("allow = [] lets the key do nothing; give a rule such as { methods = [\"POST\"], path_prefix = \"/v1/\" }, or leave allow out to allow everything".into());
+            Vec::new()
+        }
+        Some(rules) => rules.iter().filter_map(|r| rule(r, problem)).collect(),
+    };
+    let mut routes = Classes::default();
+    if let Some(names) = &k.routes {
+        if preset.is_none() {
+            problem(
+                "routes only applies with a server preset; set [upstream] preset, or remove routes"
+                    .into(),
+            );
+        }
+        routes.inference = names.iter().any(|n| n == "inference");
+        routes.admin = names.iter().any(|n| n == "admin");
+        if let Some(bad) = names
+            .iter()
+            .find(|n| !matches!(n.as_str(), "inference" | "admin"))
+        {
+            problem(format!("routes has {bad:?}; use \"inference\" and/or \"admin\", e.g. routes = [\"inference\", \"admin\"]"));
+        } else if names.is_empty() {
+            problem(
+                "routes = [] lets the key use no route; write e.g. routes = [\"inference\"]".into(),
+            );
+        }
+    }
+    if k.max_concurrent == Some(0) {
+        problem(
+            "max_concurrent = 0 admits nothing; give at least 1, or leave it out for no limit"
+                .into(),
+        );
+    }
+    let not_after = k.not_after.as_ref().and_then(|v| {
+        let text = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Datetime(d) => d.to_string(),
+            _ => String::new(),
+        };
+        let parsed = humantime::parse_rfc3339(&text).ok();
+        if parsed.is_none() {
+            problem("not_after is not an RFC 3339 time in UTC; write e.g. not_after = \"2027-01-31T00:00:00Z\"".into());
+        }
+        parsed
+    });
+    Policy::new(allow, routes, k.max_concurrent, not_after)
+}
+
+pub(super) fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {
+    let paths = match (&r.path, &r.path_prefix) {
+        (None, None) if r.methods.is_empty() => {
+            problem(
+                "an allow rule needs methods, a path or path_prefix, or both; leave allow out to allow everything"
+                    .into(),
+            );
+            return None;
+        }
+        (None, None) => None,
+        (Some(path), Some(prefix)) => {
+            problem(format!(
+                "an allow rule has path or path_prefix, not both; write path = {path:?} for that route alone, or path_prefix = {prefix:?} for that path and the paths below it"
+            ));
+            return None;
+        }
+        (Some(path), None) => {
+            if !rule_path(path) {
+                problem(format!(
+                    "path {path:?} must be a plain path: starting with /, without a query, a trailing /, an empty, \".\" or \"..\" segment, a backslash or %2e %2f %5c; e.g. path = \"/v1/models\""
+                ));
+                return None;
+            }
+            Some(Paths::Exact(path.clone()))
+        }
+        (None, Some(prefix)) => {
+            let trimmed = prefix.strip_suffix('/').filter(|p| !p.is_empty());
+            if !rule_path(trimmed.unwrap_or(prefix)) {
+                problem(format!(
+                    "path_prefix {prefix:?} must be a plain path: starting with /, without a query, an empty, \".\" or \"..\" segment, a backslash or %2e %2f %5c; e.g. path_prefix = \"/v1/\""
+                ));
+                return None;
+            }
+            Some(Paths::Prefix(prefix.clone()))
+        }
+    };
+    let mut methods = Vec::new();
+    for m in &r.methods {
+        let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
+        match http::Method::from_bytes(m.as_bytes()) {
+            Ok(method) if valid => methods.push(method),
+            _ => {
+                problem(format!(
+                    "{m:?} in allow is not a method; write it in capitals, e.g. \"POST\""
+                ));
+                return None;
+            }
+        }
+    }
+    Some(Rule { methods, paths })
+}
+
+/// A path an `allow` rule can match: plain (see [`crate::policy::preset::plain_path`]) and
+/// nothing but a path.
+pub(super) fn rule_path(path: &str) -> bool {
+    crate::policy::preset::plain_path(path)
+        && path
+            .parse::<http::uri::PathAndQuery>()
+            .is_ok_and(|pq| pq.query().is_none() && pq.path() == path)
+}
+
+pub(super) fn valid_key_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+pub(super) enum KeySource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Env(var) => write!(f, "environment variable {var}"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+/// A key's value: `Ok(None)` for an optional key that is not set (an empty variable or file
+/// counts as not set), `Err` with what is wrong and what to do.
+pub(super) fn resolve_key(
+    source: &KeySource,
+    optional: bool,
+    secrets: &dyn SecretSource,
+) -> Result<Option<Secret>, String> {
+    let found = match source {
+        KeySource::Env(var) => Ok(secrets.env(var)),
+        KeySource::File(path) => secrets.file(path).map(Some),
+    };
+    let origin = source.to_string();
+    match found.map(|s| s.filter(|s| !s.expose().is_empty())) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && optional => Ok(None),
+        Err(e) => Err(format!("cannot read the {origin}: {e}")),
+        Ok(None) if optional => Ok(None),
+        Ok(None) => Err(format!(
+            "the {origin} is not set or is empty; set it, or mark the key optional = true"
+        )),
+        Ok(Some(secret)) => match key_problem(&secret) {
+            Some(why) => Err(format!("the key in the {origin} {why}")),
+            None => Ok(Some(secret)),
+        },
+    }
+}
+
+/// The key set after re-reading the key files (SIGHUP or a changed file): environment keys
+/// stay as loaded at start-up, file keys take the files' current values. Any problem, two
+/// keys with one value included, leaves `current` in force.
+pub fn reload_file_keys(
+    current: &KeySet,
+    file_keys: &[FileKey],
+    secrets: &dyn SecretSource,
+) -> Result<KeySet, String> {
+    let mut fresh = Vec::new();
+    let mut problems = Vec::new();
+    for k in file_keys {
+        let source = KeySource::File(k.path.clone());
+        match resolve_key(&source, k.optional, secrets) {
+            Ok(Some(secret)) => fresh.push(NamedKey {
+                name: k.name.clone(),
+                origin: source.to_string(),
+                secret,
+                policy: k.policy.clone(),
+            }),
+            Ok(None) => {}
+            Err(why) => problems.push(format!("key \"{}\": {why}", k.name)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    let keys = current
+        .replacing(|name| file_keys.iter().any(|k| k.name == name), fresh)
+        .map_err(|clashes| {
+            let clashes: Vec<String> = clashes.iter().map(ToString::to_string).collect();
+            clashes.join("; ")
+        })?;
+    if keys.is_empty() {
+        return Err("no key would be left to admit anyone".into());
+    }
+    Ok(keys)
+}
+
+/// Why a key value cannot be used, without revealing any of it.
+pub(super) fn key_problem(secret: &Secret) -> Option<&'static str> {
+    let value = secret.expose();
+    if value.len() < MIN_KEY_BYTES {
+        Some("is shorter than 16 bytes; generate one with `keygate keygen`")
+    } else if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        Some("contains spaces or control characters, which no client can send; generate one with `keygate keygen`")
+    } else {
+        None
+    }
+}
+
+/// A key whose value lives in a file.
+#[derive(Debug, Clone)]
+pub struct FileKey {
+    pub name: String,
+    pub path: PathBuf,
+    pub optional: bool,
+    /// The file as it was just before it was read, so a change made after that is noticed.
+    pub stamp: Option<FileStamp>,
+    /// What the key may do; the same after every reload.
+    pub policy: Arc<Policy>,
+}
