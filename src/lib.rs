@@ -34,6 +34,7 @@ pub mod gateway;
 pub mod headers;
 pub mod listener;
 pub mod observe;
+pub mod path;
 pub mod policy;
 
 pub use config::Config;

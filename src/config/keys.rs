@@ -221,10 +221,10 @@ pub(super) fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule
     Some(Rule { methods, paths })
 }
 
-/// A path an `allow` rule can match: plain (see [`crate::policy::preset::plain_path`]) and
+/// A path an `allow` rule can match: plain (see [`crate::path::plain_path`]) and
 /// nothing but a path.
 pub(super) fn rule_path(path: &str) -> bool {
-    crate::policy::preset::plain_path(path)
+    crate::path::plain_path(path)
         && path
             .parse::<http::uri::PathAndQuery>()
             .is_ok_and(|pq| pq.query().is_none() && pq.path() == path)

@@ -12,6 +12,7 @@ mod problems;
 pub mod secrets;
 mod server;
 mod summary;
+pub mod tls_files;
 mod upstream;
 mod watch;
 
@@ -25,16 +26,16 @@ use bytesize::ByteSize;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
-use rustls::ClientConfig;
+use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::config::secrets::{Secret, SecretSource};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
-use crate::listener::tls::{self, Certificate};
 use crate::policy::auth::{KeySet, NamedKey};
 use crate::policy::preset::{Preset, PRESETS};
 use crate::policy::scope::{Classes, Clock, Paths, Policy, Rule};
+use tls_files::{Certificate, Which};
 
 use file::*;
 use inject::*;
@@ -114,8 +115,11 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Client TLS settings for an `https://` upstream.
-    pub tls: Option<Arc<ClientConfig>>,
+    /// Whether the upstream is reached over TLS (an `https://` URL).
+    pub tls: bool,
+    /// The CA certificates of `ca_file`, the only roots then trusted; the webpki roots
+    /// without it.
+    pub ca_certificates: Option<Vec<CertificateDer<'static>>>,
     /// Where the upstream's trusted roots come from, for the summary.
     pub ca_file: Option<PathBuf>,
     /// The server preset whose route table is enforced; `None` forwards every route.

@@ -92,8 +92,8 @@ pub(super) fn tls_files(s: &ServerFile, p: &mut Problems<'_>) -> Option<Tls> {
         }),
         Err(problem) => {
             let (span, key) = match problem.file {
-                tls::Which::Cert => (cert.span(), "[server] tls_cert"),
-                tls::Which::Key => (key.span(), "[server] tls_key"),
+                Which::Cert => (cert.span(), "[server] tls_cert"),
+                Which::Key => (key.span(), "[server] tls_key"),
             };
             p.at(span, key, problem.message);
             None

@@ -41,10 +41,10 @@ impl Config {
                 format!("{} -> https port {} ({probe})", r.listen, r.https_port)
             },
         );
-        let roots = match (&u.tls, &u.ca_file) {
-            (None, _) => String::new(),
-            (Some(_), Some(ca)) => format!(" (trusting {})", ca.display()),
-            (Some(_), None) => " (trusting the webpki roots)".to_owned(),
+        let roots = match (u.tls, &u.ca_file) {
+            (false, _) => String::new(),
+            (true, Some(ca)) => format!(" (trusting {})", ca.display()),
+            (true, None) => " (trusting the webpki roots)".to_owned(),
         };
         let preset = u.preset.map_or_else(
             || "none (every route is forwarded)".to_owned(),

@@ -57,14 +57,19 @@ pub(super) fn upstream(u: UpstreamFile, p: &mut Problems<'_>) -> Option<Upstream
         return None;
     }
     let ca_file = u.ca_file.as_ref().map(|f| PathBuf::from(f.get_ref()));
-    let tls = if *scheme == Scheme::HTTPS {
-        match tls::upstream_client(ca_file.as_deref()) {
-            Ok(config) => Some(Arc::new(config)),
-            Err(why) => {
-                let span = u.ca_file.as_ref().map_or(0..0, Spanned::span);
-                p.at(span, "[upstream] ca_file", why);
+    let tls = *scheme == Scheme::HTTPS;
+    let ca_certificates = if tls {
+        let read = u
+            .ca_file
+            .as_ref()
+            .map(|f| (f, tls_files::ca_certificates(Path::new(f.get_ref()))));
+        match read {
+            Some((_, Ok(certs))) => Some(certs),
+            Some((f, Err(why))) => {
+                p.at(f.span(), "[upstream] ca_file", why);
                 None
             }
+            None => None,
         }
     } else {
         if let Some(f) = &u.ca_file {
@@ -88,6 +93,7 @@ pub(super) fn upstream(u: UpstreamFile, p: &mut Problems<'_>) -> Option<Upstream
         response_timeout,
         idle_timeout,
         tls,
+        ca_certificates,
         ca_file,
         preset,
         sse_keepalive,

@@ -5,5 +5,6 @@
 pub mod body;
 pub mod rewrite;
 pub mod sse;
+pub mod tls_client;
 pub mod upgrade;
 pub mod upstream;

@@ -23,7 +23,7 @@ use tracing::debug;
 use crate::config;
 use crate::error::ProxyError;
 use crate::forward::body::RequestBody;
-use crate::listener::tls;
+use crate::forward::tls_client;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -51,11 +51,11 @@ impl Upstream {
         connector.set_keepalive(Some(Duration::from_secs(60)));
         connector.enforce_http(false);
         // An http:// upstream never reaches the TLS code; it gets an empty trust store.
-        let tls = config
-            .tls
-            .as_deref()
-            .cloned()
-            .unwrap_or_else(|| tls::client_trusting(rustls::RootCertStore::empty()));
+        let tls = if config.tls {
+            tls_client::upstream_client(config.ca_certificates.as_deref())
+        } else {
+            tls_client::client_trusting(rustls::RootCertStore::empty())
+        };
         // HTTP/1.1 only, as on plain connections: closing the connection is how a cancelled
         // request reaches the upstream.
         let connector = HttpsConnectorBuilder::new()

@@ -123,7 +123,7 @@ pub async fn run(
 ) -> io::Result<()> {
     let listener = listeners.proxy;
     let settings = config.server.clone();
-    let server = Arc::new(Connections::new(&config));
+    let server = Arc::new(Connections::new(&config)?);
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let (drain, draining) = watch::channel(false);
@@ -280,7 +280,7 @@ struct Connections {
 }
 
 impl Connections {
-    fn new(config: &Config) -> Self {
+    fn new(config: &Config) -> io::Result<Self> {
         let s: &config::Server = &config.server;
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -297,18 +297,20 @@ impl Connections {
         let mut h1_over_capacity = h1.clone();
         h1_over_capacity.keep_alive(false);
         let gateway = Arc::new(Gateway::new(config));
-        let tls = s
-            .tls
-            .as_ref()
-            .map(|t| Arc::new(ServerTls::new(t, gateway.metrics().clone())));
-        Self {
+        let tls = match &s.tls {
+            Some(t) => Some(Arc::new(
+                ServerTls::new(t, gateway.metrics().clone()).map_err(io::Error::other)?,
+            )),
+            None => None,
+        };
+        Ok(Self {
             gateway,
             tls,
             http1: h1,
             http1_over_capacity: h1_over_capacity,
             http2: h2,
             header_read_timeout: s.header_read_timeout,
-        }
+        })
     }
 
     async fn serve(

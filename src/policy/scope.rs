@@ -16,7 +16,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ProxyError;
-use crate::policy::preset::{plain_path, Class};
+use crate::path::plain_path;
+use crate::policy::preset::Class;
 
 /// How long before its `not_after` a key's coming expiry is logged.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
