@@ -5,7 +5,8 @@
 //! 1. [`server`] accepts a connection under the connection limit, completes the TLS
 //!    handshake when TLS is on ([`tls`]), picks the protocol (ALPN over TLS, otherwise
 //!    HTTP/1.1 or h2c by [`preface`]) and hands each request to the handler. An HTTP/2
-//!    connection without open streams idles out ([`streams`]).
+//!    connection without open streams idles out ([`streams`]); an HTTP/1.1 request whose
+//!    client hangs up before its response is dropped with its upstream attempt ([`hangup`]).
 //! 2. [`handler`] answers CORS preflights ([`cors`]), refuses TRACE/CONNECT, asks [`route`]
 //!    whether the path is key-less (exact probe and public paths, GET/HEAD only), and
 //!    otherwise asks [`auth`] for the credential and checks it against every key in
@@ -36,6 +37,7 @@ pub mod config;
 pub mod cors;
 pub mod error;
 pub mod handler;
+pub mod hangup;
 pub mod headers;
 pub mod logging;
 pub mod metrics;
