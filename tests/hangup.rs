@@ -24,7 +24,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 /// The test config with the upstream waits far beyond the deadline.
 fn patient(upstream: SocketAddr) -> String {
     config_text(upstream, "")
-        .replace("max_request_body = \"1MiB\"", "max_request_body = \"64MiB\"")
+        .replace(
+            "max_request_body = \"1MiB\"",
+            "max_request_body = \"64MiB\"",
+        )
         .replace("connect_timeout = \"1s\"", "connect_timeout = \"600s\"")
         .replace("response_timeout = \"3s\"", "response_timeout = \"600s\"")
 }
@@ -38,6 +41,10 @@ fn upload_head(length: usize) -> String {
 }
 
 // ---------------------------------------------------------------- the kernel's view
+
+/// Consecutive samples (10 ms apart) with the same queue lengths that count as a pipeline
+/// that stopped moving.
+const SETTLED_SAMPLES: u32 = 20;
 
 /// TCP states as `/proc/net/tcp` writes them.
 const ESTABLISHED: u8 = 0x01;
@@ -72,7 +79,7 @@ fn parse_socket(line: &str) -> Option<Socket> {
 }
 
 /// Polls the socket table until `found` returns something, or panics at the deadline.
-async fn wait_for<T>(what: &str, found: impl Fn(&[Socket]) -> Option<T>) -> T {
+async fn wait_for<T>(what: &str, mut found: impl FnMut(&[Socket]) -> Option<T>) -> T {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         if let Some(found) = found(&sockets()) {
@@ -100,14 +107,17 @@ async fn connect_in_progress(origin: SocketAddr) -> u16 {
 /// Waits until keygate's socket from `local_port` to `origin` is neither connecting nor
 /// established: abandoned, or closed by keygate.
 async fn upstream_side_closed(local_port: u16, origin: SocketAddr) {
-    wait_for("keygate to close its side of the upstream connection", |table| {
-        let open = table.iter().any(|s| {
-            s.local_port == local_port
-                && s.remote_port == origin.port()
-                && (s.state == SYN_SENT || s.state == ESTABLISHED)
-        });
-        (!open).then_some(())
-    })
+    wait_for(
+        "keygate to close its side of the upstream connection",
+        |table| {
+            let open = table.iter().any(|s| {
+                s.local_port == local_port
+                    && s.remote_port == origin.port()
+                    && (s.state == SYN_SENT || s.state == ESTABLISHED)
+            });
+            (!open).then_some(())
+        },
+    )
     .await;
 }
 
@@ -224,7 +234,10 @@ async fn a_client_still_uploading_while_keygate_connects_is_served() {
     let proxy = start_proxy_with(&patient(origin)).await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     let length = 64 * 1024;
-    client.write_all(upload_head(length).as_bytes()).await.unwrap();
+    client
+        .write_all(upload_head(length).as_bytes())
+        .await
+        .unwrap();
     client.write_all(&vec![b'b'; length / 2]).await.unwrap();
     connect_in_progress(origin).await;
     // Room in the accept queue: keygate's next SYN gets in.
@@ -296,20 +309,36 @@ async fn reset_while_the_upstream_does_not_read_the_body_closes_the_upstream() {
     // The origin takes the head, then reads nothing more.
     let (mut upstream, keygate_port) = accept(&listener).await;
     read_request_head(&mut upstream).await.unwrap();
-    // Everything between is full: keygate holds body bytes it cannot pass on, unread in
-    // the client's socket, and more it could not send in the origin's.
-    wait_for("the body to back up in keygate", |table| {
-        let unread = table.iter().any(|s| {
-            s.local_port == proxy.addr.port() && s.remote_port == client_port && s.receive_queue > 0
-        });
-        let unsent = table.iter().any(|s| {
-            s.local_port == keygate_port && s.remote_port == origin.port() && s.send_queue > 0
-        });
-        (unread && unsent).then_some(())
+    // Everything between fills up: keygate holds body bytes it could not send in its socket
+    // to the origin, and more unread in the client's socket. Once full, nothing moves again.
+    let queues = |table: &[Socket]| {
+        let unread = table
+            .iter()
+            .find(|s| s.local_port == proxy.addr.port() && s.remote_port == client_port)?;
+        let unsent = table
+            .iter()
+            .find(|s| s.local_port == keygate_port && s.remote_port == origin.port())?;
+        (unread.receive_queue > 0 && unsent.send_queue > 0)
+            .then_some((unread.receive_queue, unsent.send_queue))
+    };
+    let mut last = None;
+    let mut unchanged = 0;
+    wait_for("the body to back up in keygate and stop there", |table| {
+        let now = queues(table);
+        unchanged = if now.is_some() && now == last {
+            unchanged + 1
+        } else {
+            0
+        };
+        last = now;
+        (unchanged >= SETTLED_SAMPLES).then_some(())
     })
     .await;
     uploading.abort();
-    assert!(uploading.await.unwrap_err().is_cancelled(), "the upload never ends");
+    assert!(
+        uploading.await.unwrap_err().is_cancelled(),
+        "the upload never ends"
+    );
     upstream_side_closed(keygate_port, origin).await;
     drop(upstream);
     proxy.stop().await;
