@@ -299,7 +299,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port};
         client_max_body_size 16m;
         proxy_http_version 1.1;
         proxy_set_header Connection "";

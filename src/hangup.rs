@@ -135,12 +135,13 @@ impl std::error::Error for ClientGone {}
 
 impl Hangup {
     /// Runs `request` unless the client hangs up first; then `request` is dropped at once.
-    /// A request that is ready wins over a hang-up seen at the same time.
+    /// The hang-up is looked at first, so a request whose client is already gone (one that
+    /// sent its request and closed at once) is never forwarded at all.
     pub async fn unless_gone<T>(&self, request: impl Future<Output = T>) -> Result<T, ClientGone> {
         tokio::select! {
             biased;
-            done = request => Ok(done),
             () = self.wait() => Err(ClientGone),
+            done = request => Ok(done),
         }
     }
 
