@@ -92,6 +92,9 @@ class Origin:
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
+        except asyncio.CancelledError:
+            # The script is ending: connections still open are dropped quietly.
+            pass
         finally:
             self.open -= 1
             writer.close()
