@@ -340,7 +340,7 @@ impl Gateway {
                     let slot = log.slot.take();
                     peer.tunnel
                         .put(upgrade::tunnel(client, upstream, idle, slot));
-                    // The connection is the tunnel now: it never goes back to the pool.
+                    lease.into_tunnel();
                     return Ok((response, None));
                 }
                 _ => return Err(ProxyError::UnexpectedUpgrade),

@@ -4,9 +4,9 @@
 //!
 //! A request borrows one idle connection, or opens one, and sends on it directly; the
 //! response body holds the connection as a [`Lease`] and gives it back to the pool only when
-//! the body ended cleanly. Dropping the future returned by [`Upstream::send`], or a body that
-//! has not ended, drops the connection: hyper closes it, which is how an inference server
-//! learns that the client is gone.
+//! the body ended cleanly. Dropping the future returned by [`Upstream::send`] (a connect in
+//! progress is abandoned), or a body that has not ended, drops the connection: its socket is
+//! closed at once, which is how an inference server learns that the client is gone.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::task::AbortHandle;
 use tower_service::Service;
 use tracing::debug;
 
@@ -131,17 +132,17 @@ impl Upstream {
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), ProxyError> {
         loop {
-            let (mut sender, reused) = match self.pool.checkout() {
-                Some(sender) => (sender, true),
+            let (mut connection, reused) = match self.pool.checkout() {
+                Some(connection) => (connection, true),
                 // Boxed: opening a connection is a large future and rare. Inline, it would
                 // grow every request's future, which hyper keeps allocated for the life of
                 // each client connection.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match sender.try_send_request(req).await {
+            match connection.sender.try_send_request(req).await {
                 Ok(response) => {
                     let lease = Lease {
-                        sender: Some(sender),
+                        connection: Some(connection),
                         pool: self.pool.clone(),
                     };
                     return Ok((response, lease));
@@ -160,7 +161,7 @@ impl Upstream {
     }
 
     /// Opens a connection (TCP, then TLS for https) and starts its HTTP/1.1 state machine.
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, ProxyError> {
+    async fn connect(&self) -> Result<Connection, ProxyError> {
         let io = self
             .connector
             .clone()
@@ -172,20 +173,40 @@ impl Upstream {
             .await
             .map_err(|e| ProxyError::UpstreamUnreachable(e.into()))?;
         // The connection runs beside the requests that use it; it ends when the upstream
-        // closes it, or when its sender and any response body are dropped.
-        tokio::spawn(async move {
+        // closes it, when it hands its socket to a WebSocket tunnel, or when it is dropped.
+        let task = tokio::spawn(async move {
             if let Err(e) = connection.with_upgrades().await {
                 debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Connection {
+            sender,
+            task: Some(task.abort_handle()),
+        })
+    }
+}
+
+/// An upstream connection: where requests are sent, and the task that runs it.
+struct Connection {
+    sender: SendRequest<RequestBody>,
+    /// `None` once the connection has become a WebSocket tunnel, which its task hands over.
+    task: Option<AbortHandle>,
+}
+
+impl Drop for Connection {
+    /// Closes the socket at once. Left to itself, hyper would first write out the rest of a
+    /// request body it holds, for as long as an upstream that does not read takes.
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
 /// Idle upstream connections, most recently used last.
 #[derive(Default)]
 struct Pool {
-    idle: Mutex<Vec<(SendRequest<RequestBody>, Instant)>>,
+    idle: Mutex<Vec<(Connection, Instant)>>,
 }
 
 impl Pool {
@@ -193,23 +214,23 @@ impl Pool {
     /// ready yet (finishing its last exchange, or still writing a request body that the
     /// upstream answered without reading) stays for later and is never waited for, so no
     /// request queues behind another's exchange. Closed and expired ones are dropped.
-    fn checkout(&self) -> Option<SendRequest<RequestBody>> {
+    fn checkout(&self) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
-            let (sender, since) = &idle[i];
-            if sender.is_closed() || since.elapsed() > POOL_IDLE_TIMEOUT {
+            let (connection, since) = &idle[i];
+            if connection.sender.is_closed() || since.elapsed() > POOL_IDLE_TIMEOUT {
                 idle.remove(i);
-            } else if sender.is_ready() {
+            } else if connection.sender.is_ready() {
                 return Some(idle.remove(i).0);
             }
         }
         None
     }
 
-    fn checkin(&self, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    fn checkin(&self, connection: Connection) {
+        if connection.sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -221,7 +242,7 @@ impl Pool {
             idle.remove(0);
         }
         if idle.len() < POOL_MAX_IDLE {
-            idle.push((sender, Instant::now()));
+            idle.push((connection, Instant::now()));
         }
     }
 }
@@ -229,7 +250,7 @@ impl Pool {
 /// An upstream connection lent to one exchange. [`Lease::release`] gives it back to the pool;
 /// dropping the lease closes the connection.
 pub struct Lease {
-    sender: Option<SendRequest<RequestBody>>,
+    connection: Option<Connection>,
     pool: Arc<Pool>,
 }
 
@@ -237,8 +258,16 @@ impl Lease {
     /// Gives the connection back for the next request: only after a response body that
     /// ended cleanly, so no unread byte is left on it.
     pub fn release(mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.pool.checkin(sender);
+        if let Some(connection) = self.connection.take() {
+            self.pool.checkin(connection);
+        }
+    }
+
+    /// The connection answered 101 and becomes a WebSocket tunnel: its task hands the socket
+    /// over and ends by itself, and the connection never goes back to the pool.
+    pub fn into_tunnel(mut self) {
+        if let Some(connection) = self.connection.as_mut() {
+            connection.task = None;
         }
     }
 }

@@ -4,6 +4,7 @@
 //! goes to the [`crate::gateway`].
 
 pub mod admin;
+pub mod hangup;
 pub mod preface;
 pub mod redirect;
 pub mod server;

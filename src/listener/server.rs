@@ -1,9 +1,9 @@
 //! The listener: accept under a connection limit, complete the TLS handshake when TLS is on,
 //! choose the protocol (ALPN over TLS; HTTP/1.1 or h2c by the first bytes otherwise), serve
-//! each connection with hyper, run a WebSocket tunnel once its connection hands it the
-//! socket, and drain gracefully when the shutdown future completes.
+//! each connection with hyper, drop an HTTP/1.1 request whose client hangs up before its
+//! response ([`hangup`](crate::listener::hangup)), run a WebSocket tunnel once its connection hands it
+//! the socket, and drain gracefully when the shutdown future completes.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -25,6 +25,7 @@ use crate::config::{self, Config};
 use crate::forward::rewrite::Peer;
 use crate::gateway::Gateway;
 use crate::listener::admin;
+use crate::listener::hangup::{ClientGone, ClientSocket, Hangup};
 use crate::listener::preface::{self, Protocol, Rewind};
 use crate::listener::redirect::Redirector;
 use crate::listener::streams::{Streams, Tracked};
@@ -313,18 +314,14 @@ impl Connections {
         })
     }
 
-    async fn serve(
-        &self,
-        mut stream: TcpStream,
-        mut client: Peer,
-        draining: watch::Receiver<bool>,
-    ) {
+    async fn serve(&self, stream: TcpStream, mut client: Peer, draining: watch::Receiver<bool>) {
         let peer = client.addr;
         let _open = OpenConnection::new(self.gateway.metrics());
         // Small SSE events must leave at once, never corked behind Nagle's algorithm.
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
+        let (mut stream, hangup) = ClientSocket::new(stream);
         let Some(tls) = &self.tls else {
             let sniffed =
                 tokio::time::timeout(self.header_read_timeout, preface::sniff(&mut stream));
@@ -338,7 +335,7 @@ impl Connections {
             let io = TokioIo::new(Rewind::new(prefix, stream));
             // Boxed, like the TLS one below: inline, every connection's task would reserve
             // room for the larger of the two (twice this one's size) for as long as it is open.
-            return Box::pin(self.serve_http(io, protocol, client, draining)).await;
+            return Box::pin(self.serve_http(io, protocol, client, hangup, draining)).await;
         };
         // The handshake is bounded like a request head: a client that stalls in it is cut.
         let handshake =
@@ -359,17 +356,20 @@ impl Connections {
             _ => Protocol::Http1,
         };
         client.tls = true;
-        Box::pin(self.serve_http(TokioIo::new(stream), protocol, client, draining)).await;
+        let io = TokioIo::new(stream);
+        Box::pin(self.serve_http(io, protocol, client, hangup, draining)).await;
     }
 
     /// Serves HTTP on an open connection until it closes, or, when draining starts, until its
     /// requests in flight are answered; then runs the WebSocket tunnel the connection handed
-    /// over, if any.
+    /// over, if any. An HTTP/1.1 request whose client hangs up before its response is dropped
+    /// and the connection closed; HTTP/2 sees that by itself.
     async fn serve_http<I>(
         &self,
         io: TokioIo<I>,
         protocol: Protocol,
         client: Peer,
+        hangup: Hangup,
         mut draining: watch::Receiver<bool>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -386,13 +386,19 @@ impl Connections {
         // HTTP/1.1 idles out by hyper's header timer; HTTP/2 by its open streams.
         let streams = (protocol == Protocol::Http2).then(Streams::new);
         let service_streams = streams.clone();
+        let hangup = (protocol == Protocol::Http1).then_some(hangup);
         let service = service_fn(move |req| {
             let gateway = gateway.clone();
             let client = handler_client.clone();
             let stream = service_streams.as_ref().map(Streams::opened);
+            let hangup = hangup.clone();
             async move {
-                let response = gateway.handle(&client, req).await;
-                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, stream)))
+                let handled = gateway.handle(&client, req);
+                let response = match &hangup {
+                    Some(hangup) => hangup.unless_gone(handled).await?,
+                    None => handled.await,
+                };
+                Ok::<_, ClientGone>(response.map(|body| Tracked::new(body, stream)))
             }
         });
         let idle_timeout = self.header_read_timeout;

@@ -97,6 +97,11 @@ impl TestConfig {
         self
     }
 
+    pub fn max_request_body(mut self, size: &'static str) -> Self {
+        self.max_request_body = size;
+        self
+    }
+
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.shutdown_grace = grace;
         self

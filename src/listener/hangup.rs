@@ -1,0 +1,198 @@
+//! Noticing a client that hangs up before its response starts.
+//!
+//! hyper reads an HTTP/1.1 request body only as fast as the upstream takes it. While keygate
+//! connects to the upstream, or while the upstream does not read, the client's socket is not
+//! read at all, so a client that closes it is not seen: its request would wait for the
+//! upstream (connect, body, response headers) until `response_timeout`, holding both sockets.
+//!
+//! The listener wraps each accepted socket in a [`ClientSocket`], which serves the connection
+//! like the socket itself and leaves a [`Hangup`] behind. The listener races each HTTP/1.1
+//! request, from its head to its response headers, against [`Hangup::wait`]: once the client
+//! has closed its side (FIN or reset), the request is dropped with its upstream attempt
+//! (connect abandoned, upstream connection closed, nothing more sent) and the connection is
+//! closed without a response, as nginx does without `proxy_ignore_client_abort`. A client
+//! that only half-closes (shuts down its sending side, still reading) counts as gone, as
+//! hyper already treats it once a request body has been read.
+//!
+//! HTTP/2 needs none of this: its connection reads frames whatever the streams do, and hyper
+//! drops a stream's request when the stream is reset or the connection ends. Over TLS the
+//! hang-up is seen on the TCP socket under the TLS stream. A FIN queued at the client behind
+//! body bytes that keygate's receive window has no room for cannot arrive until keygate reads
+//! them; no proxy can see it sooner.
+
+use std::future::{pending, Future};
+use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+/// An accepted TCP socket, read and written like the socket itself, that a [`Hangup`] can
+/// watch at the same time.
+pub struct ClientSocket(Arc<TcpStream>);
+
+impl ClientSocket {
+    pub fn new(stream: TcpStream) -> (Self, Hangup) {
+        let stream = Arc::new(stream);
+        let hangup = Hangup(Arc::downgrade(&stream));
+        (Self(stream), hangup)
+    }
+}
+
+impl AsyncRead for ClientSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let stream = &*self.0;
+        loop {
+            ready!(stream.poll_read_ready(cx))?;
+            let wanted = buf.remaining();
+            let mut read = 0;
+            // A read shorter than asked for has drained the socket. Telling tokio so (as
+            // WouldBlock) clears the readiness it saw before the read, as its own TcpStream
+            // does: the next read then waits for the socket instead of calling into the
+            // kernel to find nothing.
+            let result = stream.try_io(Interest::READABLE, || {
+                read = stream.try_read_buf(buf)?;
+                if read > 0 && read < wanted {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(())
+            });
+            match result {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && read == 0 => continue,
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+                _ => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ClientSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                written => return Poll::Ready(written),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket2::SockRef::from(&*self.0).shutdown(Shutdown::Write))
+    }
+}
+
+/// Watches a [`ClientSocket`] for its client hanging up. It does not keep the socket open.
+#[derive(Clone)]
+pub struct Hangup(Weak<TcpStream>);
+
+/// The client hung up before its response: hyper closes the connection without one.
+#[derive(Debug)]
+pub struct ClientGone;
+
+impl std::fmt::Display for ClientGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client hung up before the response")
+    }
+}
+
+impl std::error::Error for ClientGone {}
+
+impl Hangup {
+    /// Runs `request` unless the client hangs up first; then `request` is dropped at once.
+    /// The hang-up is looked at first, so a request whose client is already gone (one that
+    /// sent its request and closed at once) is never forwarded at all.
+    pub async fn unless_gone<T>(&self, request: impl Future<Output = T>) -> Result<T, ClientGone> {
+        tokio::select! {
+            biased;
+            () = self.wait() => Err(ClientGone),
+            done = request => Ok(done),
+        }
+    }
+
+    /// Completes once the client has closed its side of the connection (or reset it), or
+    /// the connection is gone already.
+    pub async fn wait(&self) {
+        let Some(stream) = self.0.upgrade() else {
+            return;
+        };
+        // The common case: nothing waits in the socket, and the connection's own readiness
+        // says when the client closes it (or sends more).
+        match stream.ready(Interest::READABLE).await {
+            Ok(ready) if ready.is_read_closed() => return,
+            Ok(_) => {}
+            // Only when the runtime shuts down, which ends the request anyway.
+            Err(_) => return pending().await,
+        }
+        // Bytes wait that hyper does not read yet (a request body held back while the
+        // upstream is slow). Taking them is hyper's job, and while they wait, the
+        // connection's readiness stays set; so a second registration of the same socket
+        // (a duplicate descriptor) watches, one that can clear its own readiness and wake
+        // only at the next arrival, the hang-up among them. Boxed: rare, and it would grow
+        // every request's future.
+        let watched = stream
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(|fd| TcpStream::from_std(fd.into()));
+        drop(stream);
+        match watched {
+            Ok(watched) => Box::pin(until_read_closed(watched)).await,
+            Err(e) => {
+                debug!(error = %e, "cannot watch the client for a hang-up");
+                pending().await
+            }
+        }
+    }
+}
+
+/// Waits on the duplicate registration until the client's side is closed. Its readiness is
+/// cleared after each arrival (closed states are never cleared, so none is missed); the
+/// socket itself is never read here.
+async fn until_read_closed(watched: TcpStream) {
+    loop {
+        match watched.ready(Interest::READABLE).await {
+            Ok(ready) if ready.is_read_closed() => return,
+            Ok(_) => {
+                let _ = watched.try_io(Interest::READABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+            Err(_) => return pending().await,
+        }
+    }
+}
