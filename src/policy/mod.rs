@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod cors;
+pub mod limits;
 pub mod preset;
 pub mod route;
 pub mod scope;
