@@ -733,4 +733,5 @@ pub fn closed_port() -> ClosedPort {
     ClosedPort { addr, socket }
 }
 pub mod process;
+pub mod redis_server;
 pub mod tls;
