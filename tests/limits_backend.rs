@@ -46,6 +46,13 @@ async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// `call`, failing the test instead of hanging it when the limiter has no bound of its own.
+async fn bounded<T>(call: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("a limiter call hung")
+}
+
 async fn up(limiter: &Limiter) {
     until("the limiter reaches Redis", async || {
         limiter.stats().state == BackendState::Up
@@ -305,7 +312,7 @@ async fn redis_killed_mid_run_falls_back_to_what_each_replica_used_then_recovers
     let mut verdicts = Vec::new();
     for l in [&a, &a, &b] {
         let start = Instant::now();
-        let d = l.check("app", &rpm3).await;
+        let d = bounded(l.check("app", &rpm3)).await;
         assert!(
             start.elapsed() < Duration::from_secs(1),
             "{:?}",
@@ -317,7 +324,7 @@ async fn redis_killed_mid_run_falls_back_to_what_each_replica_used_then_recovers
     // a used 2 of 3 through Redis and goes on from there alone; b had used none.
     assert_eq!(verdicts, [true, false, true]);
     let start = Instant::now();
-    let fallback_slot = a.acquire_slot("app", 2).await.unwrap();
+    let fallback_slot = bounded(a.acquire_slot("app", 2)).await.unwrap();
     assert!(start.elapsed() < Duration::from_secs(1));
     assert_eq!(fallback_slot.source(), Source::Fallback);
     assert_eq!(
@@ -364,7 +371,7 @@ async fn a_hung_redis_costs_at_most_the_timeout_and_deny_refuses() {
     redis.freeze();
     for _ in 0..3 {
         let start = Instant::now();
-        let d = l.check("app", &rpm).await;
+        let d = bounded(l.check("app", &rpm)).await;
         assert!(
             start.elapsed() < Duration::from_secs(1),
             "{:?}",
@@ -380,10 +387,10 @@ async fn a_hung_redis_costs_at_most_the_timeout_and_deny_refuses() {
     }
     let start = Instant::now();
     assert!(matches!(
-        l.acquire_slot("app", 5).await.unwrap_err(),
+        bounded(l.acquire_slot("app", 5)).await.unwrap_err(),
         Busy::Unavailable { .. }
     ));
-    l.debit_tokens("app", &rpm, 10).await;
+    bounded(l.debit_tokens("app", &rpm, 10)).await;
     assert!(start.elapsed() < Duration::from_secs(1));
     assert_eq!(l.stats().state, BackendState::Down);
 
@@ -408,7 +415,7 @@ async fn redis_down_at_start_up_is_an_outage_like_any_other() {
     )
     .unwrap();
     let start = Instant::now();
-    let d = l.check("app", &limits(Some(10), None)).await;
+    let d = bounded(l.check("app", &limits(Some(10), None))).await;
     assert!(start.elapsed() < Duration::from_secs(1));
     assert_eq!((d.verdict, d.source), (Verdict::Allowed, Source::Fallback));
     let Some(_redis) = RedisServer::start_on(port).await else {
