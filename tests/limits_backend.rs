@@ -151,6 +151,10 @@ async fn scripted(l: &Limiter) -> (Vec<Decision>, Duration) {
     l.debit_tokens("t", &tokens, 1_000_000).await;
     out.push(l.check("t", &tokens).await);
     out.push(l.check("t", &limits(Some(1), Some(6))).await);
+    // A fresh bucket of one holds exactly one request.
+    for _ in 0..2 {
+        out.push(l.check("one", &limits(Some(1), None)).await);
+    }
     (out, start.elapsed())
 }
 
@@ -195,7 +199,7 @@ async fn the_redis_script_and_the_in_process_arithmetic_agree() {
         .collect();
     assert_eq!(
         verdicts,
-        [true, true, true, true, false, true, false, false],
+        [true, true, true, true, false, true, false, false, true, false],
         "{local:#?}"
     );
 }
@@ -239,7 +243,7 @@ async fn a_dead_replica_loses_its_slots_after_the_lease() {
         rt.block_on(async {
             let dying = Limiter::redis(&Secret::new(url), dead_options).unwrap();
             up(&dying).await;
-            let slot = dying.acquire_slot("app", 1).await.unwrap();
+            let slot = dying.acquire_slot("app", 2).await.unwrap();
             assert_eq!(slot.source(), Source::Shared);
             std::mem::forget(slot);
         });
@@ -249,11 +253,13 @@ async fn a_dead_replica_loses_its_slots_after_the_lease() {
     let died = Instant::now();
     let survivor = replica(&redis, short);
     up(&survivor).await;
-    let refused = survivor.acquire_slot("app", 1).await;
+    // The survivor's own renewed lease keeps the key alive: the dead one must be purged.
+    let _own = survivor.acquire_slot("app", 2).await.unwrap();
+    let refused = survivor.acquire_slot("app", 2).await;
     assert!(died.elapsed() < lease, "too slow to see the slot held");
     assert_eq!(refused.unwrap_err(), Busy::Full);
     until("the dead replica's lease expires", async || {
-        survivor.acquire_slot("app", 1).await.is_ok()
+        survivor.acquire_slot("app", 2).await.is_ok()
     })
     .await;
 }
