@@ -362,10 +362,11 @@ async fn redis_killed_mid_run_falls_back_to_what_each_replica_used_then_recovers
 }
 
 #[tokio::test]
-async fn a_hung_redis_costs_at_most_the_timeout_and_deny_refuses() {
+async fn a_hung_redis_costs_one_request_the_timeout_and_the_rest_nothing() {
     let redis = RedisServer::start().await;
+    let timeout = Duration::from_secs(1);
     let deny = RedisOptions {
-        timeout: Duration::from_millis(100),
+        timeout,
         on_error: OnError::Deny,
         ..RedisOptions::default()
     };
@@ -375,30 +376,25 @@ async fn a_hung_redis_costs_at_most_the_timeout_and_deny_refuses() {
     assert_eq!(l.check("app", &rpm).await.source, Source::Shared);
 
     redis.freeze();
-    for _ in 0..3 {
-        let start = Instant::now();
-        let d = bounded(l.check("app", &rpm)).await;
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            start.elapsed()
-        );
-        assert_eq!(
-            d.verdict,
-            Verdict::Unavailable {
-                retry_after: Duration::from_secs(1)
-            }
-        );
-        assert_eq!((d.requests, d.tokens), (None, None));
-    }
+    let unavailable = Verdict::Unavailable {
+        retry_after: Duration::from_secs(1),
+    };
     let start = Instant::now();
+    let d = bounded(l.check("app", &rpm)).await;
+    assert!(start.elapsed() < timeout * 2, "{:?}", start.elapsed());
+    assert_eq!((d.verdict, d.requests, d.tokens), (unavailable, None, None));
+    assert_eq!(l.stats().state, BackendState::Down);
+    // Redis is known to be down now: nobody else waits for it.
+    let start = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(bounded(l.check("app", &rpm)).await.verdict, unavailable);
+    }
     assert!(matches!(
         bounded(l.acquire_slot("app", 5)).await.unwrap_err(),
         Busy::Unavailable { .. }
     ));
     bounded(l.debit_tokens("app", &rpm, 10)).await;
-    assert!(start.elapsed() < Duration::from_secs(1));
-    assert_eq!(l.stats().state, BackendState::Down);
+    assert!(start.elapsed() < timeout / 2, "{:?}", start.elapsed());
 
     redis.thaw();
     up(&l).await;

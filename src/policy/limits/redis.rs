@@ -139,7 +139,9 @@ impl RedisLimiter {
             if tls { " (tls)" } else { "" },
             info.redis_settings().db()
         );
+        // Every call has a bound of its own; the client's default would hide a missing one.
         let config = ConnectionManagerConfig::new()
+            .set_response_timeout(None)
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_min_delay(PROBE_FIRST)
             .set_max_delay(PROBE_MAX);
