@@ -16,6 +16,7 @@ use keygate::policy::limits::{
     BackendState, Busy, Decision, KeyLimits, Limiter, OnError, RedisOptions, Source, Verdict,
 };
 use support::redis_server::RedisServer;
+use support::tls::Ca;
 use support::DEADLINE;
 
 fn limits(rpm: Option<u32>, tpm: Option<u32>) -> KeyLimits {
@@ -429,6 +430,36 @@ async fn redis_down_at_start_up_is_an_outage_like_any_other() {
         l.check("app", &limits(Some(10), None)).await.source,
         Source::Shared
     );
+}
+
+#[tokio::test]
+async fn rediss_speaks_tls_through_rustls() {
+    let ca = Ca::new();
+    let leaf = ca.issue(30);
+    let redis = RedisServer::start_tls(&leaf.cert_pem, &leaf.key_pem, &ca.pem()).await;
+    let url = Secret::new(format!("rediss://localhost:{}/0", redis.tls_port.unwrap()));
+    let trusting = RedisOptions {
+        tls_ca_pem: Some(ca.pem().into_bytes()),
+        ..options()
+    };
+    let l = Limiter::redis(&url, trusting).unwrap();
+    up(&l).await;
+    // The test CA is in no public root store.
+    let untrusting = Limiter::redis(&url, options()).unwrap();
+    until("an untrusted certificate is refused", async || {
+        untrusting.stats().state == BackendState::Down
+    })
+    .await;
+    assert_eq!(
+        untrusting.check("app", &limits(Some(1), None)).await.source,
+        Source::Fallback
+    );
+    let d = l.check("app", &limits(Some(1), None)).await;
+    assert_eq!((d.verdict, d.source), (Verdict::Allowed, Source::Shared));
+    assert!(matches!(
+        l.check("app", &limits(Some(1), None)).await.verdict,
+        Verdict::Limited { .. }
+    ));
 }
 
 #[test]

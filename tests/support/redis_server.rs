@@ -15,23 +15,56 @@ use super::DEADLINE;
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// The TLS port of one started by [`Self::start_tls`].
+    pub tls_port: Option<u16>,
     dir: TempDir,
+    tls_args: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one on a free port, trying another port if one is taken in the meantime.
     pub async fn start() -> Self {
+        Self::start_with(TempDir::new("redis"), false).await
+    }
+
+    /// One that also serves TLS with `cert_pem`/`key_pem` on [`Self::tls_port`].
+    pub async fn start_tls(cert_pem: &str, key_pem: &str, ca_pem: &str) -> Self {
         let dir = TempDir::new("redis");
+        dir.write("cert.pem", cert_pem);
+        dir.write("key.pem", key_pem);
+        dir.write("ca.pem", ca_pem);
+        Self::start_with(dir, true).await
+    }
+
+    async fn start_with(dir: TempDir, tls: bool) -> Self {
         for _ in 0..20 {
-            let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .expect("no free port")
-                .port();
-            if let Some(child) = spawn(port, &dir).await {
+            let port = free_port();
+            let (tls_port, tls_args) = if tls {
+                let tls_port = free_port();
+                let file = |name: &str| dir.0.join(name).display().to_string();
+                let args = [
+                    "--tls-port".to_owned(),
+                    tls_port.to_string(),
+                    "--tls-cert-file".to_owned(),
+                    file("cert.pem"),
+                    "--tls-key-file".to_owned(),
+                    file("key.pem"),
+                    "--tls-ca-cert-file".to_owned(),
+                    file("ca.pem"),
+                    "--tls-auth-clients".to_owned(),
+                    "no".to_owned(),
+                ];
+                (Some(tls_port), args.to_vec())
+            } else {
+                (None, Vec::new())
+            };
+            if let Some(child) = spawn(port, &dir, &tls_args).await {
                 return Self {
                     child: Some(child),
                     port,
+                    tls_port,
                     dir,
+                    tls_args,
                 };
             }
         }
@@ -42,11 +75,13 @@ impl RedisServer {
     /// port is taken.
     pub async fn start_on(port: u16) -> Option<Self> {
         let dir = TempDir::new("redis");
-        let child = spawn(port, &dir).await?;
+        let child = spawn(port, &dir, &[]).await?;
         Some(Self {
             child: Some(child),
             port,
+            tls_port: None,
             dir,
+            tls_args: Vec::new(),
         })
     }
 
@@ -82,7 +117,7 @@ impl RedisServer {
     pub async fn restart(&mut self) {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while tokio::time::Instant::now() < deadline {
-            if let Some(child) = spawn(self.port, &self.dir).await {
+            if let Some(child) = spawn(self.port, &self.dir, &self.tls_args).await {
                 self.child = Some(child);
                 return;
             }
@@ -100,6 +135,13 @@ impl Drop for RedisServer {
     }
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("no free port")
+        .port()
+}
+
 fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &pid.to_string()])
@@ -108,13 +150,14 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill {sig} {pid} failed");
 }
 
-/// Spawns `redis-server` on `port` and waits for its PONG; `None` if it exits first (the
+/// Spawns `redis-server` on `port` and waits for its PONG; `None` if it exits first (a
 /// port was taken).
-async fn spawn(port: u16, dir: &TempDir) -> Option<Child> {
+async fn spawn(port: u16, dir: &TempDir, extra: &[String]) -> Option<Child> {
     let mut child = Command::new("redis-server")
         .args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .args(["--dir".as_ref(), dir.0.as_os_str()])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ConnectionAddr, RedisResult, Script};
+use redis::{Client, ConnectionAddr, RedisResult, Script, TlsCertificates};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -70,6 +70,9 @@ pub struct RedisOptions {
     pub on_error: OnError,
     /// How long a concurrency slot outlives a replica that stopped renewing it.
     pub lease: Duration,
+    /// For `rediss://` with a private CA: the PEM of the CA that signs Redis's certificate,
+    /// trusted instead of the public web roots.
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
@@ -79,6 +82,7 @@ impl Default for RedisOptions {
             timeout: Duration::from_millis(50),
             on_error: OnError::Local,
             lease: Duration::from_secs(30),
+            tls_ca_pem: None,
         }
     }
 }
@@ -126,9 +130,19 @@ impl RedisLimiter {
                 "the slot lease must be at least 1s; the default is 30s".to_owned(),
             ));
         }
-        let client = Client::open(url.expose()).map_err(|e| {
+        let client = match &options.tls_ca_pem {
+            None => Client::open(url.expose()),
+            Some(ca) => Client::build_with_tls(
+                url.expose(),
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+        }
+        .map_err(|e| {
             LimitsError(format!(
-                "the redis URL does not parse ({e}); write it as redis://[user:password@]host[:port][/db] or rediss://… for TLS"
+                "the redis URL or its CA does not work ({e}); write the URL as redis://[user:password@]host[:port][/db], or rediss://… for TLS, and the CA as PEM"
             ))
         })?;
         let info = client.get_connection_info();
@@ -140,11 +154,13 @@ impl RedisLimiter {
             info.redis_settings().db()
         );
         // Every call has a bound of its own; the client's default would hide a missing one.
+        // The probe backs off between connection attempts: retries inside the client would
+        // outlast the probe's bound and hide why a connection fails (refused, a certificate
+        // not trusted, a wrong password) behind a timeout.
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(None)
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_min_delay(PROBE_FIRST)
-            .set_max_delay(PROBE_MAX);
+            .set_number_of_retries(0);
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| LimitsError(format!("cannot set up the redis client: {e}")))?;
         let replica = getrandom::u64()
