@@ -9,6 +9,8 @@
 mod support;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keygate::config::secrets::Secret;
@@ -18,6 +20,7 @@ use keygate::policy::limits::{
 use support::redis_server::RedisServer;
 use support::tls::Ca;
 use support::DEADLINE;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn limits(rpm: Option<u32>, tpm: Option<u32>) -> KeyLimits {
     KeyLimits {
@@ -35,8 +38,10 @@ fn options() -> RedisOptions {
     }
 }
 
-fn replica(redis: &RedisServer, options: RedisOptions) -> Limiter {
-    Limiter::redis(&Secret::new(redis.url()), options).unwrap()
+async fn replica(redis: &RedisServer, options: RedisOptions) -> Limiter {
+    Limiter::redis(&Secret::new(redis.url()), options)
+        .await
+        .unwrap()
 }
 
 async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
@@ -79,7 +84,10 @@ fn retry_after(d: &Decision) -> Duration {
 #[tokio::test]
 async fn two_replicas_share_one_request_limit() {
     let redis = RedisServer::start().await;
-    let (a, b) = (replica(&redis, options()), replica(&redis, options()));
+    let (a, b) = (
+        replica(&redis, options()).await,
+        replica(&redis, options()).await,
+    );
     up(&a).await;
     up(&b).await;
     // One request refills every 20 s: none during the test.
@@ -113,7 +121,10 @@ async fn two_replicas_share_one_request_limit() {
 #[tokio::test]
 async fn tokens_debited_by_one_replica_make_the_key_wait_on_another() {
     let redis = RedisServer::start().await;
-    let (a, b) = (replica(&redis, options()), replica(&redis, options()));
+    let (a, b) = (
+        replica(&redis, options()).await,
+        replica(&redis, options()).await,
+    );
     up(&a).await;
     up(&b).await;
     let l = limits(Some(100), Some(600));
@@ -162,7 +173,7 @@ async fn scripted(l: &Limiter) -> (Vec<Decision>, Duration) {
 #[tokio::test]
 async fn the_redis_script_and_the_in_process_arithmetic_agree() {
     let redis = RedisServer::start().await;
-    let shared = replica(&redis, options());
+    let shared = replica(&redis, options()).await;
     up(&shared).await;
     let (local, local_span) = scripted(&Limiter::local()).await;
     let (remote, remote_span) = scripted(&shared).await;
@@ -208,7 +219,10 @@ async fn the_redis_script_and_the_in_process_arithmetic_agree() {
 #[tokio::test]
 async fn concurrency_slots_are_shared_and_given_back() {
     let redis = RedisServer::start().await;
-    let (a, b) = (replica(&redis, options()), replica(&redis, options()));
+    let (a, b) = (
+        replica(&redis, options()).await,
+        replica(&redis, options()).await,
+    );
     up(&a).await;
     up(&b).await;
     let first = a.acquire_slot("app", 2).await.unwrap();
@@ -242,7 +256,9 @@ async fn a_dead_replica_loses_its_slots_after_the_lease() {
             .build()
             .unwrap();
         rt.block_on(async {
-            let dying = Limiter::redis(&Secret::new(url), dead_options).unwrap();
+            let dying = Limiter::redis(&Secret::new(url), dead_options)
+                .await
+                .unwrap();
             up(&dying).await;
             let slot = dying.acquire_slot("app", 2).await.unwrap();
             assert_eq!(slot.source(), Source::Shared);
@@ -252,7 +268,7 @@ async fn a_dead_replica_loses_its_slots_after_the_lease() {
     .join()
     .unwrap();
     let died = Instant::now();
-    let survivor = replica(&redis, short);
+    let survivor = replica(&redis, short).await;
     up(&survivor).await;
     // The survivor's own renewed lease keeps the key alive: the dead one must be purged.
     let _own = survivor.acquire_slot("app", 2).await.unwrap();
@@ -270,7 +286,10 @@ async fn a_long_holder_keeps_its_lease_by_renewing_it() {
     let redis = RedisServer::start().await;
     let lease = Duration::from_secs(2);
     let short = RedisOptions { lease, ..options() };
-    let (a, b) = (replica(&redis, short.clone()), replica(&redis, short));
+    let (a, b) = (
+        replica(&redis, short.clone()).await,
+        replica(&redis, short).await,
+    );
     up(&a).await;
     up(&b).await;
     let held = a.acquire_slot("app", 1).await.unwrap();
@@ -306,7 +325,10 @@ async fn redis_killed_mid_run_falls_back_to_what_each_replica_used_then_recovers
         timeout: Duration::from_millis(250),
         ..RedisOptions::default()
     };
-    let (a, b) = (replica(&redis, quick.clone()), replica(&redis, quick));
+    let (a, b) = (
+        replica(&redis, quick.clone()).await,
+        replica(&redis, quick).await,
+    );
     up(&a).await;
     up(&b).await;
     let rpm3 = limits(Some(3), None);
@@ -371,7 +393,7 @@ async fn a_hung_redis_costs_one_request_the_timeout_and_the_rest_nothing() {
         on_error: OnError::Deny,
         ..RedisOptions::default()
     };
-    let l = replica(&redis, deny);
+    let l = replica(&redis, deny).await;
     up(&l).await;
     let rpm = limits(Some(100), Some(1000));
     assert_eq!(l.check("app", &rpm).await.source, Source::Shared);
@@ -402,6 +424,75 @@ async fn a_hung_redis_costs_one_request_the_timeout_and_the_rest_nothing() {
     assert_eq!(l.check("app", &rpm).await.source, Source::Shared);
 }
 
+/// A TCP relay to Redis that can go silent on the connections it has, as a path to a Redis
+/// host that vanished without a reset does, while new connections go through.
+struct Relay {
+    port: u16,
+    epoch: Arc<AtomicU64>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let current = Arc::clone(&epoch);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                    continue;
+                };
+                let born = current.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(relay(cr, sw, born, Arc::clone(&current)));
+                tokio::spawn(relay(sr, cw, born, Arc::clone(&current)));
+            }
+        });
+        Self { port, epoch }
+    }
+
+    /// From now on the connections already open carry nothing either way.
+    fn silence_existing(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    born: u64,
+    epoch: Arc<AtomicU64>,
+) {
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        if epoch.load(Ordering::SeqCst) == born && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_gone_silent_is_replaced_not_waited_on() {
+    let redis = RedisServer::start().await;
+    let relay = Relay::start(redis.port).await;
+    let l = Limiter::redis(
+        &Secret::new(format!("redis://127.0.0.1:{}/0", relay.port)),
+        RedisOptions {
+            timeout: Duration::from_millis(200),
+            ..RedisOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let rpm = limits(Some(100), None);
+    assert_eq!(l.check("app", &rpm).await.source, Source::Shared);
+    relay.silence_existing();
+    assert_eq!(bounded(l.check("app", &rpm)).await.source, Source::Fallback);
+    up(&l).await;
+    assert_eq!(bounded(l.check("app", &rpm)).await.source, Source::Shared);
+}
+
 #[tokio::test]
 async fn redis_down_at_start_up_is_an_outage_like_any_other() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -409,17 +500,16 @@ async fn redis_down_at_start_up_is_an_outage_like_any_other() {
         .local_addr()
         .unwrap()
         .port();
-    let l = Limiter::redis(
-        &Secret::new(format!("redis://127.0.0.1:{port}/0")),
-        RedisOptions {
-            timeout: Duration::from_millis(100),
-            ..RedisOptions::default()
-        },
-    )
-    .unwrap();
     let start = Instant::now();
+    let l = bounded(Limiter::redis(
+        &Secret::new(format!("redis://127.0.0.1:{port}/0")),
+        RedisOptions::default(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(l.stats().state, BackendState::Down);
     let d = bounded(l.check("app", &limits(Some(10), None))).await;
-    assert!(start.elapsed() < Duration::from_secs(1));
+    assert!(start.elapsed() < Duration::from_secs(2));
     assert_eq!((d.verdict, d.source), (Verdict::Allowed, Source::Fallback));
     let Some(_redis) = RedisServer::start_on(port).await else {
         // Another process took the port in the meantime: nothing to learn here.
@@ -442,10 +532,10 @@ async fn rediss_speaks_tls_through_rustls() {
         tls_ca_pem: Some(ca.pem().into_bytes()),
         ..options()
     };
-    let l = Limiter::redis(&url, trusting).unwrap();
+    let l = Limiter::redis(&url, trusting).await.unwrap();
     up(&l).await;
     // The test CA is in no public root store.
-    let untrusting = Limiter::redis(&url, options()).unwrap();
+    let untrusting = Limiter::redis(&url, options()).await.unwrap();
     until("an untrusted certificate is refused", async || {
         untrusting.stats().state == BackendState::Down
     })
@@ -462,25 +552,22 @@ async fn rediss_speaks_tls_through_rustls() {
     ));
 }
 
-#[test]
-fn the_backend_shows_where_redis_is_but_never_its_password() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
+#[tokio::test]
+async fn the_backend_shows_where_redis_is_but_never_its_password() {
+    // Nothing listens on port 1: the limiter starts with Redis down.
     let l = Limiter::redis(
-        &Secret::new("rediss://user:hunter2@redis.internal:6380/3".to_owned()),
+        &Secret::new("rediss://user:hunter2@127.0.0.1:1/3".to_owned()),
         RedisOptions::default(),
     )
+    .await
     .unwrap();
     let shown = l.to_string();
     assert_eq!(
         shown,
-        "redis redis.internal:6380 (tls) db 3, prefix \"keygate:\", timeout 50ms, slot lease 30s, on error local"
+        "redis 127.0.0.1:1 (tls) db 3, prefix \"keygate:\", timeout 50ms, slot lease 30s, on error local"
     );
     assert!(!format!("{l:?}").contains("hunter2"));
-    let bad = Limiter::redis(&Secret::new("http://x".to_owned()), RedisOptions::default());
+    let bad = Limiter::redis(&Secret::new("http://x".to_owned()), RedisOptions::default()).await;
     assert!(bad.unwrap_err().to_string().contains("redis://"));
     assert_eq!(Limiter::local().to_string(), "in-process");
 }
@@ -500,7 +587,8 @@ async fn admission_latency() {
             timeout: Duration::from_secs(1),
             ..RedisOptions::default()
         },
-    );
+    )
+    .await;
     up(&shared).await;
     let local = Limiter::local();
     let wide = limits(Some(u32::MAX), Some(u32::MAX));

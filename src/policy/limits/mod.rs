@@ -160,8 +160,6 @@ pub struct Stats {
 pub enum BackendState {
     /// No Redis configured.
     Local,
-    /// Redis configured, no call has completed yet.
-    Connecting,
     Up,
     /// Calls skip Redis until a background probe reaches it again.
     Down,
@@ -171,7 +169,6 @@ impl BackendState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Local => "local",
-            Self::Connecting => "connecting",
             Self::Up => "up",
             Self::Down => "down",
         }
@@ -193,13 +190,12 @@ impl Limiter {
         Self(Arc::new(Backend::Local(LocalLimiter::new())))
     }
 
-    /// Limits shared through the Redis at `url`. Connects in the background: Redis being
-    /// down at start-up is handled like Redis going down later. Must run inside a Tokio
-    /// runtime. Fails only on a URL that does not parse.
-    pub fn redis(url: &Secret, options: RedisOptions) -> Result<Self, LimitsError> {
-        Ok(Self(Arc::new(Backend::Redis(RedisLimiter::new(
-            url, options,
-        )?))))
+    /// Limits shared through the Redis at `url`. Waits at most a second for a first
+    /// connection; Redis being down at start-up is handled like Redis going down later.
+    /// Fails only on a URL or CA that does not parse.
+    pub async fn redis(url: &Secret, options: RedisOptions) -> Result<Self, LimitsError> {
+        let backend = RedisLimiter::new(url, options).await?;
+        Ok(Self(Arc::new(Backend::Redis(backend))))
     }
 
     /// Takes one request of `key` if its request bucket and token budget both admit it.

@@ -8,19 +8,22 @@
 //! time and sends the releases, in the order they happen, so a release is never overtaken by
 //! a renewal that would bring the lease back.
 //!
-//! Every call is bounded by `redis_timeout`. A call that fails or times out marks Redis down:
-//! from then on calls skip it and decide by `on_redis_error` (this process alone, or refuse)
-//! until a background probe, backing off, reaches Redis again. So an outage costs each
-//! request nothing, and a slow Redis at most `redis_timeout`.
+//! All calls share one multiplexed connection. Every call is bounded by `redis_timeout`; one
+//! that fails or times out marks Redis down: from then on calls skip it and decide by
+//! `on_redis_error` (this process alone, or refuse) until a background probe, backing off,
+//! opens a new connection that answers PING. So an outage costs each request nothing and a
+//! slow Redis at most `redis_timeout`, and a connection that went silent (a Redis host gone
+//! without a reset) is never waited on again.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ConnectionAddr, RedisResult, Script, TlsCertificates};
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, RedisResult, Script, TlsCertificates};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -35,7 +38,7 @@ pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 /// First wait of the probe after Redis went down; it doubles up to [`PROBE_MAX`].
 const PROBE_FIRST: Duration = Duration::from_millis(100);
 const PROBE_MAX: Duration = Duration::from_secs(2);
-/// Bound of a probe and of a new connection (TCP, TLS, AUTH), off the request path.
+/// Bound of a new connection (TCP, TLS, AUTH, PING), off the request path.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most releases sent in one round trip.
 const RELEASE_BATCH: usize = 512;
@@ -96,13 +99,16 @@ pub struct RedisLimiter {
 }
 
 struct Shared {
-    conn: ConnectionManager,
+    client: Client,
+    /// The connection calls use; replaced by the probe after an outage.
+    link: ArcSwapOption<Link>,
+    /// Whether calls go to Redis; cleared by a failed call, set by the probe.
+    up: AtomicBool,
     rate: Script,
     acquire: Script,
     renew: Script,
     options: RedisOptions,
     local: LocalLimiter,
-    state: AtomicU8,
     errors: AtomicU64,
     fallbacks: AtomicU64,
     /// When Redis going down was last logged, and whether the current outage was.
@@ -113,13 +119,12 @@ struct Shared {
     next_lease: AtomicU64,
 }
 
-const CONNECTING: u8 = 0;
-const UP: u8 = 1;
-const DOWN: u8 = 2;
+/// One connection to Redis. A failure counts against it only while it is the current one.
+struct Link(MultiplexedConnection);
 
 impl RedisLimiter {
     /// See [`super::Limiter::redis`].
-    pub fn new(url: &Secret, options: RedisOptions) -> Result<Self, LimitsError> {
+    pub async fn new(url: &Secret, options: RedisOptions) -> Result<Self, LimitsError> {
         if options.timeout.is_zero() {
             return Err(LimitsError(
                 "redis_timeout must be more than 0; the default is 50ms".to_owned(),
@@ -153,26 +158,17 @@ impl RedisLimiter {
             if tls { " (tls)" } else { "" },
             info.redis_settings().db()
         );
-        // Every call has a bound of its own; the client's default would hide a missing one.
-        // The probe backs off between connection attempts: retries inside the client would
-        // outlast the probe's bound and hide why a connection fails (refused, a certificate
-        // not trusted, a wrong password) behind a timeout.
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(None)
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(0);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| LimitsError(format!("cannot set up the redis client: {e}")))?;
         let replica = getrandom::u64()
             .map_err(|e| LimitsError(format!("no randomness for lease ids: {e}")))?;
         let shared = Arc::new(Shared {
-            conn,
+            client,
+            link: ArcSwapOption::empty(),
+            up: AtomicBool::new(false),
             rate: Script::new(include_str!("rate.lua")),
             acquire: Script::new(include_str!("acquire.lua")),
             renew: Script::new(include_str!("renew.lua")),
             options,
             local: LocalLimiter::new(),
-            state: AtomicU8::new(CONNECTING),
             errors: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
             last_warning: Mutex::new(None),
@@ -180,9 +176,18 @@ impl RedisLimiter {
             replica,
             next_lease: AtomicU64::new(0),
         });
+        match shared.open().await {
+            Ok(link) => {
+                shared.link.store(Some(link));
+                shared.up.store(true, Ordering::Release);
+            }
+            Err(e) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                shared.outage(&e);
+            }
+        }
         let (leases, events) = mpsc::unbounded_channel();
         tokio::spawn(keep_leases(Arc::clone(&shared), events));
-        tokio::spawn(connect(Arc::downgrade(&shared)));
         Ok(Self {
             shared,
             leases,
@@ -199,9 +204,9 @@ impl RedisLimiter {
             return Decision::unlimited(Source::Shared);
         }
         let s = &self.shared;
-        if s.usable() {
+        if let Some(link) = s.link() {
             let (rpm, tpm) = caps(limits);
-            let mut conn = s.conn.clone();
+            let mut conn = link.0.clone();
             let mut call = s.rate.key(s.key("rpm:", key));
             call.key(s.key("tpm:", key))
                 .arg("admit")
@@ -209,7 +214,11 @@ impl RedisLimiter {
                 .arg(tpm)
                 .arg(0);
             let reply = s
-                .bounded(s.options.timeout, call.invoke_async::<[u64; 6]>(&mut conn))
+                .bounded(
+                    &link,
+                    s.options.timeout,
+                    call.invoke_async::<[u64; 6]>(&mut conn),
+                )
                 .await;
             if let Some([allowed, retry, rr, rs, tr, ts]) = reply {
                 let admission = Admission {
@@ -243,11 +252,11 @@ impl RedisLimiter {
         }
         let s = &self.shared;
         s.local.debit_tokens(key, limits, tokens);
-        if !s.usable() {
+        let Some(link) = s.link() else {
             s.fallbacks.fetch_add(1, Ordering::Relaxed);
             return;
-        }
-        let mut conn = s.conn.clone();
+        };
+        let mut conn = link.0.clone();
         let mut call = s.rate.key(s.key("rpm:", key));
         call.key(s.key("tpm:", key))
             .arg("debit")
@@ -255,7 +264,11 @@ impl RedisLimiter {
             .arg(tpm.get())
             .arg(tokens);
         let reply = s
-            .bounded(s.options.timeout, call.invoke_async::<u64>(&mut conn))
+            .bounded(
+                &link,
+                s.options.timeout,
+                call.invoke_async::<u64>(&mut conn),
+            )
             .await;
         if reply.is_none() {
             s.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -264,7 +277,7 @@ impl RedisLimiter {
 
     pub async fn acquire_slot(&self, key: &str, max: usize) -> Result<SlotLease, Busy> {
         let s = &self.shared;
-        if s.usable() {
+        if let Some(link) = s.link() {
             let lease = Arc::new(LeaseId {
                 key: s.key("slots:", key),
                 id: format!(
@@ -279,11 +292,12 @@ impl RedisLimiter {
                 lease: Some(Arc::clone(&lease)),
                 events: self.leases.clone(),
             };
-            let mut conn = s.conn.clone();
+            let mut conn = link.0.clone();
             let mut call = s.acquire.key(&lease.key);
             call.arg(max).arg(millis(s.options.lease)).arg(&lease.id);
             let reply = s
                 .bounded(
+                    &link,
                     s.options.timeout,
                     call.invoke_async::<(u64, u64)>(&mut conn),
                 )
@@ -321,10 +335,10 @@ impl RedisLimiter {
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
         Stats {
-            state: match s.state.load(Ordering::Acquire) {
-                CONNECTING => BackendState::Connecting,
-                UP => BackendState::Up,
-                _ => BackendState::Down,
+            state: if s.up.load(Ordering::Acquire) {
+                BackendState::Up
+            } else {
+                BackendState::Down
             },
             errors: s.errors.load(Ordering::Relaxed),
             fallbacks: s.fallbacks.load(Ordering::Relaxed),
@@ -356,47 +370,50 @@ impl Shared {
         key
     }
 
-    /// Whether calls go to Redis; not while it is down and the probe has not reached it.
-    fn usable(&self) -> bool {
-        self.state.load(Ordering::Acquire) != DOWN
+    /// The connection to call Redis on; `None` while it is down.
+    fn link(&self) -> Option<Arc<Link>> {
+        if self.up.load(Ordering::Acquire) {
+            self.link.load_full()
+        } else {
+            None
+        }
     }
 
-    /// `call` within `bound`; `None` when it failed or took longer, after marking Redis down.
+    /// `call` on `link` within `bound`; `None` when it failed or took longer, after marking
+    /// Redis down.
     async fn bounded<T>(
         self: &Arc<Self>,
+        link: &Arc<Link>,
         bound: Duration,
         call: impl std::future::Future<Output = RedisResult<T>>,
     ) -> Option<T> {
         match tokio::time::timeout(bound, call).await {
-            Ok(Ok(v)) => {
-                let _ = self.state.compare_exchange(
-                    CONNECTING,
-                    UP,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                Some(v)
-            }
+            Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
-                self.failed(&e);
+                self.failed(link, &e);
                 None
             }
             Err(_) => {
-                self.failed(&format_args!(
-                    "no answer within {}",
-                    humantime::format_duration(bound)
-                ));
+                let bound = humantime::format_duration(bound);
+                self.failed(link, &format_args!("no answer within {bound}"));
                 None
             }
         }
     }
 
-    /// Counts a failed call; the first failure of an outage starts the probe.
-    fn failed(self: &Arc<Self>, error: &dyn fmt::Display) {
+    /// Counts a failed call; the first failure on the current connection starts an outage.
+    fn failed(self: &Arc<Self>, link: &Arc<Link>, error: &dyn fmt::Display) {
         self.errors.fetch_add(1, Ordering::Relaxed);
-        if self.state.swap(DOWN, Ordering::AcqRel) == DOWN {
-            return;
+        let current = self.link.load();
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, link))
+            && self.up.swap(false, Ordering::AcqRel)
+        {
+            self.outage(error);
         }
+    }
+
+    /// Logs an outage, at most once per [`WARN_EVERY`], and starts the probe.
+    fn outage(self: &Arc<Self>, error: &dyn fmt::Display) {
         let now = Instant::now();
         let due = {
             let mut last = self
@@ -420,22 +437,32 @@ impl Shared {
         }
         tokio::spawn(probe(Arc::downgrade(self)));
     }
-}
 
-/// Reaches Redis at start-up, so that a Redis that is down then is handled as one that
-/// goes down later, and the first requests do not pay for the connection.
-async fn connect(shared: Weak<Shared>) {
-    let Some(s) = shared.upgrade() else {
-        return;
-    };
-    if ping(&s).await {
-        let _ = s
-            .state
-            .compare_exchange(CONNECTING, UP, Ordering::AcqRel, Ordering::Acquire);
+    /// A new connection that has answered PING, within [`CONNECT_TIMEOUT`].
+    async fn open(&self) -> Result<Arc<Link>, String> {
+        let connect = async {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(None)
+                .set_response_timeout(None);
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            Ok::<_, redis::RedisError>(conn)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(conn)) => Ok(Arc::new(Link(conn))),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no connection answering PING within {}",
+                humantime::format_duration(CONNECT_TIMEOUT)
+            )),
+        }
     }
 }
 
-/// Pings Redis, backing off, until it answers; then calls go to it again.
+/// Opens connections, backing off, until one answers; then calls go to Redis again.
 async fn probe(shared: Weak<Shared>) {
     let mut delay = PROBE_FIRST;
     loop {
@@ -443,40 +470,24 @@ async fn probe(shared: Weak<Shared>) {
         let Some(s) = shared.upgrade() else {
             return;
         };
-        if ping(&s).await {
-            s.state.store(UP, Ordering::Release);
-            if s.outage_logged.load(Ordering::Relaxed) {
-                info!(
-                    errors = s.errors.load(Ordering::Relaxed),
-                    fallbacks = s.fallbacks.load(Ordering::Relaxed),
-                    "limits backend reachable again"
-                );
+        match s.open().await {
+            Ok(link) => {
+                s.link.store(Some(link));
+                s.up.store(true, Ordering::Release);
+                if s.outage_logged.load(Ordering::Relaxed) {
+                    info!(
+                        errors = s.errors.load(Ordering::Relaxed),
+                        fallbacks = s.fallbacks.load(Ordering::Relaxed),
+                        "limits backend reachable again"
+                    );
+                }
+                return;
             }
-            return;
+            Err(_) => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
         delay = (delay * 2).min(PROBE_MAX);
-    }
-}
-
-/// One PING; a failure is counted, and marks Redis down if it was not.
-async fn ping(s: &Arc<Shared>) -> bool {
-    let mut conn = s.conn.clone();
-    let bound = CONNECT_TIMEOUT.max(s.options.timeout);
-    let pong =
-        tokio::time::timeout(bound, redis::cmd("PING").query_async::<String>(&mut conn)).await;
-    match pong {
-        Ok(Ok(_)) => true,
-        Ok(Err(e)) => {
-            s.failed(&e);
-            false
-        }
-        Err(_) => {
-            s.failed(&format_args!(
-                "no answer to PING within {}",
-                humantime::format_duration(bound)
-            ));
-            false
-        }
     }
 }
 
@@ -530,24 +541,26 @@ async fn keep_leases(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver<Le
                         Err(_) => break,
                     }
                 }
-                if !released.is_empty() && shared.usable() {
+                let link = shared.link();
+                if let (Some(link), false) = (link, released.is_empty()) {
                     let mut pipe = redis::pipe();
                     for lease in &released {
                         pipe.zrem(&lease.key, &lease.id).ignore();
                     }
-                    let mut conn = shared.conn.clone();
-                    shared.bounded(period, pipe.query_async::<()>(&mut conn)).await;
+                    let mut conn = link.0.clone();
+                    shared.bounded(&link, period, pipe.query_async::<()>(&mut conn)).await;
                 }
             }
             _ = tick.tick() => {
-                if !held.is_empty() && shared.usable() {
+                let link = shared.link();
+                if let (Some(link), false) = (link, held.is_empty()) {
                     let mut call = shared.renew.prepare_invoke();
                     call.arg(millis(shared.options.lease));
                     for lease in held.values() {
                         call.key(&lease.key).arg(&lease.id);
                     }
-                    let mut conn = shared.conn.clone();
-                    shared.bounded(period, call.invoke_async::<u64>(&mut conn)).await;
+                    let mut conn = link.0.clone();
+                    shared.bounded(&link, period, call.invoke_async::<u64>(&mut conn)).await;
                 }
             }
         }
