@@ -573,7 +573,7 @@ async fn the_backend_shows_where_redis_is_but_never_its_password() {
 }
 
 /// Added latency of one admission, Redis on loopback against in process:
-/// `cargo test --release --test limits_backend -- --ignored --nocapture`.
+/// `cargo test --release --locked --test limits_backend -- --ignored --nocapture admission_latency`.
 #[tokio::test]
 #[ignore = "a measurement, not a test"]
 async fn admission_latency() {
