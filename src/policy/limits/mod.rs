@@ -13,7 +13,7 @@
 //!   [`SlotLease`] is dropped.
 //!
 //! State belongs to the key's name, so a reload that changes a key's limits keeps what the
-//! key has used. Both backends run the arithmetic of [`bucket`]; the Redis scripts repeat
+//! key has used. Both backends run the arithmetic of `bucket`; the Redis scripts repeat
 //! it line by line, and a test holds the two to the same answers.
 
 mod bucket;
