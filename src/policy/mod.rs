@@ -1,10 +1,13 @@
 //! What a request may do: the credential and the constant-time key check, key-less routes,
 //! CORS preflights, server presets, per-key scopes, expiry and concurrency slots, and the
-//! throttle on failed authentication. Nothing here performs I/O.
+//! throttle on failed authentication, the fair admission queue for the upstream, and the
+//! per-key rate limits and concurrency slots, in process or shared through Redis
+//! ([`limits`], the only part that performs I/O).
 
 pub mod auth;
 pub mod cors;
 pub mod fair;
+pub mod limits;
 pub mod preset;
 pub mod route;
 pub mod scope;

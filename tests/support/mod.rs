@@ -757,6 +757,7 @@ pub fn closed_port() -> ClosedPort {
 }
 pub mod config;
 pub mod process;
+pub mod redis_server;
 pub mod tls;
 
 #[allow(
