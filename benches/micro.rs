@@ -21,11 +21,12 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use http::header::HOST;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use keygate::config::secrets::{MapSecrets, Secret};
-use keygate::config::Overrides;
+use keygate::config::{KeySpec, Overrides};
 use keygate::forward::rewrite::{self, Origin, Peer, Rules};
 use keygate::policy::auth::{self, KeySet};
 use keygate::policy::fair::{FairQueue, Permit};
 use keygate::policy::route::Routes;
+use keygate::policy::scope::Policy;
 use keygate::Config;
 
 const KEY: &str = "bench-api-key-0123456789abcdef";
@@ -90,18 +91,17 @@ fn auth_verify(c: &mut Criterion) {
             .map(|_| auth::generate_key().expect("OS randomness"))
             .collect();
         let last = keys.last().expect("at least one key").clone();
-        let set = KeySet::new(
-            keys.into_iter()
-                .enumerate()
-                .map(|(i, key)| auth::NamedKey {
-                    name: format!("key-{i}"),
-                    origin: format!("environment variable KEY_{i}"),
-                    secret: Secret::new(key),
-                    policy: std::sync::Arc::new(keygate::policy::scope::Policy::default()),
-                })
-                .collect(),
-        )
-        .expect("random keys differ");
+        let specs: Vec<KeySpec> = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, key)| KeySpec {
+                name: format!("key-{i}"),
+                origin: format!("environment variable KEY_{i}"),
+                secret: Secret::new(key),
+                policy: Arc::default(),
+            })
+            .collect();
+        let set = KeySet::new(&specs, |_| Arc::new(Policy::default()));
         let wrong = auth::generate_key().expect("OS randomness");
         group.bench_with_input(BenchmarkId::new("last_key", n), &last, |b, token| {
             b.iter(|| set.verify(black_box(token.as_bytes())))
@@ -140,7 +140,7 @@ fn route_classify(c: &mut Criterion) {
 }
 
 fn preset_lookup(c: &mut Criterion) {
-    let table = keygate::policy::preset::Table::new(&keygate::policy::preset::VLLM);
+    let table = keygate::preset::Table::new(&keygate::preset::VLLM);
     let mut group = c.benchmark_group("preset_lookup_vllm");
     for (name, method, path) in [
         ("inference", Method::POST, "/v1/chat/completions"),
@@ -166,7 +166,8 @@ fn rewrite_headers(c: &mut Criterion) {
     )
     .expect("valid bench config");
     let rules = Rules::new(&config);
-    let key = config.auth.keys.verify(KEY.as_bytes());
+    let keys = KeySet::new(&config.auth.keys, |_| Arc::new(Policy::default()));
+    let key = keys.verify(KEY.as_bytes());
     assert!(key.is_some(), "the bench key verifies");
     let peer = Peer::new(SocketAddr::from(([127, 0, 0, 1], 51234)), false);
     // The handler takes `Host` out before the rewrite and hands it over as the origin's host.

@@ -3,8 +3,9 @@
 //! concurrency limit), rewrite, forward. This is the one place where a [`ProxyError`] becomes a
 //! response and an access log line.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -14,7 +15,7 @@ use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use crate::config::secrets::SecretSource;
-use crate::config::{reload_file_keys, Config, FileKey, WatchedFiles};
+use crate::config::{reload_file_keys, Config, FileKey, KeySpec, WatchedFiles};
 use crate::error::ProxyError;
 use crate::forward::body::{Body, RequestBody};
 use crate::forward::rewrite::{self, Origin, Peer, Rules};
@@ -26,16 +27,21 @@ use crate::observe::access::{AccessLog, Outcome};
 use crate::observe::metrics::Metrics;
 use crate::policy::auth::{self, Credential, KeySet};
 use crate::policy::cors::{Cors, Preflight};
-use crate::policy::preset::Table;
 use crate::policy::route::{Route, Routes};
-use crate::policy::scope::{Clock, Expiry, Slot};
+use crate::policy::scope::{Clock, Expiry, Policy, Slot};
 use crate::policy::throttle::FailedAuth;
+use crate::preset::Table;
 
 /// Everything a request needs, built once at start-up and shared by all connections.
 pub struct Gateway {
     routes: Routes,
     /// Swapped whole by a reload; a request holds the set it started with.
     keys: ArcSwap<KeySet>,
+    /// The keys as configured, the source of `keys`: a reload re-reads their file keys.
+    specs: Mutex<Vec<KeySpec>>,
+    /// Each configured key's policy by name, built once: slots and expiry notices outlive
+    /// reloads.
+    policies: HashMap<String, Arc<Policy>>,
     /// Keys read from files, re-read by [`Gateway::reload_keys`].
     file_keys: Vec<FileKey>,
     /// The key files, watched for changes; see [`Gateway::key_files_changed`].
@@ -56,10 +62,23 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Self {
+    /// The gateway for `config`; `clock` is where key expiry reads the time.
+    pub fn new(config: &Config, clock: Clock) -> Self {
+        let a = &config.auth;
+        let configured = a.keys.iter().map(|k| (&k.name, &k.policy));
+        let absent = a
+            .absent_optional
+            .iter()
+            .map(|(name, policy)| (name, policy));
+        let policies: HashMap<String, Arc<Policy>> = configured
+            .chain(absent)
+            .map(|(name, spec)| (name.clone(), Arc::new(Policy::new(spec.clone()))))
+            .collect();
         let gateway = Self {
             routes: Routes::new(config.probe_path.clone(), config.public_paths.clone()),
-            keys: ArcSwap::from_pointee(config.auth.keys.clone()),
+            keys: ArcSwap::from_pointee(KeySet::new(&a.keys, |name| policy_of(&policies, name))),
+            specs: Mutex::new(a.keys.clone()),
+            policies,
             file_keys: config.auth.file_keys.clone(),
             watched: WatchedFiles::new(
                 config
@@ -79,7 +98,7 @@ impl Gateway {
             cors: Cors::new(config.cors_origins.clone()),
             preset: config.upstream.preset.map(Table::new),
             sse_keepalive: config.upstream.sse_keepalive,
-            clock: config.clock.clone(),
+            clock,
         };
         gateway.publish_expiries();
         gateway
@@ -131,12 +150,14 @@ impl Gateway {
     pub fn reload_keys(&self, secrets: &dyn SecretSource) {
         // What this reload reads counts as seen, so a change is not reloaded twice.
         self.key_files_changed();
-        let current = self.keys.load();
-        match reload_file_keys(&current, &self.file_keys, secrets) {
-            Ok(keys) => {
+        let mut specs = self.specs.lock().unwrap_or_else(PoisonError::into_inner);
+        match reload_file_keys(&specs, &self.file_keys, secrets) {
+            Ok(fresh) => {
+                let keys = KeySet::new(&fresh, |name| policy_of(&self.policies, name));
                 let names = keys.names().collect::<Vec<_>>().join(", ");
                 info!(keys = %names, "keys reloaded");
                 self.keys.store(Arc::new(keys));
+                *specs = fresh;
                 self.publish_expiries();
                 self.metrics.reloaded(true);
             }
@@ -399,4 +420,10 @@ pub(crate) fn error_response(e: &ProxyError, request_id: HeaderValue) -> Respons
         headers.insert(RETRY_AFTER, after);
     }
     response
+}
+
+/// The policy kept for a configured key's name. Every key a reload can bring in is
+/// configured, so the default (no limits) is never used for a real key.
+fn policy_of(policies: &HashMap<String, Arc<Policy>>, name: &str) -> Arc<Policy> {
+    policies.get(name).cloned().unwrap_or_default()
 }

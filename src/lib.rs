@@ -38,6 +38,7 @@ pub mod listener;
 pub mod observe;
 pub mod path;
 pub mod policy;
+pub mod preset;
 
 pub use config::Config;
-pub use listener::server::{run, Listeners};
+pub use listener::server::{run, run_with_clock, Listeners};

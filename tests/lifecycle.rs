@@ -84,7 +84,10 @@ async fn probe_answers_503_once_draining_has_begun() {
     // the handler is driven directly over an in-memory connection.
     let upstream = start_upstream().await;
     let config = parse_config(&config_text(upstream.addr, ""));
-    let gateway = std::sync::Arc::new(keygate::gateway::Gateway::new(&config));
+    let gateway = std::sync::Arc::new(keygate::gateway::Gateway::new(
+        &config,
+        keygate::policy::scope::Clock::system(),
+    ));
     let peer = std::sync::Arc::new(keygate::forward::rewrite::Peer::new(
         "127.0.0.1:1".parse().unwrap(),
         false,

@@ -138,10 +138,9 @@ async fn an_expired_key_is_refused_exactly_like_an_invalid_one() {
     let upstream = start_upstream().await;
     let expiry = humantime::parse_rfc3339("2030-01-01T00:00:00Z").unwrap();
     let key = Key::env("default", "API_KEY").not_after(expiry);
-    let mut config = parse_config(&with_default_key(upstream.addr, key));
+    let config = parse_config(&with_default_key(upstream.addr, key));
     let (clock, now) = test_clock("2029-12-31T23:59:58Z");
-    config.clock = clock;
-    let proxy = start_proxy_config(config).await;
+    let proxy = start_proxy_clocked(config, clock).await;
     let models = |key: &str| get("/v1/models", &[("authorization", &bearer(key))]);
     assert_eq!(send(proxy.addr, models(KEY)).await.status, StatusCode::OK);
 

@@ -10,7 +10,7 @@ pub(super) fn auth(
     secrets: &dyn SecretSource,
     p: &mut Problems<'_>,
 ) -> Option<Auth> {
-    let mut keys: Vec<NamedKey> = Vec::new();
+    let mut keys: Vec<KeySpec> = Vec::new();
     // Where each key with a value is written, for a clash of values.
     let mut spans = Vec::new();
     let mut absent_optional = Vec::new();
@@ -58,7 +58,7 @@ pub(super) fn auth(
         match resolve_key(&source, k.optional, secrets) {
             Ok(Some(secret)) => {
                 spans.push((k.name.clone(), entry.span()));
-                keys.push(NamedKey {
+                keys.push(KeySpec {
                     name: k.name.clone(),
                     origin: source.to_string(),
                     secret,
@@ -90,22 +90,24 @@ pub(super) fn auth(
         }
         Some(name)
     });
-    let keys = KeySet::new(keys).map_err(|clashes| {
-        for clash in clashes {
-            let later = &clash.second.0;
-            let span = spans
-                .iter()
-                .find(|(name, _)| **name == **later)
-                .map_or(0..0, |(_, span)| span.clone());
-            p.at(
-                span,
-                format!("[auth] keys (name = \"{later}\")"),
-                clash.to_string(),
-            );
-        }
-    });
+    let clashes = same_values(&keys);
+    for clash in &clashes {
+        let later = &clash.second.0;
+        let span = spans
+            .iter()
+            .find(|(name, _)| name == later)
+            .map_or(0..0, |(_, span)| span.clone());
+        p.at(
+            span,
+            format!("[auth] keys (name = \"{later}\")"),
+            clash.to_string(),
+        );
+    }
+    if !clashes.is_empty() {
+        return None;
+    }
     Some(Auth {
-        keys: keys.ok()?,
+        keys,
         file_keys,
         absent_optional,
         identity_header,
@@ -118,7 +120,7 @@ pub(super) fn policy(
     k: &KeyFile,
     preset: Option<&Preset>,
     problem: &mut dyn FnMut(String),
-) -> Policy {
+) -> KeyPolicy {
     let allow = match &k.allow {
         None => Vec::new(),
         Some(rules) if rules.is_empty() => {
@@ -166,7 +168,12 @@ pub(super) fn policy(
         }
         parsed
     });
-    Policy::new(allow, routes, k.max_concurrent, not_after)
+    KeyPolicy {
+        allow,
+        routes,
+        max_concurrent: k.max_concurrent,
+        not_after,
+    }
 }
 
 pub(super) fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {
@@ -277,20 +284,24 @@ pub(super) fn resolve_key(
     }
 }
 
-/// The key set after re-reading the key files (SIGHUP or a changed file): environment keys
+/// The keys after re-reading the key files (SIGHUP or a changed file): environment keys
 /// stay as loaded at start-up, file keys take the files' current values. Any problem, two
 /// keys with one value included, leaves `current` in force.
 pub fn reload_file_keys(
-    current: &KeySet,
+    current: &[KeySpec],
     file_keys: &[FileKey],
     secrets: &dyn SecretSource,
-) -> Result<KeySet, String> {
-    let mut fresh = Vec::new();
+) -> Result<Vec<KeySpec>, String> {
+    let mut keys: Vec<KeySpec> = current
+        .iter()
+        .filter(|k| !file_keys.iter().any(|f| f.name == k.name))
+        .cloned()
+        .collect();
     let mut problems = Vec::new();
     for k in file_keys {
         let source = KeySource::File(k.path.clone());
         match resolve_key(&source, k.optional, secrets) {
-            Ok(Some(secret)) => fresh.push(NamedKey {
+            Ok(Some(secret)) => keys.push(KeySpec {
                 name: k.name.clone(),
                 origin: source.to_string(),
                 secret,
@@ -300,19 +311,64 @@ pub fn reload_file_keys(
             Err(why) => problems.push(format!("key \"{}\": {why}", k.name)),
         }
     }
+    problems.extend(same_values(&keys).iter().map(ToString::to_string));
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
-    let keys = current
-        .replacing(|name| file_keys.iter().any(|k| k.name == name), fresh)
-        .map_err(|clashes| {
-            let clashes: Vec<String> = clashes.iter().map(ToString::to_string).collect();
-            clashes.join("; ")
-        })?;
     if keys.is_empty() {
         return Err("no key would be left to admit anyone".into());
     }
     Ok(keys)
+}
+
+/// Each later key that has the value of an earlier one, paired with the first such key.
+/// Runs at load and reload only, so it compares values plainly.
+pub fn same_values(keys: &[KeySpec]) -> Vec<SameValue> {
+    keys.iter()
+        .enumerate()
+        .filter_map(|(i, later)| {
+            let first = keys[..i]
+                .iter()
+                .find(|k| k.secret.expose() == later.secret.expose())?;
+            Some(SameValue {
+                first: (first.name.clone(), first.origin.clone()),
+                second: (later.name.clone(), later.origin.clone()),
+            })
+        })
+        .collect()
+}
+
+/// Two keys with the same value, by name and origin. A request with that value would get
+/// the rights of one of them, whichever the key check happens to pick, so a set with such
+/// a pair is refused, at start-up and on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SameValue {
+    pub first: (String, String),
+    pub second: (String, String),
+}
+
+impl fmt::Display for SameValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ((a, a_origin), (b, b_origin)) = (&self.first, &self.second);
+        write!(
+            f,
+            "keys \"{a}\" ({a_origin}) and \"{b}\" ({b_origin}) have the same value, so a client \
+             holding it would get the rights of one or the other; give each key its own value \
+             (`keygate keygen` prints one)"
+        )
+    }
+}
+
+/// A key with a value, as configured: its name, where the value was read, the value and what
+/// the key may do.
+#[derive(Debug, Clone)]
+pub struct KeySpec {
+    pub name: String,
+    /// Where the value was read, e.g. "environment variable API_KEY" or "file /run/keys/ci":
+    /// named when two keys clash.
+    pub origin: String,
+    pub secret: Secret,
+    pub policy: Arc<KeyPolicy>,
 }
 
 /// Why a key value cannot be used, without revealing any of it.
@@ -336,5 +392,5 @@ pub struct FileKey {
     /// The file as it was just before it was read, so a change made after that is noticed.
     pub stamp: Option<FileStamp>,
     /// What the key may do; the same after every reload.
-    pub policy: Arc<Policy>,
+    pub policy: Arc<KeyPolicy>,
 }

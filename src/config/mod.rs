@@ -7,6 +7,7 @@
 
 mod file;
 mod inject;
+pub mod key_policy;
 mod keys;
 mod problems;
 pub mod secrets;
@@ -32,9 +33,8 @@ use toml::Spanned;
 
 use crate::config::secrets::{Secret, SecretSource};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
-use crate::policy::auth::{KeySet, NamedKey};
-use crate::policy::preset::{Preset, PRESETS};
-use crate::policy::scope::{Classes, Clock, Paths, Policy, Rule};
+use crate::preset::{Preset, PRESETS};
+use key_policy::{Classes, KeyPolicy, Paths, Rule};
 use tls_files::{Certificate, Which};
 
 use file::*;
@@ -44,7 +44,7 @@ use problems::*;
 use server::*;
 use upstream::*;
 
-pub use keys::{reload_file_keys, FileKey};
+pub use keys::{reload_file_keys, same_values, FileKey, KeySpec, SameValue};
 pub use problems::{ConfigError, Problem};
 pub use watch::{FileStamp, WatchedFiles};
 
@@ -69,8 +69,6 @@ pub struct Config {
     /// Origins allowed by CORS; empty: CORS is off.
     pub cors_origins: Vec<HeaderValue>,
     pub log: Log,
-    /// The time source for key expiry; tests put in their own.
-    pub clock: Clock,
 }
 
 #[derive(Debug, Clone)]
@@ -130,11 +128,12 @@ pub struct Upstream {
 
 #[derive(Debug)]
 pub struct Auth {
-    pub keys: KeySet,
+    /// The keys with a value, in the file's order.
+    pub keys: Vec<KeySpec>,
     /// The keys read from files, re-read on SIGHUP.
     pub file_keys: Vec<FileKey>,
     /// `optional` keys whose secret was not set, with their rules; they admit nobody.
-    pub absent_optional: Vec<(String, Arc<Policy>)>,
+    pub absent_optional: Vec<(String, Arc<KeyPolicy>)>,
     pub identity_header: Option<HeaderName>,
     pub forward_authorization: bool,
 }
@@ -299,7 +298,6 @@ fn validate(
             format: f.log.format,
             level: level.clone(),
         },
-        clock: Clock::system(),
     })
 }
 
@@ -316,6 +314,17 @@ mod tests {
 
     fn minimal() -> &'static str {
         "[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\" }]\n"
+    }
+
+    fn names(keys: &[KeySpec]) -> Vec<&str> {
+        keys.iter().map(|k| k.name.as_str()).collect()
+    }
+
+    /// The name of the key whose value is `value`.
+    fn holder<'a>(keys: &'a [KeySpec], value: &str) -> Option<&'a str> {
+        keys.iter()
+            .find(|k| k.secret.expose() == value)
+            .map(|k| k.name.as_str())
     }
 
     fn errors(text: &str, secrets: &MapSecrets) -> String {
@@ -387,7 +396,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.auth.absent_optional[0].0, "b");
         assert_eq!(c.auth.absent_optional.len(), 1);
-        assert_eq!(c.auth.keys.names().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(names(&c.auth.keys), ["a"]);
     }
 
     #[test]
@@ -398,7 +407,7 @@ mod tests {
             &MapSecrets::default().with_file("/run/secrets/ci", KEY),
         )
         .unwrap();
-        assert_eq!(c.auth.keys.names().collect::<Vec<_>>(), ["ci"]);
+        assert_eq!(names(&c.auth.keys), ["ci"]);
         let e = errors(text, &MapSecrets::default());
         assert!(e.contains("file /run/secrets/ci"), "{e}");
     }
@@ -414,13 +423,10 @@ mod tests {
             .with_file("/k", "new-file-key-0123456789")
             .with_file("/n", "added-key-0123456789");
         let keys = reload_file_keys(&c.auth.keys, &c.auth.file_keys, &later).unwrap();
-        assert!(keys.verify(KEY.as_bytes()).is_some(), "env key kept");
-        assert!(keys.verify(b"old-file-key-0123456789").is_none());
-        assert_eq!(
-            &*keys.verify(b"new-file-key-0123456789").unwrap().name,
-            "ci"
-        );
-        assert_eq!(&*keys.verify(b"added-key-0123456789").unwrap().name, "new");
+        assert_eq!(holder(&keys, KEY), Some("env"), "env key kept");
+        assert_eq!(holder(&keys, "old-file-key-0123456789"), None);
+        assert_eq!(holder(&keys, "new-file-key-0123456789"), Some("ci"));
+        assert_eq!(holder(&keys, "added-key-0123456789"), Some("new"));
         let broken = MapSecrets::default().with_file("/k", "short");
         let e = reload_file_keys(&c.auth.keys, &c.auth.file_keys, &broken).unwrap_err();
         assert!(
@@ -647,11 +653,11 @@ mod tests {
     fn key_scopes_and_limits_are_read() {
         let text = "[upstream]\npreset = \"vllm\"\n[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\", routes = [\"inference\", \"admin\"], allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }], max_concurrent = 4, not_after = \"2030-01-01T00:00:00Z\" }]\n";
         let c = parse(text, &MapSecrets::default().with_env("API_KEY", KEY)).unwrap();
-        let (name, policy) = c.auth.keys.policies().next().unwrap();
-        assert_eq!(&**name, "default");
+        let (name, policy) = (&c.auth.keys[0].name, &c.auth.keys[0].policy);
+        assert_eq!(name, "default");
         assert!(policy.routes.admin && policy.routes.inference);
         assert_eq!(policy.allow[0].to_string(), "POST below /v1/");
-        assert_eq!(policy.max_concurrent(), Some(4));
+        assert_eq!(policy.max_concurrent, Some(4));
         assert_eq!(
             policy.not_after,
             Some(humantime::parse_rfc3339("2030-01-01T00:00:00Z").unwrap())
@@ -664,7 +670,7 @@ mod tests {
     fn not_after_may_be_a_toml_date_time() {
         let text = "[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\", not_after = 2030-01-01T00:00:00Z }]\n";
         let c = parse(text, &MapSecrets::default().with_env("API_KEY", KEY)).unwrap();
-        let (_, policy) = c.auth.keys.policies().next().unwrap();
+        let policy = &c.auth.keys[0].policy;
         assert!(policy.not_after.is_some());
     }
 
@@ -807,5 +813,34 @@ mod tests {
             summary.contains("key ops:         routes admin; max_concurrent 1\n"),
             "{summary}"
         );
+    }
+
+    #[test]
+    fn keys_sharing_a_value_are_named_by_name_and_origin_never_by_value() {
+        let spec = |name: &str, value: &str| KeySpec {
+            name: name.to_owned(),
+            origin: format!("environment variable {}", name.to_uppercase()),
+            secret: Secret::new(value.to_owned()),
+            policy: Arc::default(),
+        };
+        let clashes = same_values(&[
+            spec("restricted", "shared-value-0123456789"),
+            spec("other", "other-value-0123456789"),
+            spec("admin", "shared-value-0123456789"),
+            spec("third", "shared-value-0123456789"),
+        ]);
+        let pairs: Vec<(&str, &str)> = clashes
+            .iter()
+            .map(|c| (c.first.0.as_str(), c.second.0.as_str()))
+            .collect();
+        assert_eq!(pairs, [("restricted", "admin"), ("restricted", "third")]);
+        let message = clashes[0].to_string();
+        assert!(
+            message.starts_with(
+                "keys \"restricted\" (environment variable RESTRICTED) and \"admin\" (environment variable ADMIN) have the same value"
+            ),
+            "{message}"
+        );
+        assert!(!message.contains("shared-value"), "{message}");
     }
 }

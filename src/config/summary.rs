@@ -15,7 +15,7 @@ impl Config {
                 joined
             }
         };
-        let mut keys = list(&mut self.auth.keys.names());
+        let mut keys = list(&mut self.auth.keys.iter().map(|k| k.name.as_str()));
         for (name, _) in &self.auth.absent_optional {
             keys.push_str(&format!(", {name} (optional, not set)"));
         }
@@ -62,9 +62,9 @@ impl Config {
             .absent_optional
             .iter()
             .map(|(n, p)| (n.as_str(), &**p));
-        let policies = self.auth.keys.policies().map(|(n, p)| (&**n, p));
+        let policies = self.auth.keys.iter().map(|k| (k.name.as_str(), &*k.policy));
         for (name, policy) in policies.chain(absent) {
-            if let Some(line) = policy_summary(policy, u.preset.is_some(), self.clock.now()) {
+            if let Some(line) = policy_summary(policy, u.preset.is_some(), SystemTime::now()) {
                 limits.push_str(&format!("\n{:<17}{line}", format!("key {name}:")));
             }
         }
@@ -122,7 +122,7 @@ impl Config {
 }
 
 /// One key's scope and limits for the summary, or `None` for a key without any.
-pub(super) fn policy_summary(policy: &Policy, preset: bool, now: SystemTime) -> Option<String> {
+pub(super) fn policy_summary(policy: &KeyPolicy, preset: bool, now: SystemTime) -> Option<String> {
     let mut parts = Vec::new();
     if preset {
         parts.push(format!("routes {}", policy.routes));
@@ -131,7 +131,7 @@ pub(super) fn policy_summary(policy: &Policy, preset: bool, now: SystemTime) -> 
         let rules: Vec<String> = policy.allow.iter().map(ToString::to_string).collect();
         parts.push(format!("allow {}", rules.join(", ")));
     }
-    if let Some(n) = policy.max_concurrent() {
+    if let Some(n) = policy.max_concurrent {
         parts.push(format!("max_concurrent {n}"));
     }
     if let Some(t) = policy.not_after {

@@ -32,6 +32,7 @@ use crate::listener::streams::{Streams, Tracked};
 use crate::listener::tls::ServerTls;
 use crate::observe::access;
 use crate::observe::metrics::Metrics;
+use crate::policy::scope::Clock;
 use crate::policy::throttle;
 
 /// Largest request head (request line and headers) accepted; over it, 431.
@@ -122,9 +123,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     reloads: mpsc::UnboundedReceiver<()>,
 ) -> io::Result<()> {
+    run_with_clock(config, Clock::system(), listeners, shutdown, reloads).await
+}
+
+/// [`run`], with key expiry read from `clock` (tests move time instead of waiting for it).
+pub async fn run_with_clock(
+    config: Config,
+    clock: Clock,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    reloads: mpsc::UnboundedReceiver<()>,
+) -> io::Result<()> {
     let listener = listeners.proxy;
     let settings = config.server.clone();
-    let server = Arc::new(Connections::new(&config)?);
+    let server = Arc::new(Connections::new(&config, clock)?);
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let (drain, draining) = watch::channel(false);
@@ -281,7 +293,7 @@ struct Connections {
 }
 
 impl Connections {
-    fn new(config: &Config) -> io::Result<Self> {
+    fn new(config: &Config, clock: Clock) -> io::Result<Self> {
         let s: &config::Server = &config.server;
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -297,7 +309,7 @@ impl Connections {
             .keep_alive_timeout(H2_PING_TIMEOUT);
         let mut h1_over_capacity = h1.clone();
         h1_over_capacity.keep_alive(false);
-        let gateway = Arc::new(Gateway::new(config));
+        let gateway = Arc::new(Gateway::new(config, clock));
         let tls = match &s.tls {
             Some(t) => Some(Arc::new(
                 ServerTls::new(t, gateway.metrics().clone()).map_err(io::Error::other)?,

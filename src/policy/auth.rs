@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::config::secrets::Secret;
+use crate::config::KeySpec;
 use crate::headers::X_API_KEY;
 use crate::policy::scope::Policy;
 
@@ -72,8 +72,8 @@ fn plain_token(bytes: &[u8]) -> Option<&[u8]> {
     (!token.is_empty() && token.iter().all(u8::is_ascii_graphic)).then_some(token)
 }
 
-/// The configured keys, as names and digests. Never holds a key's value, and never two keys
-/// with one value.
+/// The configured keys, as names and digests. Never holds a key's value; the config has
+/// refused two keys with one value before a set is built.
 #[derive(Clone)]
 pub struct KeySet {
     keys: Vec<Key>,
@@ -82,87 +82,29 @@ pub struct KeySet {
 #[derive(Clone)]
 struct Key {
     name: Arc<str>,
-    /// Where the value was read, e.g. "environment variable API_KEY".
-    origin: Arc<str>,
     /// The key's name as a header value, for the identity header.
     header: HeaderValue,
     digest: [u8; 32],
     policy: Arc<Policy>,
 }
 
-/// A key as configured: its name, where its value comes from, the value and what it may do.
-pub struct NamedKey {
-    pub name: String,
-    /// Where the value was read, e.g. "environment variable API_KEY" or "file /run/keys/ci":
-    /// named when two keys clash.
-    pub origin: String,
-    pub secret: Secret,
-    pub policy: Arc<Policy>,
-}
-
-/// Two keys with the same value, by name and origin. A request with that value would get
-/// the rights of one of them, whichever `verify` happens to pick, so a set with such a pair
-/// is refused, at start-up and on reload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SameValue {
-    pub first: (Arc<str>, Arc<str>),
-    pub second: (Arc<str>, Arc<str>),
-}
-
-impl fmt::Display for SameValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ((a, a_origin), (b, b_origin)) = (&self.first, &self.second);
-        write!(
-            f,
-            "keys \"{a}\" ({a_origin}) and \"{b}\" ({b_origin}) have the same value, so a client \
-             holding it would get the rights of one or the other; give each key its own value \
-             (`keygate keygen` prints one)"
-        )
-    }
-}
-
 impl KeySet {
-    /// Builds the set from named secrets; names must be valid header values (config checks).
-    /// Keys sharing a value are refused: each later key is paired with the first one before
-    /// it that has its value.
-    pub fn new(keys: Vec<NamedKey>) -> Result<Self, Vec<SameValue>> {
-        Self::checked(keys.into_iter().filter_map(Key::new).collect())
-    }
-
-    fn checked(keys: Vec<Key>) -> Result<Self, Vec<SameValue>> {
-        let clashes: Vec<SameValue> = keys
-            .iter()
-            .enumerate()
-            .filter_map(|(i, later)| {
-                let first = keys[..i].iter().find(|k| k.digest == later.digest)?;
-                Some(SameValue {
-                    first: (first.name.clone(), first.origin.clone()),
-                    second: (later.name.clone(), later.origin.clone()),
+    /// Builds the set from the configured keys, each with the policy kept for its name (so
+    /// its slots survive a reload); names must be valid header values (config checks).
+    pub fn new(keys: &[KeySpec], policy_of: impl Fn(&str) -> Arc<Policy>) -> Self {
+        Self {
+            keys: keys
+                .iter()
+                .filter_map(|k| {
+                    Some(Key {
+                        header: HeaderValue::from_str(&k.name).ok()?,
+                        name: k.name.as_str().into(),
+                        digest: Sha256::digest(k.secret.expose().as_bytes()).into(),
+                        policy: policy_of(&k.name),
+                    })
                 })
-            })
-            .collect();
-        if clashes.is_empty() {
-            Ok(Self { keys })
-        } else {
-            Err(clashes)
+                .collect(),
         }
-    }
-
-    /// This set with the keys `replaced` accepts swapped for `fresh` ones, unless two keys of
-    /// the result share a value.
-    pub fn replacing(
-        &self,
-        replaced: impl Fn(&str) -> bool,
-        fresh: Vec<NamedKey>,
-    ) -> Result<Self, Vec<SameValue>> {
-        let keys = self
-            .keys
-            .iter()
-            .filter(|k| !replaced(&k.name))
-            .cloned()
-            .chain(fresh.into_iter().filter_map(Key::new))
-            .collect();
-        Self::checked(keys)
     }
 
     /// The name of the key `token` matches, if any. Runs in time independent of which key
@@ -202,18 +144,6 @@ impl KeySet {
     }
 }
 
-impl Key {
-    fn new(key: NamedKey) -> Option<Self> {
-        Some(Self {
-            header: HeaderValue::from_str(&key.name).ok()?,
-            name: key.name.into(),
-            origin: key.origin.into(),
-            digest: Sha256::digest(key.secret.expose().as_bytes()).into(),
-            policy: key.policy,
-        })
-    }
-}
-
 impl fmt::Debug for KeySet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.names()).finish()
@@ -241,6 +171,7 @@ pub struct KeyId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::secrets::Secret;
     use proptest::prelude::*;
 
     fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
@@ -254,17 +185,17 @@ mod tests {
         map
     }
 
-    fn named(name: &str, value: &str) -> NamedKey {
-        NamedKey {
-            name: name.to_owned(),
-            origin: format!("environment variable {}", name.to_uppercase()),
-            secret: Secret::new(value.to_owned()),
-            policy: Arc::new(Policy::default()),
-        }
-    }
-
     fn keyset(keys: &[(&str, &str)]) -> KeySet {
-        KeySet::new(keys.iter().map(|(n, v)| named(n, v)).collect()).unwrap()
+        let specs: Vec<KeySpec> = keys
+            .iter()
+            .map(|(name, value)| KeySpec {
+                name: (*name).to_owned(),
+                origin: format!("environment variable {}", name.to_uppercase()),
+                secret: Secret::new((*value).to_owned()),
+                policy: Arc::default(),
+            })
+            .collect();
+        KeySet::new(&specs, |_| Arc::new(Policy::default()))
     }
 
     #[test]
@@ -344,51 +275,6 @@ mod tests {
         assert!(keys.verify(b"key-two-012345678").is_none());
         assert!(keys.verify(b"key-two-01234567890").is_none());
         assert!(keys.verify(b"").is_none());
-    }
-
-    #[test]
-    fn keys_sharing_a_value_are_refused_by_name_and_origin_never_by_value() {
-        let clashes = KeySet::new(vec![
-            named("restricted", "shared-value-0123456789"),
-            named("other", "other-value-0123456789"),
-            named("admin", "shared-value-0123456789"),
-            named("third", "shared-value-0123456789"),
-        ])
-        .unwrap_err();
-        let pairs: Vec<(&str, &str)> = clashes
-            .iter()
-            .map(|c| (&*c.first.0, &*c.second.0))
-            .collect();
-        assert_eq!(pairs, [("restricted", "admin"), ("restricted", "third")]);
-        let message = clashes[0].to_string();
-        assert!(
-            message.starts_with(
-                "keys \"restricted\" (environment variable RESTRICTED) and \"admin\" (environment variable ADMIN) have the same value"
-            ),
-            "{message}"
-        );
-        assert!(!message.contains("shared-value"), "{message}");
-    }
-
-    #[test]
-    fn replacing_refuses_a_fresh_key_with_a_kept_keys_value() {
-        let keys = keyset(&[
-            ("env", "env-value-0123456789"),
-            ("file", "old-value-0123456789"),
-        ]);
-        let is_file = |name: &str| name == "file";
-        let clash = keys
-            .replacing(is_file, vec![named("file", "env-value-0123456789")])
-            .unwrap_err();
-        assert_eq!((&*clash[0].first.0, &*clash[0].second.0), ("env", "file"));
-        let rotated = keys
-            .replacing(is_file, vec![named("file", "new-value-0123456789")])
-            .unwrap();
-        assert_eq!(
-            &*rotated.verify(b"new-value-0123456789").unwrap().name,
-            "file"
-        );
-        assert!(rotated.verify(b"old-value-0123456789").is_none());
     }
 
     #[test]

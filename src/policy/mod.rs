@@ -8,7 +8,6 @@ pub mod auth;
 pub mod cors;
 pub mod fair;
 pub mod limits;
-pub mod preset;
 pub mod route;
 pub mod scope;
 pub mod throttle;

@@ -2,11 +2,12 @@
 //! expiry (`not_after`), the classes of preset routes it may use (`routes`), its `allow`
 //! rules, and its concurrency slots (`max_concurrent`).
 //!
-//! A [`Policy`] comes from the config file and is shared by every key set a reload builds
-//! (a reload re-reads key values only), so a key's slots and its expiry warnings carry over
+//! A [`Policy`] is built once per key name from its [`KeyPolicy`] and shared by every key set
+//! a reload builds (a reload re-reads key values only), so a key's slots and its expiry warnings carry over
 //! a reload: a rotated key cannot exceed its limit by being reloaded.
 
 use std::fmt;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,39 +16,36 @@ use http::Method;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::config::key_policy::{Classes, KeyPolicy, Paths, Rule};
 use crate::error::ProxyError;
 use crate::path::plain_path;
-use crate::policy::preset::Class;
+use crate::preset::Class;
 
 /// How long before its `not_after` a key's coming expiry is logged.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
-/// What one key may do. The default allows everything a key could do before scopes existed.
+/// What one key may do ([`KeyPolicy`], read as a field of this), with the state that goes
+/// with it: its concurrency slots and the expiry notices already logged.
 #[derive(Debug)]
 pub struct Policy {
-    /// Any rule must match; empty: every method and path.
-    pub allow: Vec<Rule>,
-    /// The preset route classes the key may use; only consulted with a preset.
-    pub routes: Classes,
-    /// Requests and streams the key may have in flight at once, if limited.
-    slots: Option<(usize, Arc<Semaphore>)>,
-    /// After this instant the key is refused as invalid.
-    pub not_after: Option<SystemTime>,
+    spec: Arc<KeyPolicy>,
+    slots: Option<Arc<Semaphore>>,
     /// The last expiry notice logged, so each is logged once.
     noticed: AtomicU8,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Self::new(Vec::new(), Classes::default(), None, None)
+        Self::new(Arc::default())
     }
 }
 
-/// One `allow` rule: the methods (any when empty) and the paths (any when `None`).
-#[derive(Debug, Clone)]
-pub struct Rule {
-    pub methods: Vec<Method>,
-    pub paths: Option<Paths>,
+impl Deref for Policy {
+    type Target = KeyPolicy;
+
+    fn deref(&self) -> &KeyPolicy {
+        &self.spec
+    }
 }
 
 impl Rule {
@@ -55,19 +53,6 @@ impl Rule {
         (self.methods.is_empty() || self.methods.contains(method))
             && self.paths.as_ref().is_none_or(|paths| paths.matches(path))
     }
-}
-
-/// The paths an `allow` rule admits. Only plain paths (see [`plain_path`]) ever match, so
-/// `/v1/../admin` never counts as under `/v1`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Paths {
-    /// `path`: this one route.
-    Exact(String),
-    /// `path_prefix`: this path and the paths below it, on segment boundaries, so that
-    /// "/v1/chat/completions" admits "/v1/chat/completions/batch" but not
-    /// "/v1/chat/completionsX". Written with a trailing `/`, as "/v1/", the prefix admits
-    /// only what is below it: "/v1/models", not "/v1".
-    Prefix(String),
 }
 
 impl Paths {
@@ -82,68 +67,12 @@ impl Paths {
     }
 }
 
-impl fmt::Display for Paths {
-    /// What the paths admit, in words: `check` shows it for every rule.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Exact(path) => write!(f, "{path} exactly"),
-            Self::Prefix(prefix) if prefix.len() > 1 && prefix.ends_with('/') => {
-                write!(f, "below {prefix}")
-            }
-            Self::Prefix(prefix) => write!(f, "{prefix} and below"),
-        }
-    }
-}
-
-impl fmt::Display for Rule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.methods.as_slice() {
-            [] => f.write_str("any method")?,
-            methods => {
-                let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
-                f.write_str(&names.join("|"))?;
-            }
-        }
-        match &self.paths {
-            Some(paths) => write!(f, " {paths}"),
-            None => f.write_str(" any path"),
-        }
-    }
-}
-
-/// The preset route classes a key may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Classes {
-    pub inference: bool,
-    pub admin: bool,
-}
-
-impl Default for Classes {
-    /// Ordinary keys: inference routes only.
-    fn default() -> Self {
-        Self {
-            inference: true,
-            admin: false,
-        }
-    }
-}
-
 impl Classes {
     fn contains(self, class: Class) -> bool {
         match class {
             Class::Inference => self.inference,
             Class::Admin => self.admin,
         }
-    }
-}
-
-impl fmt::Display for Classes {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = [(self.inference, "inference"), (self.admin, "admin")]
-            .into_iter()
-            .filter_map(|(on, name)| on.then_some(name))
-            .collect();
-        f.write_str(&names.join("+"))
     }
 }
 
@@ -157,23 +86,12 @@ pub enum Expiry {
 }
 
 impl Policy {
-    pub fn new(
-        allow: Vec<Rule>,
-        routes: Classes,
-        max_concurrent: Option<usize>,
-        not_after: Option<SystemTime>,
-    ) -> Self {
+    pub fn new(spec: Arc<KeyPolicy>) -> Self {
         Self {
-            allow,
-            routes,
-            slots: max_concurrent.map(|n| (n, Arc::new(Semaphore::new(n)))),
-            not_after,
+            slots: spec.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
+            spec,
             noticed: AtomicU8::new(0),
         }
-    }
-
-    pub fn max_concurrent(&self) -> Option<usize> {
-        self.slots.as_ref().map(|(n, _)| *n)
     }
 
     /// Whether the key is past its `not_after` at `now`.
@@ -191,7 +109,7 @@ impl Policy {
     /// One of the key's concurrency slots: `Ok(None)` for a key without a limit,
     /// [`ProxyError::KeyBusy`] when all are taken. `in_use` counts the slot while it is held.
     pub fn slot(&self, in_use: impl FnOnce() -> Gauge) -> Result<Option<Slot>, ProxyError> {
-        let Some((_, slots)) = &self.slots else {
+        let Some(slots) = &self.slots else {
             return Ok(None);
         };
         let permit = slots
@@ -260,6 +178,20 @@ impl fmt::Debug for Clock {
 mod tests {
     use super::*;
 
+    fn policy(
+        allow: Vec<Rule>,
+        routes: Classes,
+        max_concurrent: Option<usize>,
+        not_after: Option<SystemTime>,
+    ) -> Policy {
+        Policy::new(Arc::new(KeyPolicy {
+            allow,
+            routes,
+            max_concurrent,
+            not_after,
+        }))
+    }
+
     fn rule(methods: &[Method], paths: Option<Paths>) -> Rule {
         Rule {
             methods: methods.to_vec(),
@@ -273,7 +205,7 @@ mod tests {
 
     #[test]
     fn rules_match_method_and_plain_path_prefix() {
-        let p = Policy::new(
+        let p = policy(
             vec![
                 rule(&[Method::POST], prefix("/v1/")),
                 rule(&[], prefix("/health")),
@@ -372,7 +304,7 @@ mod tests {
         let ordinary = Policy::default();
         assert!(ordinary.permits(&Method::POST, "/x", Some(Class::Inference)));
         assert!(!ordinary.permits(&Method::POST, "/x", Some(Class::Admin)));
-        let admin_only = Policy::new(
+        let admin_only = policy(
             Vec::new(),
             Classes {
                 inference: false,
@@ -387,7 +319,7 @@ mod tests {
 
     #[test]
     fn slots_run_out_and_come_back_when_dropped() {
-        let p = Policy::new(Vec::new(), Classes::default(), Some(2), None);
+        let p = policy(Vec::new(), Classes::default(), Some(2), None);
         let gauge = Gauge::default();
         let a = p.slot(|| gauge.clone()).unwrap();
         let b = p.slot(|| gauge.clone()).unwrap();
@@ -403,7 +335,7 @@ mod tests {
     #[test]
     fn expiry_is_noticed_once_when_near_and_once_when_past() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
-        let p = Policy::new(
+        let p = policy(
             Vec::new(),
             Classes::default(),
             None,

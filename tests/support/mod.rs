@@ -120,8 +120,13 @@ pub async fn start_proxy_with(toml: &str) -> Proxy {
     start_proxy_config(parse_config(toml)).await
 }
 
-/// Runs keygate with a config the test has built or changed (e.g. its clock).
+/// Runs keygate with a config the test has built or changed.
 pub async fn start_proxy_config(config: Config) -> Proxy {
+    start_proxy_clocked(config, keygate::policy::scope::Clock::system()).await
+}
+
+/// Runs keygate with key expiry read from the test's own clock.
+pub async fn start_proxy_clocked(config: Config, clock: keygate::policy::scope::Clock) -> Proxy {
     let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = proxy.local_addr().unwrap();
     let admin = match config.admin {
@@ -144,7 +149,9 @@ pub async fn start_proxy_config(config: Config) -> Proxy {
     let shutdown = async {
         let _ = rx.await;
     };
-    let task = tokio::spawn(keygate::run(config, listeners, shutdown, reloads));
+    let task = tokio::spawn(keygate::run_with_clock(
+        config, clock, listeners, shutdown, reloads,
+    ));
     Proxy {
         addr,
         admin: admin_addr,
