@@ -210,7 +210,7 @@ impl Gateway {
         let request_id = rewrite::request_id(req.headers());
         let mut log = AccessLog::new(
             &req,
-            peer,
+            &peer.ip,
             Instant::now(),
             request_id.clone(),
             self.metrics.clone(),

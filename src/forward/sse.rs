@@ -21,10 +21,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::HeaderMap;
-use prometheus_client::metrics::counter::Counter;
 use tokio::time::{Instant, Sleep};
 
 use crate::error::ProxyError;
+use crate::observe::metrics::SseCounters;
 
 /// The comment sent to keep a silent stream's connection busy.
 pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
@@ -38,17 +38,11 @@ pub fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("text/event-stream"))
 }
 
-/// What one SSE response's metrics count, by key.
-pub struct Counters {
-    pub keepalives: Counter,
-    pub error_events: Counter,
-}
-
 /// The SSE state of one response.
 pub struct Sse {
     boundary: Boundary,
     keepalive: Option<KeepAlive>,
-    counters: Counters,
+    counters: SseCounters,
     /// Keep-alive comments sent, for the access line.
     pub keepalives: u32,
     /// Whether the error event was sent, for the access line.
@@ -61,7 +55,7 @@ struct KeepAlive {
 }
 
 impl Sse {
-    pub fn new(keepalive: Option<Duration>, counters: Counters) -> Self {
+    pub fn new(keepalive: Option<Duration>, counters: SseCounters) -> Self {
         Self {
             boundary: Boundary::default(),
             keepalive: keepalive.map(|every| KeepAlive {

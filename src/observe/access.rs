@@ -19,12 +19,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::LogFormat;
 use crate::error::ProxyError;
-use crate::forward::rewrite::Peer;
-use crate::observe::metrics::{Finished, Metrics};
-use crate::policy::scope::Slot;
+use crate::observe::metrics::{Finished, Held, Metrics};
 
 /// The target of access lines, so a filter can keep or drop them apart from diagnostics.
 pub const TARGET: &str = "keygate::access";
@@ -65,7 +64,7 @@ pub struct AccessLog {
     pub upstream_ttfb: Option<Duration>,
     /// The key's concurrency slot, if it has a limit: held as long as the request is, and
     /// released once its line is written (or the request is dropped).
-    pub slot: Option<Slot>,
+    pub slot: Option<Held<OwnedSemaphorePermit>>,
     /// Keep-alive comments sent into an SSE stream.
     pub sse_keepalives: u32,
     /// Whether an SSE stream that broke got the final error event.
@@ -94,7 +93,7 @@ const BATCH_CAPACITY: usize = FLUSH_AT + 4 * 1024;
 impl AccessLog {
     pub fn new<B>(
         req: &Request<B>,
-        peer: &Peer,
+        client: &HeaderValue,
         started: Instant,
         request_id: HeaderValue,
         metrics: Arc<Metrics>,
@@ -104,7 +103,7 @@ impl AccessLog {
             started,
             method: req.method().clone(),
             uri: req.uri().clone(),
-            client: peer.ip.clone(),
+            client: client.clone(),
             request_id,
             key: None,
             status: StatusCode::OK,
@@ -363,10 +362,9 @@ mod tests {
     /// The log record of a GET of `target` from 10.0.0.7 with request id `id-1`.
     fn access_log(target: &str) -> AccessLog {
         let req = Request::get(target).body(()).unwrap();
-        let peer = Peer::new("10.0.0.7:5000".parse().unwrap(), false);
         AccessLog::new(
             &req,
-            &peer,
+            &HeaderValue::from_static("10.0.0.7"),
             Instant::now(),
             HeaderValue::from_static("id-1"),
             Arc::new(Metrics::default()),

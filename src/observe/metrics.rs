@@ -17,7 +17,6 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::ProxyError;
-use crate::forward::sse;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -315,11 +314,11 @@ impl Metrics {
     }
 
     /// The counters one SSE response adds to, for the key it was admitted with.
-    pub fn sse_counters(&self, key: Option<&Arc<str>>) -> sse::Counters {
+    pub fn sse_counters(&self, key: Option<&Arc<str>>) -> SseCounters {
         let labels = KeyLabels {
             key: key_label(key).clone(),
         };
-        sse::Counters {
+        SseCounters {
             keepalives: self.sse_keepalives.get_or_create(&labels).clone(),
             error_events: self.sse_error_events.get_or_create(&labels).clone(),
         }
@@ -389,6 +388,35 @@ fn method_class(method: &Method) -> &'static str {
         Method::OPTIONS => "OPTIONS",
         _ => "other",
     }
+}
+
+/// A permit (a key's concurrency slot) counted in a gauge for as long as it is held.
+#[derive(Debug)]
+pub struct Held<P> {
+    _permit: P,
+    in_use: Gauge,
+}
+
+impl<P> Held<P> {
+    pub fn new(permit: P, in_use: Gauge) -> Self {
+        in_use.inc();
+        Self {
+            _permit: permit,
+            in_use,
+        }
+    }
+}
+
+impl<P> Drop for Held<P> {
+    fn drop(&mut self) {
+        self.in_use.dec();
+    }
+}
+
+/// What one SSE response's metrics count, by key.
+pub struct SseCounters {
+    pub keepalives: Counter,
+    pub error_events: Counter,
 }
 
 #[cfg(test)]

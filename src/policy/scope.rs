@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use crate::config::key_policy::{Classes, KeyPolicy, Paths, Rule};
 use crate::error::ProxyError;
+use crate::observe::metrics::Held;
 use crate::path::plain_path;
 use crate::preset::Class;
 
@@ -116,12 +117,7 @@ impl Policy {
             .clone()
             .try_acquire_owned()
             .map_err(|_| ProxyError::KeyBusy)?;
-        let in_use = in_use();
-        in_use.inc();
-        Ok(Some(Slot {
-            _permit: permit,
-            in_use,
-        }))
+        Ok(Some(Held::new(permit, in_use())))
     }
 
     /// The expiry notice due at `now` that has not been given yet, if any.
@@ -138,17 +134,7 @@ impl Policy {
 
 /// A held concurrency slot of a key. The request holds it until its response ends, breaks,
 /// or is dropped because the client went away.
-#[derive(Debug)]
-pub struct Slot {
-    _permit: OwnedSemaphorePermit,
-    in_use: Gauge,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.in_use.dec();
-    }
-}
+pub type Slot = Held<OwnedSemaphorePermit>;
 
 /// Where keygate reads the time for key expiry: the system clock, or a test's own.
 #[derive(Clone)]
