@@ -13,21 +13,31 @@
 //!    ([`policy::cors`]), TRACE/CONNECT refused, the key-less routes ([`policy::route`]:
 //!    exact probe and public paths, GET/HEAD only), the credential and the constant-time key
 //!    check ([`policy::auth`]), then the matched key's scope ([`policy::scope`]): its expiry,
-//!    the server preset's route table ([`policy::preset`]), its `allow` rules and its
-//!    concurrency slots. Failed authentication is slowed per client ([`policy::throttle`]).
+//!    the server preset's route table ([`preset`]), its `allow` rules and its concurrency
+//!    slots. Failed authentication is slowed per client ([`policy::throttle`]).
+//!    [`policy::fair`] (fair admission to the upstream), [`policy::limits`] (rates and
+//!    slots, in process or through Redis), [`policy::models`] and [`policy::json_scan`]
+//!    (the request body's `model`) are the per-key policy layer.
 //! 3. [`forward`] applies the header rules ([`forward::rewrite`]), sends the request over a
-//!    pooled upstream connection ([`forward::upstream`]), streams both bodies frame by frame
-//!    ([`forward::body`]), adds SSE keep-alives and error events ([`forward::sse`]), and turns
-//!    an authenticated WebSocket into a tunnel ([`forward::upgrade`]).
-//! 4. [`observe`] writes one access line when the response ends ([`observe::access`]) and
-//!    counts it ([`observe::metrics`]).
+//!    pooled upstream connection ([`forward::upstream`], TLS by [`forward::tls_client`]),
+//!    streams both bodies frame by frame ([`forward::body`]), adds SSE keep-alives and error
+//!    events ([`forward::sse`]), reads token usage ([`forward::usage`]), and turns an
+//!    authenticated WebSocket into a tunnel ([`forward::upgrade`]).
+//! 4. [`observe`] writes one access line when the response ends ([`observe::access`]),
+//!    counts it ([`observe::metrics`]), and owns the only writer of stdout
+//!    ([`observe::logging`]).
 //! 5. Any failure is an [`error::ProxyError`], turned into a JSON response in one place.
 //!
 //! Beside the proxy, [`listener::admin`] serves metrics, liveness and readiness on its own
 //! listener, and [`listener::redirect`] answers plain HTTP with a redirect to https.
 //!
 //! [`config`] turns the TOML file and the secrets it names ([`config::secrets`]) into a
-//! validated [`Config`] before any socket is opened.
+//! validated [`Config`] before any socket is opened: plain data (key specs and their
+//! policies, TLS material read from its files), from which [`gateway::Gateway`] and the
+//! listener build the running parts.
+//!
+//! Dependencies point one way: `listener` → `gateway` → `policy`, `forward` → `observe` →
+//! `config`; `error`, `headers`, `path` and `preset` are leaves that any module may use.
 
 pub mod config;
 pub mod error;
