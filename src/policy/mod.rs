@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod cors;
+pub mod json_scan;
 pub mod preset;
 pub mod route;
 pub mod scope;
