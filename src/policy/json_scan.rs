@@ -544,30 +544,34 @@ impl Tokenizer {
                         self.state = State::Top;
                     }
                 }
-                State::Start | State::Bom(_) | State::Top => {
-                    match (self.state, b) {
-                        (State::Start, 0xEF) => self.state = State::Bom(1),
-                        (State::Bom(n), _) => {
-                            if b != BOM[usize::from(n)] {
-                                return Err(ScanError::Utf8);
-                            }
-                            self.state = if n == 2 { State::Top } else { State::Bom(n + 1) };
+                State::Start | State::Bom(_) | State::Top => match (self.state, b) {
+                    (State::Start, 0xEF) => self.state = State::Bom(1),
+                    (State::Bom(n), _) => {
+                        if b != BOM[usize::from(n)] {
+                            return Err(ScanError::Utf8);
                         }
-                        (_, b'{') => self.open(h, Kind::Object, i)?,
-                        (_, b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
-                            return Err(ScanError::NotAnObject)
-                        }
-                        (_, 0x80..=0xFF) => return Err(ScanError::Utf8),
-                        _ => return Err(ScanError::Syntax),
+                        self.state = if n == 2 {
+                            State::Top
+                        } else {
+                            State::Bom(n + 1)
+                        };
                     }
-                }
+                    (_, b'{') => self.open(h, Kind::Object, i)?,
+                    (_, b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
+                        return Err(ScanError::NotAnObject)
+                    }
+                    (_, 0x80..=0xFF) => return Err(ScanError::Utf8),
+                    _ => return Err(ScanError::Syntax),
+                },
                 State::FirstKey | State::NextKey => match b {
                     b'"' => {
                         self.in_key = true;
                         self.text.start(KEY_CAP);
                         self.state = State::Str;
                     }
-                    b'}' if self.state == State::FirstKey => self.close(h, Kind::Object, chunk, i)?,
+                    b'}' if self.state == State::FirstKey => {
+                        self.close(h, Kind::Object, chunk, i)?
+                    }
                     _ => return Err(ScanError::Syntax),
                 },
                 State::Colon => {
@@ -965,7 +969,10 @@ mod tests {
     fn nesting_is_bounded() {
         let deep = |n: usize| format!("{{\"a\":{}{}}}", "[".repeat(n), "]".repeat(n));
         assert_eq!(validate(deep(MAX_DEPTH - 1).as_bytes()), Ok(()));
-        assert_eq!(validate(deep(MAX_DEPTH).as_bytes()), Err(ScanError::TooDeep));
+        assert_eq!(
+            validate(deep(MAX_DEPTH).as_bytes()),
+            Err(ScanError::TooDeep)
+        );
         assert_eq!(
             validate("[".repeat(100_000).as_bytes()),
             Err(ScanError::NotAnObject)
@@ -995,10 +1002,7 @@ mod tests {
     /// escapes (as Python does not) nor UTF-8 inside strings (checked here on the whole text).
     fn serde_says(doc: &[u8]) -> bool {
         let doc = doc.strip_prefix(&BOM[..]).unwrap_or(doc);
-        let starts_with_object = doc
-            .iter()
-            .find(|b| !is_ws(**b))
-            .is_some_and(|&b| b == b'{');
+        let starts_with_object = doc.iter().find(|b| !is_ws(**b)).is_some_and(|&b| b == b'{');
         starts_with_object
             && std::str::from_utf8(doc).is_ok()
             && serde_json::from_slice::<serde::de::IgnoredAny>(doc).is_ok()

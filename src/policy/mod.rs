@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod cors;
 pub mod json_scan;
+pub mod models;
 pub mod preset;
 pub mod route;
 pub mod scope;
