@@ -7,3 +7,4 @@ pub mod rewrite;
 pub mod sse;
 pub mod upgrade;
 pub mod upstream;
+pub mod usage;
