@@ -200,6 +200,36 @@ static STRING_STOP: [bool; 256] = {
     t
 };
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any of the 8 bytes in `w` is in [`STRING_STOP`]. Each test sets a byte's high bit
+/// where the condition may hold, never missing one (a false alarm only costs the slow path).
+fn word_stops(w: u64) -> bool {
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v;
+    let quote = zero(w ^ (ONES * u64::from(b'"')));
+    let backslash = zero(w ^ (ONES * u64::from(b'\\')));
+    let control = w.wrapping_sub(ONES * 0x20) & !w;
+    (quote | backslash | control | w) & HIGHS != 0
+}
+
+/// How many bytes at the start of `bytes` need no attention inside a string: eight at a time,
+/// then one by one.
+fn plain_run(bytes: &[u8]) -> usize {
+    let mut n = 0;
+    for word in bytes.chunks_exact(8) {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+        if word_stops(w) {
+            break;
+        }
+        n += 8;
+    }
+    n + bytes[n..]
+        .iter()
+        .position(|&c| STRING_STOP[usize::from(c)])
+        .unwrap_or(bytes.len() - n)
+}
+
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
@@ -399,10 +429,7 @@ impl Tokenizer {
             let b = chunk[i];
             match self.state {
                 State::Str => {
-                    let run = chunk[i..]
-                        .iter()
-                        .position(|&c| STRING_STOP[usize::from(c)])
-                        .unwrap_or(len - i);
+                    let run = plain_run(&chunk[i..]);
                     if self.text.on {
                         self.text.push(&chunk[i..i + run]);
                     }
@@ -981,6 +1008,20 @@ mod tests {
         assert_eq!(validate(objects.as_bytes()), Err(ScanError::Incomplete));
         let objects = format!("{}{}", "{\"a\":".repeat(MAX_DEPTH + 1), "1");
         assert_eq!(validate(objects.as_bytes()), Err(ScanError::TooDeep));
+    }
+
+    #[test]
+    fn the_fast_string_run_stops_at_every_byte_that_matters() {
+        for stop in 0..=255u8 {
+            for at in 0..20 {
+                let mut bytes = vec![b'a'; 24];
+                bytes[at] = stop;
+                let want = if STRING_STOP[usize::from(stop)] { at } else { 24 };
+                assert_eq!(plain_run(&bytes), want, "byte {stop:#x} at {at}");
+            }
+        }
+        assert_eq!(plain_run(b""), 0);
+        assert_eq!(plain_run(b"abc"), 3);
     }
 
     #[test]

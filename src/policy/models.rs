@@ -66,6 +66,8 @@
 //! nlohmann::json both keep the last duplicate key, so the added member replaces the client's
 //! and its `include_usage` replaces a `false` among the client's members. The response then
 //! carries a usage-only event, which [`crate::forward::usage`] removes before the client sees it.
+//! The body grows by the insertion, known only at its end, so such a request goes upstream
+//! without its `Content-Length`: chunked over HTTP/1.1, which uvicorn and cpp-httplib read.
 
 use std::fmt;
 
