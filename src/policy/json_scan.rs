@@ -1016,7 +1016,11 @@ mod tests {
             for at in 0..20 {
                 let mut bytes = vec![b'a'; 24];
                 bytes[at] = stop;
-                let want = if STRING_STOP[usize::from(stop)] { at } else { 24 };
+                let want = if STRING_STOP[usize::from(stop)] {
+                    at
+                } else {
+                    24
+                };
                 assert_eq!(plain_run(&bytes), want, "byte {stop:#x} at {at}");
             }
         }
