@@ -1,7 +1,9 @@
 //! Micro-benchmarks of keygate's per-request work outside the network: checking a key
 //! against 1, 8 and 64 configured keys, reading the credential header, matching the key-less
 //! routes, rewriting request and response headers, picking the request id, and taking a
-//! place from the upstream's fair queue.
+//! place from the upstream's fair queue; and the body inspection: a request body's model (a
+//! 2 KB chat and a 20 MB base64 image), token usage from a JSON response and from SSE events,
+//! and the filtered model list.
 //!
 //! Run from the repository root with `cargo bench --bench micro`; a quicker pass (about a
 //! minute on two cores, once built) is
@@ -17,14 +19,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use http::header::HOST;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use keygate::config::secrets::{MapSecrets, Secret};
 use keygate::config::{KeySpec, Overrides};
 use keygate::forward::rewrite::{self, Origin, Peer, Rules};
+use keygate::forward::usage::{JsonUsage, SseUsage};
 use keygate::policy::auth::{self, KeySet};
 use keygate::policy::fair::{FairQueue, Permit};
+use keygate::policy::models::{filter_model_list, HoldBack, Models, Scanner};
 use keygate::policy::route::Routes;
 use keygate::policy::scope::Policy;
 use keygate::Config;
@@ -278,4 +283,117 @@ criterion_group!(
     request_id,
     fair_admit
 );
-criterion_main!(benches);
+criterion_main!(benches, inspection);
+
+/// A chat request of about 2 KB as the openai Python client sends it.
+fn chat_body() -> Vec<u8> {
+    let turn = "Summarise the following paragraph in one sentence, keeping every figure: keygate \
+        authenticates each request with a constant-time key check, forwards it over a pooled \
+        connection and streams both bodies in constant memory.";
+    let messages: Vec<String> = (0..5)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            format!(r#"{{"role": "{role}", "content": "{turn}"}}"#)
+        })
+        .collect();
+    format!(
+        r#"{{"messages": [{{"role": "system", "content": "You are a careful assistant."}}, {}], "model": "Qwen/Qwen3-0.6B", "max_tokens": 256, "stream": true, "temperature": 0.7, "top_p": 0.95}}"#,
+        messages.join(", ")
+    )
+    .into_bytes()
+}
+
+/// A vision request carrying a 20 MB base64 image, the model named last.
+fn image_body() -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut body = br#"{"messages":[{"role":"user","content":[{"type":"text","text":"What is in this image?"},{"type":"image_url","image_url":{"url":"data:image/png;base64,"#.to_vec();
+    body.extend((0..20_000_000usize).map(|i| ALPHABET[(i * 7 + i / 64) % 64]));
+    body.extend_from_slice(br#""}}]}],"max_tokens":300,"model":"Qwen/Qwen2.5-VL-3B-Instruct"}"#);
+    body
+}
+
+/// Scans a body through the hold-back in `chunk`-sized pieces and checks the allow-list,
+/// as the request path does.
+fn inspect_body(body: &Bytes, chunk: usize, models: &Models) -> bool {
+    let mut hold = HoldBack::new(Scanner::requiring_model());
+    let mut at = 0;
+    while at < body.len() {
+        let end = (at + chunk).min(body.len());
+        if hold.push(body.slice(at..end)).is_err() {
+            return false;
+        }
+        at = end;
+    }
+    match hold.finish() {
+        (Ok(inspected), held) => {
+            black_box(held);
+            inspected.model.is_some_and(|m| models.allows(&m))
+        }
+        (Err(_), _) => false,
+    }
+}
+
+fn inspect_request(c: &mut Criterion) {
+    let models = Models::new(["Qwen/Qwen3-0.6B", "Qwen/Qwen2.5-VL-3B-Instruct", "lora-*"])
+        .expect("valid patterns");
+    let mut group = c.benchmark_group("inspect_request");
+    let chat = Bytes::from(chat_body());
+    group.throughput(Throughput::Bytes(chat.len() as u64));
+    group.bench_function("chat_2k", |b| {
+        b.iter(|| assert!(inspect_body(black_box(&chat), 16 * 1024, &models)))
+    });
+    let image = Bytes::from(image_body());
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(image.len() as u64));
+    group.bench_function("image_20mb", |b| {
+        b.iter(|| assert!(inspect_body(black_box(&image), 64 * 1024, &models)))
+    });
+    group.finish();
+}
+
+fn usage_response(c: &mut Criterion) {
+    let json = br#"{"id":"chatcmpl-9c1f","object":"chat.completion","created":1732000000,"model":"Qwen/Qwen3-0.6B","choices":[{"index":0,"message":{"role":"assistant","content":"Keygate checks each key in constant time and streams both bodies in constant memory.","tool_calls":[]},"logprobs":null,"finish_reason":"stop","stop_reason":null}],"usage":{"prompt_tokens":421,"total_tokens":439,"completion_tokens":18,"prompt_tokens_details":null},"prompt_logprobs":null}"#;
+    let token = Bytes::from_static(br#"data: {"id":"chatcmpl-9c1f","object":"chat.completion.chunk","created":1732000000,"model":"Qwen/Qwen3-0.6B","choices":[{"index":0,"delta":{"content":" constant"},"logprobs":null,"finish_reason":null}]}
+
+"#);
+    let usage_event = Bytes::from_static(br#"data: {"id":"chatcmpl-9c1f","object":"chat.completion.chunk","created":1732000000,"model":"Qwen/Qwen3-0.6B","choices":[],"usage":{"prompt_tokens":421,"total_tokens":439,"completion_tokens":18}}
+
+"#);
+    let mut group = c.benchmark_group("usage");
+    group.bench_function("json_response", |b| {
+        b.iter(|| {
+            let mut u = JsonUsage::new();
+            u.push(black_box(json));
+            u.finish()
+        })
+    });
+    let mut counting = SseUsage::counting();
+    group.bench_function("sse_token_event/counting", |b| {
+        b.iter(|| counting.push(black_box(&token)))
+    });
+    let mut stripping = SseUsage::stripping();
+    group.bench_function("sse_token_event/stripping", |b| {
+        b.iter(|| stripping.push(black_box(&token)))
+    });
+    let mut usage_only = SseUsage::stripping();
+    group.bench_function("sse_usage_event/stripping", |b| {
+        b.iter(|| usage_only.push(black_box(&usage_event)))
+    });
+    group.finish();
+}
+
+fn filter_models(c: &mut Criterion) {
+    let entries: Vec<String> = (0..32)
+        .map(|i| {
+            let id = if i % 2 == 0 { format!("lora-{i}") } else { format!("other-{i}") };
+            format!(r#"{{"id":"{id}","object":"model","created":1732000000,"owned_by":"vllm","root":"/adapters/{id}","parent":"Qwen/Qwen3-0.6B","max_model_len":32768,"permission":[]}}"#)
+        })
+        .collect();
+    let list = format!(r#"{{"object":"list","data":[{}]}}"#, entries.join(","));
+    let models = Models::new(["Qwen/Qwen3-0.6B", "lora-*"]).expect("valid patterns");
+    c.bench_function("filter_model_list/32_entries", |b| {
+        b.iter(|| filter_model_list(black_box(list.as_bytes()), &models))
+    });
+}
+
+criterion_group!(inspection, inspect_request, usage_response, filter_models);

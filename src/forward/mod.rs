@@ -8,3 +8,4 @@ pub mod sse;
 pub mod tls_client;
 pub mod upgrade;
 pub mod upstream;
+pub mod usage;

@@ -8,6 +8,8 @@ pub mod auth;
 pub mod cors;
 pub mod fair;
 pub mod limits;
+pub mod json_scan;
+pub mod models;
 pub mod route;
 pub mod scope;
 pub mod throttle;
