@@ -7,8 +7,8 @@
 pub mod auth;
 pub mod cors;
 pub mod fair;
-pub mod limits;
 pub mod json_scan;
+pub mod limits;
 pub mod models;
 pub mod route;
 pub mod scope;
