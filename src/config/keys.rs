@@ -113,7 +113,8 @@ pub(super) fn auth(
     })
 }
 
-/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent` and `not_after`.
+/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent`, `not_after` and
+/// `weight`.
 pub(super) fn policy(
     k: &KeyFile,
     preset: Option<&Preset>,
@@ -166,7 +167,9 @@ pub(super) fn policy(
         }
         parsed
     });
-    Policy::new(allow, routes, k.max_concurrent, not_after)
+    let mut policy = Policy::new(allow, routes, k.max_concurrent, not_after);
+    policy.weight = key_weight(k.weight, problem);
+    policy
 }
 
 pub(super) fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {

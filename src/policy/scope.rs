@@ -1,6 +1,7 @@
 //! Per-key scopes and limits, checked by `handler` right after a key is matched: the key's
 //! expiry (`not_after`), the classes of preset routes it may use (`routes`), its `allow`
-//! rules, and its concurrency slots (`max_concurrent`).
+//! rules, and its concurrency slots (`max_concurrent`). Its `weight` is read later, when
+//! the request waits for the upstream (`policy::fair`).
 //!
 //! A [`Policy`] comes from the config file and is shared by every key set a reload builds
 //! (a reload re-reads key values only), so a key's slots and its expiry warnings carry over
@@ -19,6 +20,10 @@ use crate::error::ProxyError;
 use crate::path::plain_path;
 use crate::policy::preset::Class;
 
+/// The largest `weight` a key may have: a thousand times the default share is beyond any
+/// real use, and keeps the fair queue's shares exact to within a tenth of a percent.
+pub const MAX_WEIGHT: u32 = 1000;
+
 /// How long before its `not_after` a key's coming expiry is logged.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
@@ -35,6 +40,10 @@ pub struct Policy {
     pub not_after: Option<SystemTime>,
     /// The last expiry notice logged, so each is logged once.
     noticed: AtomicU8,
+    /// The key's share of the upstream under `[upstream] max_in_flight`, 1 to
+    /// [`MAX_WEIGHT`]: a key of weight 3 is let through three times as often as one of
+    /// weight 1 while both wait.
+    pub weight: u32,
 }
 
 impl Default for Policy {
@@ -169,6 +178,7 @@ impl Policy {
             slots: max_concurrent.map(|n| (n, Arc::new(Semaphore::new(n)))),
             not_after,
             noticed: AtomicU8::new(0),
+            weight: 1,
         }
     }
 
