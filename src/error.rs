@@ -36,8 +36,11 @@ pub enum ProxyError {
     BadRequest,
     /// The declared or streamed request body is over `max_request_body`.
     BodyTooLarge,
-    /// keygate is draining after SIGTERM/SIGINT; the probe says so.
+    /// keygate is draining after SIGTERM/SIGINT; the probe says so, and a request waiting
+    /// in the upstream queue gets it at once.
     Draining,
+    /// No place in flight to the upstream came free within `queue_timeout`.
+    QueueTimeout,
     /// The connection was accepted beyond `max_connections`: only the probe is served.
     OverCapacity,
     /// A CORS preflight from an origin not in `[cors] allow_origins`.
@@ -75,7 +78,9 @@ impl ProxyError {
             Self::BadRequest | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
-            Self::Draining | Self::OverCapacity => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Draining | Self::OverCapacity | Self::QueueTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::UpstreamUnreachable(_)
             | Self::UpstreamFailed(_)
             | Self::UpstreamBody(_)
@@ -99,6 +104,7 @@ impl ProxyError {
             Self::BodyTooLarge => "body_too_large",
             Self::Draining => "draining",
             Self::OverCapacity => "over_capacity",
+            Self::QueueTimeout => "queue_timeout",
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamFailed(_) => "upstream_failed",
@@ -191,6 +197,11 @@ impl ProxyError {
                 "service_unavailable",
                 "draining"
             ),
+            Self::QueueTimeout => json!(
+                "The server is busy: this request waited its turn for the upstream longer than queue_timeout; retry shortly.",
+                "server_error",
+                "queue_timeout"
+            ),
             Self::UpstreamUnreachable(_) | Self::UpstreamFailed(_) => json!(
                 "The upstream server could not be reached.",
                 "upstream_error",
@@ -223,7 +234,11 @@ impl ProxyError {
 
     /// `Retry-After` for a refusal that clears by itself.
     pub fn retry_after(&self) -> Option<HeaderValue> {
-        matches!(self, Self::OverCapacity | Self::KeyBusy).then(|| HeaderValue::from_static("1"))
+        matches!(
+            self,
+            Self::OverCapacity | Self::KeyBusy | Self::QueueTimeout
+        )
+        .then(|| HeaderValue::from_static("1"))
     }
 
     /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 §3), if this is one.
@@ -379,6 +394,12 @@ mod tests {
                 "over_capacity",
             ),
             (
+                ProxyError::QueueTimeout,
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                "queue_timeout",
+            ),
+            (
                 ProxyError::OriginNotAllowed,
                 S::FORBIDDEN,
                 request,
@@ -488,5 +509,14 @@ mod tests {
         );
         assert_eq!(ProxyError::KeyBusy.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(ProxyError::KeyBusy.retry_after().unwrap(), "1");
+    }
+
+    #[test]
+    fn a_queue_timeout_is_a_503_server_error_with_retry_after() {
+        let e = ProxyError::QueueTimeout;
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let [_, kind, _] = fields(e.body());
+        assert_eq!(kind, "server_error");
+        assert_eq!(e.retry_after().unwrap(), "1");
     }
 }

@@ -1,12 +1,20 @@
 //! One request, start to finish: answer a CORS preflight, refuse TRACE/CONNECT, route,
 //! authenticate, admit (the key's expiry, the preset's route table, the key's scope and
-//! concurrency limit), rewrite, forward. This is the one place where a [`ProxyError`] becomes a
-//! response and an access log line.
+//! concurrency limit), wait for a place in flight to the upstream (`max_in_flight`), rewrite,
+//! forward. This is the one place where a [`ProxyError`] becomes a response and an access
+//! log line.
+//!
+//! Only keyed requests wait in the upstream queue. The probe and the public paths pass it,
+//! so a full queue never makes a load balancer think keygate is down; CORS preflights are
+//! answered here and never reach the upstream; and WebSocket upgrades pass it, since a
+//! tunnel would hold its place for as long as it is open (hours, with no generation in it
+//! most of the time), leaving the upstream's capacity to requests one tunnel at a time. A
+//! key's tunnels are bounded by its `max_concurrent`, as its requests are.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -27,6 +35,7 @@ use crate::observe::access::{AccessLog, Outcome};
 use crate::observe::metrics::Metrics;
 use crate::policy::auth::{self, Credential, KeySet};
 use crate::policy::cors::{Cors, Preflight};
+use crate::policy::fair::{FairQueue, Permit, Refused};
 use crate::policy::route::{Route, Routes};
 use crate::policy::scope::{Clock, Expiry, Policy, Slot};
 use crate::policy::throttle::FailedAuth;
@@ -57,7 +66,10 @@ pub struct Gateway {
     cors: Cors,
     /// The server preset's route table, if `[upstream] preset` names one.
     preset: Option<Table>,
-    sse_keepalive: Option<std::time::Duration>,
+    sse_keepalive: Option<Duration>,
+    /// The fair queue in front of the upstream, with `[upstream] max_in_flight`.
+    queue: Option<FairQueue>,
+    queue_timeout: Duration,
     clock: Clock,
 }
 
@@ -94,10 +106,15 @@ impl Gateway {
             draining: AtomicBool::new(false),
             upstream_answered: AtomicBool::new(true),
             failed_auth: FailedAuth::default(),
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(match config.upstream.max_in_flight {
+                Some(_) => Metrics::default().with_queue(),
+                None => Metrics::default(),
+            }),
             cors: Cors::new(config.cors_origins.clone()),
             preset: config.upstream.preset.map(Table::new),
             sse_keepalive: config.upstream.sse_keepalive,
+            queue: config.upstream.max_in_flight.map(FairQueue::new),
+            queue_timeout: config.upstream.queue_timeout,
             clock,
         };
         gateway.publish_expiries();
@@ -182,6 +199,27 @@ impl Gateway {
         &self.metrics
     }
 
+    /// The `/metrics` text, with the upstream queue's gauges sampled now: one depth per
+    /// key loaded, so a key whose queue is empty reads zero rather than its last value.
+    pub fn metrics_text(&self) -> String {
+        if let Some(queue) = &self.queue {
+            let snapshot = queue.snapshot();
+            let keys = self.keys.load();
+            self.metrics.queue_sampled(
+                snapshot.in_flight,
+                keys.policies().map(|(name, _)| {
+                    let waiting = snapshot
+                        .queued
+                        .iter()
+                        .find(|(queued, _)| queued == name)
+                        .map_or(0, |(_, n)| *n);
+                    (name, waiting)
+                }),
+            );
+        }
+        self.metrics.encode()
+    }
+
     /// Ready: not draining, and the upstream reachable. The last proxied exchange says so;
     /// after a failure the upstream is asked directly (a TCP connect within
     /// `connect_timeout`), so readiness recovers even when no traffic arrives to prove it.
@@ -201,9 +239,15 @@ impl Gateway {
         self.routes.classify(req.method(), req.uri()) == Route::Probe
     }
 
-    /// From now on the probe answers 503, so load balancers stop sending traffic.
+    /// From now on the probe answers 503, so load balancers stop sending traffic, and the
+    /// requests waiting in the upstream queue are answered 503 at once: they would otherwise
+    /// wait into the shutdown grace, to be cut off when it ends. Requests in flight keep
+    /// their places and finish.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+        if let Some(queue) = &self.queue {
+            queue.drain();
+        }
     }
 
     pub async fn handle(&self, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
@@ -321,6 +365,9 @@ impl Gateway {
         // with the hop-by-hop ones.
         let websocket =
             (key.is_some() && upgrade::wants_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
+        if let (Some(queue), Some(key), None) = (&self.queue, &key, &websocket) {
+            log.held_upstream = Some(Box::new(self.wait_for_upstream(queue, key, log).await?));
+        }
         let (mut parts, body) = req.into_parts();
         let host = parts.headers.remove(HOST).or_else(|| {
             parts
@@ -391,6 +438,30 @@ impl Gateway {
             return Err(ProxyError::OutOfScope);
         }
         key.policy.slot(|| self.metrics.key_in_flight(&key.name))
+    }
+
+    /// A place in flight to the upstream for the key's request, held in `log` for as long
+    /// as the request is. A client that hangs up meanwhile drops this future, which takes
+    /// the request out of its queue.
+    async fn wait_for_upstream(
+        &self,
+        queue: &FairQueue,
+        key: &auth::KeyId,
+        log: &mut AccessLog,
+    ) -> Result<Permit, ProxyError> {
+        let admitted = queue
+            .admit(&key.name, key.policy.weight, self.queue_timeout)
+            .await;
+        let waited = match &admitted {
+            Ok(permit) => permit.waited(),
+            Err(refused) => refused.waited(),
+        };
+        log.queue_wait = Some(waited);
+        self.metrics.queue_waited(waited);
+        admitted.map_err(|refused| match refused {
+            Refused::Timeout { .. } => ProxyError::QueueTimeout,
+            Refused::Draining { .. } => ProxyError::Draining,
+        })
     }
 
     /// The matched key, or why the request is refused.

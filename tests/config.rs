@@ -77,6 +77,7 @@ listen = "127.0.0.1:9090"
          keys:            default, ci, next (optional, not set)\n\
          preset:          none (every route is forwarded)\n\
          sse keep-alive:  off (error events only)\n\
+         upstream queue:  off (no max_in_flight: every request is forwarded at once)\n\
          identity header: none\n\
          probe path:      /health\n\
          public paths:    /docs\n\

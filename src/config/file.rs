@@ -71,6 +71,8 @@ pub(super) struct UpstreamFile {
     pub(super) ca_file: Option<Spanned<String>>,
     pub(super) preset: Option<Spanned<String>>,
     pub(super) sse_keepalive: Option<Spanned<HumanDuration>>,
+    pub(super) max_in_flight: Option<Spanned<i64>>,
+    pub(super) queue_timeout: Spanned<HumanDuration>,
 }
 
 impl Default for UpstreamFile {
@@ -83,6 +85,8 @@ impl Default for UpstreamFile {
             ca_file: None,
             preset: None,
             sse_keepalive: None,
+            max_in_flight: None,
+            queue_timeout: unspanned(HumanDuration(Duration::from_secs(30))),
         }
     }
 }
@@ -106,6 +110,8 @@ pub(super) struct KeyFile {
     pub(super) allow: Option<Vec<RuleFile>>,
     pub(super) routes: Option<Vec<String>>,
     pub(super) max_concurrent: Option<usize>,
+    /// The key's share of the upstream under `[upstream] max_in_flight`.
+    pub(super) weight: Option<i64>,
     /// RFC 3339, as a string or a TOML date-time.
     pub(super) not_after: Option<toml::Value>,
 }

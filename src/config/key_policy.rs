@@ -8,7 +8,7 @@ use http::Method;
 
 /// A key's scope and limits. The default allows everything a key could do before scopes
 /// existed.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KeyPolicy {
     /// Any rule must match; empty: every method and path.
     pub allow: Vec<Rule>,
@@ -18,7 +18,27 @@ pub struct KeyPolicy {
     pub max_concurrent: Option<usize>,
     /// After this instant the key is refused as invalid.
     pub not_after: Option<SystemTime>,
+    /// The key's share of the upstream under `[upstream] max_in_flight`, 1 to
+    /// [`MAX_WEIGHT`]: a key of weight 3 is let through three times as often as one of
+    /// weight 1 while both wait.
+    pub weight: u32,
 }
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            routes: Classes::default(),
+            max_concurrent: None,
+            not_after: None,
+            weight: 1,
+        }
+    }
+}
+
+/// The largest `weight` a key may have: a thousand times the default share is beyond any
+/// real use, and keeps the fair queue's shares exact to within a tenth of a percent.
+pub const MAX_WEIGHT: u32 = 1000;
 
 /// One `allow` rule: the methods (any when empty) and the paths (any when `None`).
 #[derive(Debug, Clone)]

@@ -115,7 +115,8 @@ pub(super) fn auth(
     })
 }
 
-/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent` and `not_after`.
+/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent`, `not_after` and
+/// `weight`.
 pub(super) fn policy(
     k: &KeyFile,
     preset: Option<&Preset>,
@@ -173,6 +174,7 @@ pub(super) fn policy(
         routes,
         max_concurrent: k.max_concurrent,
         not_after,
+        weight: key_weight(k.weight, problem),
     }
 }
 

@@ -34,7 +34,7 @@ use toml::Spanned;
 use crate::config::secrets::{Secret, SecretSource};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
 use crate::preset::{Preset, PRESETS};
-use key_policy::{Classes, KeyPolicy, Paths, Rule};
+use key_policy::{Classes, KeyPolicy, Paths, Rule, MAX_WEIGHT};
 use tls_files::{Certificate, Which};
 
 use file::*;
@@ -124,6 +124,11 @@ pub struct Upstream {
     pub preset: Option<&'static Preset>,
     /// How long a `text/event-stream` response may be silent before a comment is sent.
     pub sse_keepalive: Option<Duration>,
+    /// Requests and streams in flight to the upstream at once; the rest wait in the fair
+    /// queue. `None`: no limit and no queue.
+    pub max_in_flight: Option<usize>,
+    /// The longest a request waits in that queue.
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -842,5 +847,56 @@ mod tests {
             "{message}"
         );
         assert!(!message.contains("shared-value"), "{message}");
+    }
+
+    #[test]
+    fn fair_admission_settings_are_checked_and_summarised() {
+        let secrets = MapSecrets::default().with_env("API_KEY", KEY);
+        for (upstream, expected) in [
+            (
+                "max_in_flight = 0",
+                "test.toml:2:17: [upstream] max_in_flight: must be at least 1",
+            ),
+            (
+                "max_in_flight = -3",
+                "test.toml:2:17: [upstream] max_in_flight: must be at least 1",
+            ),
+            (
+                "queue_timeout = \"0s\"",
+                "test.toml:2:17: [upstream] queue_timeout: must be longer than zero",
+            ),
+        ] {
+            let e = errors(&format!("[upstream]\n{upstream}\n{}", minimal()), &secrets);
+            assert!(e.starts_with(expected), "{upstream}: {e}");
+        }
+        for weight in ["0", "1001", "-1"] {
+            let text = format!(
+                "[auth]\nkeys = [{{ name = \"default\", env = \"API_KEY\", weight = {weight} }}]\n"
+            );
+            let e = errors(&text, &secrets);
+            assert!(
+                e.starts_with("test.toml:2:9: [auth] keys (name = \"default\"): weight must be a whole number from 1 to 1000"),
+                "{weight}: {e}"
+            );
+        }
+        let c = parse(minimal(), &secrets).unwrap();
+        assert_eq!(c.upstream.max_in_flight, None);
+        assert_eq!(c.upstream.queue_timeout, Duration::from_secs(30));
+        assert!(
+            c.summary().contains("upstream queue:  off"),
+            "{}",
+            c.summary()
+        );
+        let text = "[upstream]\nmax_in_flight = 4\nqueue_timeout = \"5s\"\n[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\" }, { name = \"batch\", env = \"API_KEY_2\", weight = 3 }]\n";
+        let secrets = secrets.with_env("API_KEY_2", "second-key-0123456789abcdef");
+        let c = parse(text, &secrets).unwrap();
+        assert_eq!(c.upstream.max_in_flight, Some(4));
+        let summary = c.summary();
+        assert!(
+            summary.contains("upstream queue:  max_in_flight 4, queue_timeout 5s;"),
+            "{summary}"
+        );
+        assert!(summary.contains("key batch:       weight 3\n"), "{summary}");
+        assert!(!summary.contains("key default:"), "{summary}");
     }
 }

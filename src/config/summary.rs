@@ -76,6 +76,7 @@ impl Config {
              keys:            {keys}{limits}\n\
              preset:          {preset}\n\
              sse keep-alive:  {}\n\
+             upstream queue:  {}\n\
              identity header: {}\n\
              probe path:      {}\n\
              public paths:    {}\n\
@@ -91,6 +92,13 @@ impl Config {
             u.sse_keepalive.map_or_else(
                 || "off (error events only)".to_owned(),
                 |k| humantime::format_duration(k).to_string()
+            ),
+            u.max_in_flight.map_or_else(
+                || "off (no max_in_flight: every request is forwarded at once)".to_owned(),
+                |n| format!(
+                    "max_in_flight {n}, queue_timeout {}; the rest wait, shared by key weight",
+                    humantime::format_duration(u.queue_timeout)
+                )
             ),
             self.auth
                 .identity_header
@@ -133,6 +141,9 @@ pub(super) fn policy_summary(policy: &KeyPolicy, preset: bool, now: SystemTime) 
     }
     if let Some(n) = policy.max_concurrent {
         parts.push(format!("max_concurrent {n}"));
+    }
+    if policy.weight != 1 {
+        parts.push(format!("weight {}", policy.weight));
     }
     if let Some(t) = policy.not_after {
         let left = match t.duration_since(now) {

@@ -1,4 +1,5 @@
-//! `[upstream]`: the URL, its timeouts, its trusted roots, the server preset and SSE keep-alive.
+//! `[upstream]`: the URL, its timeouts, its trusted roots, the server preset, SSE keep-alive
+//! and the fair queue in front of it (`max_in_flight`, `queue_timeout`).
 
 use super::*;
 
@@ -17,6 +18,18 @@ pub(super) fn upstream(u: UpstreamFile, p: &mut Problems<'_>) -> Option<Upstream
         }
         every
     });
+    let max_in_flight = u.max_in_flight.as_ref().and_then(|n| {
+        let value = usize::try_from(*n.get_ref()).ok().filter(|&v| v >= 1);
+        if value.is_none() {
+            p.at(
+                n.span(),
+                "[upstream] max_in_flight",
+                "must be at least 1, e.g. the upstream's generation slots (vLLM --max-num-seqs, llama.cpp -np); leave it out for no limit",
+            );
+        }
+        value
+    });
+    let queue_timeout = positive(&u.queue_timeout, "[upstream] queue_timeout", p);
     let preset = u.preset.as_ref().and_then(|name| {
         let found = Preset::named(name.get_ref());
         if found.is_none() && name.get_ref() != "none" {
@@ -97,5 +110,19 @@ pub(super) fn upstream(u: UpstreamFile, p: &mut Problems<'_>) -> Option<Upstream
         ca_file,
         preset,
         sse_keepalive,
+        max_in_flight,
+        queue_timeout,
     })
+}
+
+/// A key's `weight`, its share of the upstream under `max_in_flight`: 1 when left out.
+pub(super) fn key_weight(weight: Option<i64>, problem: &mut dyn FnMut(String)) -> u32 {
+    match weight.map(u32::try_from) {
+        None => 1,
+        Some(Ok(w)) if (1..=MAX_WEIGHT).contains(&w) => w,
+        Some(_) => {
+            problem(format!("weight must be a whole number from 1 to {MAX_WEIGHT}, e.g. weight = 4 for four times the default share of the upstream"));
+            1
+        }
+    }
 }

@@ -49,7 +49,7 @@ async fn answer(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Byt
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(gateway.metrics().encode())));
+            let mut response = Response::new(Full::new(Bytes::from(gateway.metrics_text())));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));

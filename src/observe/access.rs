@@ -13,6 +13,7 @@
 //! `logging`'s bounded queue and writer thread, so a stalled log reader never holds up a
 //! request: it costs lines, which are counted.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -65,6 +66,12 @@ pub struct AccessLog {
     /// The key's concurrency slot, if it has a limit: held as long as the request is, and
     /// released once its line is written (or the request is dropped).
     pub slot: Option<Held<OwnedSemaphorePermit>>,
+    /// The request's place in flight to the upstream under `max_in_flight` (a fair-queue
+    /// permit): held, like the slot, as long as the request is.
+    pub held_upstream: Option<Box<dyn Any + Send + Sync>>,
+    /// How long the request waited in the upstream queue; `None` when it did not go through
+    /// the queue (no `max_in_flight`, no key, a WebSocket, or refused before it).
+    pub queue_wait: Option<Duration>,
     /// Keep-alive comments sent into an SSE stream.
     pub sse_keepalives: u32,
     /// Whether an SSE stream that broke got the final error event.
@@ -109,6 +116,8 @@ impl AccessLog {
             status: StatusCode::OK,
             upstream_ttfb: None,
             slot: None,
+            held_upstream: None,
+            queue_wait: None,
             sse_keepalives: 0,
             sse_error_event: false,
             metrics,
@@ -236,6 +245,10 @@ impl Fields<'_> {
         out.push_str(r#","outcome":""#);
         out.push_str(self.outcome.as_str());
         out.push('"');
+        if let Some(wait) = l.queue_wait {
+            out.push_str(r#","queue_ms":"#);
+            push_millis(out, wait);
+        }
         if l.sse_keepalives > 0 {
             out.push_str(r#","sse_keepalives":"#);
             push_int(out, l.sse_keepalives);
@@ -274,6 +287,10 @@ impl Fields<'_> {
             l.client.to_str().unwrap_or("-"),
             self.outcome.as_str()
         );
+        if let Some(wait) = l.queue_wait {
+            out.push_str(" queue_ms=");
+            push_millis(out, wait);
+        }
         if l.sse_keepalives > 0 {
             let _ = write!(out, " sse_keepalives={}", l.sse_keepalives);
         }
@@ -413,6 +430,30 @@ mod tests {
         }
         assert!(!text.contains("secret"), "{text}");
         assert!(!text.contains("sse_"), "{text}");
+        assert!(!text.contains("queue_ms"), "{text}");
+    }
+
+    #[test]
+    fn queue_ms_appears_for_a_request_that_went_through_the_queue() {
+        let mut log = access_log("/v1/x");
+        log.queue_wait = Some(Duration::from_micros(2500));
+        let fields = Fields {
+            log: &log,
+            bytes: 1,
+            outcome: Outcome::Complete,
+            duration: Duration::ZERO,
+        };
+        let (mut json, mut text) = (String::new(), String::new());
+        fields.json(&mut json);
+        fields.text(&mut text);
+        assert!(
+            json.contains(r#""outcome":"complete","queue_ms":2.500}"#),
+            "{json}"
+        );
+        assert!(
+            text.ends_with(" outcome=complete queue_ms=2.500\n"),
+            "{text}"
+        );
     }
 
     #[test]

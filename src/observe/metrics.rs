@@ -77,6 +77,17 @@ pub struct Metrics {
     tls_handshake_failures: Family<ReasonLabels, Counter>,
     certificate_expiry: Gauge,
     redirects: Counter,
+    /// Only with `[upstream] max_in_flight`; see [`Metrics::with_queue`].
+    queue: Option<QueueMetrics>,
+}
+
+/// The fair queue in front of the upstream: how full it is, sampled when scraped, and how
+/// long requests waited in it.
+#[derive(Debug)]
+struct QueueMetrics {
+    depth: Family<KeyLabels, Gauge>,
+    in_flight: Gauge,
+    wait: Histogram,
 }
 
 impl Default for Metrics {
@@ -129,7 +140,7 @@ impl Default for Metrics {
         );
         registry.register(
             "key_refusals",
-            "Requests with a matched key refused by its expiry, scope or concurrency limit, by key and reason",
+            "Requests with a matched key refused by its expiry, scope or concurrency limit, or by the upstream queue timing out, by key and reason",
             key_refusals.clone(),
         );
         registry.register(
@@ -223,6 +234,7 @@ impl Default for Metrics {
             tls_handshake_failures,
             certificate_expiry,
             redirects,
+            queue: None,
         }
     }
 }
@@ -239,6 +251,59 @@ pub struct Finished<'a> {
 }
 
 impl Metrics {
+    /// Adds the fair queue's series, for a gateway with `[upstream] max_in_flight`; without
+    /// it they would only ever read zero.
+    pub fn with_queue(mut self) -> Self {
+        let queue = QueueMetrics {
+            depth: Family::default(),
+            in_flight: Gauge::default(),
+            // 1 ms to about 9 minutes, as the time to first token: a wait is at most
+            // queue_timeout.
+            wait: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
+        };
+        self.registry.register(
+            "upstream_queue_depth",
+            "Requests waiting for a place in flight to the upstream (max_in_flight), by key",
+            queue.depth.clone(),
+        );
+        self.registry.register(
+            "upstream_in_flight",
+            "Requests and streams holding a place in flight to the upstream (max_in_flight)",
+            queue.in_flight.clone(),
+        );
+        self.registry.register(
+            "upstream_queue_wait_seconds",
+            "Time a request waited for a place in flight to the upstream, zero when one was free; refused waits included",
+            queue.wait.clone(),
+        );
+        self.queue = Some(queue);
+        self
+    }
+
+    /// Records the queue as it is now: the places taken, and each key's waiting requests
+    /// (`keys`: every key configured, with its count, zero included).
+    pub fn queue_sampled<'a>(
+        &self,
+        in_flight: usize,
+        keys: impl IntoIterator<Item = (&'a Arc<str>, usize)>,
+    ) {
+        let Some(queue) = &self.queue else { return };
+        queue.in_flight.set(gauge_value(in_flight));
+        for (key, waiting) in keys {
+            queue
+                .depth
+                .get_or_create(&KeyLabels { key: key.clone() })
+                .set(gauge_value(waiting));
+        }
+    }
+
+    /// A request's time in the queue, however it ended: let through, timed out or drained.
+    pub fn queue_waited(&self, waited: Duration) {
+        if let Some(queue) = &self.queue {
+            queue.wait.observe(waited.as_secs_f64());
+        }
+    }
+
     pub fn request_started(&self) {
         self.in_flight.inc();
     }
@@ -270,6 +335,7 @@ impl Metrics {
             ProxyError::OutOfScope => self.key_refusal(key, "out_of_scope"),
             ProxyError::RouteNotInPreset => self.key_refusal(key, "route_not_in_preset"),
             ProxyError::KeyBusy => self.key_refusal(key, "concurrency_limit"),
+            ProxyError::QueueTimeout => self.key_refusal(key, "queue_timeout"),
             ProxyError::UpstreamUnreachable(_) => self.upstream_error("refused"),
             ProxyError::UpstreamFailed(_) | ProxyError::UpstreamBody(_) => {
                 self.upstream_error("reset")
@@ -371,6 +437,10 @@ impl Metrics {
     }
 }
 
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// The `key` label: the key's name, or `-` for a request without one.
 fn key_label(key: Option<&Arc<str>>) -> &Arc<str> {
     static NO_KEY: OnceLock<Arc<str>> = OnceLock::new();
@@ -466,5 +536,26 @@ mod tests {
         assert!(m
             .encode()
             .contains(r#"keygate_upstream_errors_total{kind="timeout"} 1"#));
+    }
+
+    #[test]
+    fn queue_series_exist_only_with_a_queue() {
+        let off = Metrics::default();
+        off.queue_sampled(1, []);
+        off.queue_waited(Duration::from_millis(5));
+        assert!(!off.encode().contains("upstream_queue"), "{}", off.encode());
+        let on = Metrics::default().with_queue();
+        let (busy, idle): (Arc<str>, Arc<str>) = (Arc::from("busy"), Arc::from("idle"));
+        on.queue_sampled(4, [(&busy, 7), (&idle, 0)]);
+        on.queue_waited(Duration::from_millis(5));
+        let text = on.encode();
+        for line in [
+            r#"keygate_upstream_queue_depth{key="busy"} 7"#,
+            r#"keygate_upstream_queue_depth{key="idle"} 0"#,
+            "keygate_upstream_in_flight 4",
+            "keygate_upstream_queue_wait_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
     }
 }

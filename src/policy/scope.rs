@@ -1,6 +1,7 @@
 //! Per-key scopes and limits, checked by `handler` right after a key is matched: the key's
 //! expiry (`not_after`), the classes of preset routes it may use (`routes`), its `allow`
-//! rules, and its concurrency slots (`max_concurrent`).
+//! rules, and its concurrency slots (`max_concurrent`). Its `weight` is read later, when
+//! the request waits for the upstream (`policy::fair`).
 //!
 //! A [`Policy`] is built once per key name from its [`KeyPolicy`] and shared by every key set
 //! a reload builds (a reload re-reads key values only), so a key's slots and its expiry warnings carry over
@@ -175,6 +176,7 @@ mod tests {
             routes,
             max_concurrent,
             not_after,
+            weight: 1,
         }))
     }
 

@@ -27,6 +27,8 @@ pub struct TestConfig {
     idle_timeout: Duration,
     preset: Option<String>,
     sse_keepalive: Option<Duration>,
+    max_in_flight: Option<usize>,
+    queue_timeout: Option<Duration>,
     keys: Keys,
     identity_header: Option<String>,
     forward_authorization: bool,
@@ -71,6 +73,8 @@ impl TestConfig {
             idle_timeout: Duration::from_secs(2),
             preset: None,
             sse_keepalive: None,
+            max_in_flight: None,
+            queue_timeout: None,
             keys: Keys::Built(vec![
                 Key::env("default", "API_KEY"),
                 Key::env("ci", "CI_KEY"),
@@ -183,6 +187,16 @@ impl TestConfig {
     }
 
     /// Replaces the keys.
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.max_in_flight = Some(limit);
+        self
+    }
+
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = Some(timeout);
+        self
+    }
+
     pub fn keys(mut self, keys: impl IntoIterator<Item = Key>) -> Self {
         self.keys = Keys::Built(keys.into_iter().collect());
         self
@@ -283,6 +297,12 @@ impl TestConfig {
         if let Some(every) = self.sse_keepalive {
             upstream += &format!("sse_keepalive = {}\n", duration(every));
         }
+        if let Some(limit) = self.max_in_flight {
+            upstream += &format!("max_in_flight = {limit}\n");
+        }
+        if let Some(timeout) = self.queue_timeout {
+            upstream += &format!("queue_timeout = {}\n", duration(timeout));
+        }
 
         let keys = match &self.keys {
             Keys::Built(keys) => keys.iter().map(Key::toml).collect::<Vec<_>>().join(", "),
@@ -329,6 +349,7 @@ pub struct Key {
     routes: Option<Vec<String>>,
     max_concurrent: Option<usize>,
     not_after: Option<SystemTime>,
+    weight: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -364,6 +385,7 @@ impl Key {
             routes: None,
             max_concurrent: None,
             not_after: None,
+            weight: None,
         }
     }
 
@@ -389,6 +411,11 @@ impl Key {
 
     pub fn max_concurrent(mut self, limit: usize) -> Self {
         self.max_concurrent = Some(limit);
+        self
+    }
+
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = Some(weight);
         self
     }
 
@@ -431,6 +458,9 @@ impl Key {
         if let Some(when) = self.not_after {
             let when = humantime::format_rfc3339_seconds(when).to_string();
             fields.push(format!("not_after = {}", string(&when)));
+        }
+        if let Some(weight) = self.weight {
+            fields.push(format!("weight = {weight}"));
         }
         format!("{{ {} }}", fields.join(", "))
     }
