@@ -28,6 +28,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -137,11 +138,13 @@ impl Hangup {
     /// Runs `request` unless the client hangs up first; then `request` is dropped at once.
     /// The hang-up is looked at first, so a request whose client is already gone (one that
     /// sent its request and closed at once) is never forwarded at all.
-    pub async fn unless_gone<T>(&self, request: impl Future<Output = T>) -> Result<T, ClientGone> {
-        tokio::select! {
-            biased;
-            () = self.wait() => Err(ClientGone),
-            done = request => Ok(done),
+    pub fn unless_gone<'a, F: Future + 'a>(
+        &'a self,
+        request: F,
+    ) -> impl Future<Output = Result<F::Output, ClientGone>> + 'a {
+        UnlessGone {
+            gone: self.wait(),
+            request,
         }
     }
 
@@ -177,6 +180,30 @@ impl Hangup {
                 pending().await
             }
         }
+    }
+}
+
+pin_project! {
+    /// A request raced against its client's hang-up. A struct rather than `select!` in an
+    /// async fn, which would hold the request future twice (as the argument and in its own
+    /// slot): hyper keeps this future's room allocated for the life of each connection.
+    struct UnlessGone<G, F> {
+        #[pin]
+        gone: G,
+        #[pin]
+        request: F,
+    }
+}
+
+impl<G: Future<Output = ()>, F: Future> Future for UnlessGone<G, F> {
+    type Output = Result<F::Output, ClientGone>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.gone.poll(cx).is_ready() {
+            return Poll::Ready(Err(ClientGone));
+        }
+        this.request.poll(cx).map(Ok)
     }
 }
 
