@@ -3,7 +3,8 @@
 //! hyper reads an HTTP/1.1 request body only as fast as the upstream takes it. While keygate
 //! connects to the upstream, or while the upstream does not read, the client's socket is not
 //! read at all, so a client that closes it is not seen: its request would wait for the
-//! upstream (connect, body, response headers) until `response_timeout`, holding both sockets.
+//! upstream (connect, body, response headers) until `connect_timeout` or `response_timeout`,
+//! holding both sockets.
 //!
 //! The listener wraps each accepted socket in a [`ClientSocket`], which serves the connection
 //! like the socket itself and leaves a [`Hangup`] behind. The listener races each HTTP/1.1
