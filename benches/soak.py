@@ -14,9 +14,11 @@ looping over the same mix:
   slow origin a keyed `GET /slow` the origin answers after 1 s; the client hangs up after
               100 ms, before the response headers
 
-After each round the script waits --settle (10) seconds and reports keygate's open sockets,
-its RSS, and what the origin saw (requests, connections still open). A leak shows as growth
-from round 1 to round 2; the script prints both and the difference.
+After each round the script waits --settle (10) seconds and reports keygate's RSS and its open
+sockets, split into idle pooled connections to the origin (the origin's count of open
+connections; the pool keeps them for 90 s, as many as the round's last moments needed) and
+the rest (listener and client side). A leak shows as growth from round 1 to round 2 in RSS or
+in the rest; the script prints both rounds and the difference.
 
 Run from the repository root after `cargo build --release --locked`:
 
@@ -328,33 +330,41 @@ async def run(args) -> dict:
                 await asyncio.gather(*(load.worker(until) for _ in range(args.workers)))
                 peak_during = rss_kib(proc.pid)
                 await asyncio.sleep(args.settle)
+                held = sockets(proc.pid)
                 r = {
                     "round": n,
                     "counts": load.counts,
                     "failures": load.failures,
                     "rss_end_mib": round(peak_during / 1024, 1),
-                    "sockets": sockets(proc.pid),
+                    "sockets": held,
+                    "pooled": origin.open,
+                    "other_sockets": held - origin.open,
                     "rss_mib": round(rss_kib(proc.pid) / 1024, 1),
                     "origin_requests": origin.requests,
-                    "origin_open": origin.open,
                 }
                 rounds.append(r)
                 total = sum(load.counts.values())
                 print(
-                    f"round {n}  sockets {r['sockets']:>4} | RSS {r['rss_mib']:>5.1f} MiB {args.settle:.0f} s after"
-                    f" (at the end {r['rss_end_mib']:.1f}) | origin connections open {r['origin_open']}"
+                    f"round {n}  sockets {r['sockets']:>4} ({r['pooled']} pooled to the origin, {r['other_sockets']} other)"
+                    f" | RSS {r['rss_mib']:>5.1f} MiB {args.settle:.0f} s after (at the end {r['rss_end_mib']:.1f})"
                     f" | {total} operations {load.counts} failures {load.failures}",
                     flush=True,
                 )
             report["rounds"] = rounds
             report["growth"] = {
-                "sockets": rounds[1]["sockets"] - rounds[0]["sockets"],
+                "other_sockets": rounds[1]["other_sockets"] - rounds[0]["other_sockets"],
                 "rss_mib": round(rounds[1]["rss_mib"] - rounds[0]["rss_mib"], 1),
             }
-            print(f"growth   sockets {report['growth']['sockets']:+d} | RSS {report['growth']['rss_mib']:+.1f} MiB", flush=True)
+            print(
+                f"growth   sockets other than pooled {report['growth']['other_sockets']:+d}"
+                f" | RSS {report['growth']['rss_mib']:+.1f} MiB",
+                flush=True,
+            )
             return report
         finally:
             stop(proc)
+            if origin.server is not None:
+                origin.server.close()
 
 
 def main() -> int:

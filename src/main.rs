@@ -11,6 +11,11 @@ use keygate::config::{ConfigError, LogFormat, Overrides};
 use keygate::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// jemalloc, with its background threads purging what a burst freed: glibc keeps freed
+/// memory in its arenas, so the process would stay at its peak after a burst.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     version,

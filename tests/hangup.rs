@@ -133,7 +133,7 @@ async fn unaccepting_origin() -> (TcpListener, TcpStream) {
     (listener, filler)
 }
 
-/// Accepts one connection: keygate's, and keygate's local port.
+/// Accepts one connection (keygate's, unless a test says otherwise) and its peer's port.
 async fn accept(listener: &TcpListener) -> (TcpStream, u16) {
     let (stream, peer) = tokio::time::timeout(DEADLINE, listener.accept())
         .await
@@ -238,7 +238,7 @@ async fn a_client_still_uploading_while_keygate_connects_is_served() {
     client.write_all(&vec![b'b'; length / 2]).await.unwrap();
     connect_in_progress(origin).await;
     // Room in the accept queue: keygate's next SYN gets in.
-    let (queued, _) = listener.accept().await.unwrap();
+    let (queued, _) = accept(&listener).await;
     drop((queued, filler));
     let serving = tokio::spawn(async move {
         let (mut upstream, _) = accept(&listener).await;
@@ -252,14 +252,14 @@ async fn a_client_still_uploading_while_keygate_connects_is_served() {
         body.len()
     });
     client.write_all(&vec![b'b'; length / 2]).await.unwrap();
-    let reply = read_to_close_or_reply(&mut client).await;
+    let reply = read_ok_reply(&mut client).await;
     assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
     assert_eq!(serving.await.unwrap(), length);
     proxy.stop().await;
 }
 
 /// Reads until the end of a response with a 2-byte body.
-async fn read_to_close_or_reply(client: &mut TcpStream) -> String {
+async fn read_ok_reply(client: &mut TcpStream) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
     tokio::time::timeout(DEADLINE, async {

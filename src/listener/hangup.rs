@@ -3,7 +3,8 @@
 //! hyper reads an HTTP/1.1 request body only as fast as the upstream takes it. While keygate
 //! connects to the upstream, or while the upstream does not read, the client's socket is not
 //! read at all, so a client that closes it is not seen: its request would wait for the
-//! upstream (connect, body, response headers) until `response_timeout`, holding both sockets.
+//! upstream (connect, body, response headers) until `connect_timeout` or `response_timeout`,
+//! holding both sockets.
 //!
 //! The listener wraps each accepted socket in a [`ClientSocket`], which serves the connection
 //! like the socket itself and leaves a [`Hangup`] behind. The listener races each HTTP/1.1
@@ -28,6 +29,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 
+use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -137,11 +139,13 @@ impl Hangup {
     /// Runs `request` unless the client hangs up first; then `request` is dropped at once.
     /// The hang-up is looked at first, so a request whose client is already gone (one that
     /// sent its request and closed at once) is never forwarded at all.
-    pub async fn unless_gone<T>(&self, request: impl Future<Output = T>) -> Result<T, ClientGone> {
-        tokio::select! {
-            biased;
-            () = self.wait() => Err(ClientGone),
-            done = request => Ok(done),
+    pub fn unless_gone<'a, F: Future + 'a>(
+        &'a self,
+        request: F,
+    ) -> impl Future<Output = Result<F::Output, ClientGone>> + 'a {
+        UnlessGone {
+            gone: self.wait(),
+            request,
         }
     }
 
@@ -177,6 +181,30 @@ impl Hangup {
                 pending().await
             }
         }
+    }
+}
+
+pin_project! {
+    /// A request raced against its client's hang-up. A struct rather than `select!` in an
+    /// async fn, which would hold the request future twice (as the argument and in its own
+    /// slot): hyper keeps this future's room allocated for the life of each connection.
+    struct UnlessGone<G, F> {
+        #[pin]
+        gone: G,
+        #[pin]
+        request: F,
+    }
+}
+
+impl<G: Future<Output = ()>, F: Future> Future for UnlessGone<G, F> {
+    type Output = Result<F::Output, ClientGone>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.gone.poll(cx).is_ready() {
+            return Poll::Ready(Err(ClientGone));
+        }
+        this.request.poll(cx).map(Ok)
     }
 }
 

@@ -405,10 +405,9 @@ impl Connections {
             let stream = service_streams.as_ref().map(Streams::opened);
             let hangup = hangup.clone();
             async move {
-                let handled = gateway.handle(&client, req);
                 let response = match &hangup {
-                    Some(hangup) => hangup.unless_gone(handled).await?,
-                    None => handled.await,
+                    Some(hangup) => hangup.unless_gone(gateway.handle(&client, req)).await?,
+                    None => gateway.handle(&client, req).await,
                 };
                 Ok::<_, ClientGone>(response.map(|body| Tracked::new(body, stream)))
             }
