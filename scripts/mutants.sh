@@ -30,7 +30,8 @@ if [ ${#files[@]} -eq 0 ]; then
     src/headers.rs
     src/forward/rewrite.rs
     src/policy/scope.rs
-    src/policy/preset.rs
+    src/preset.rs
+    src/path.rs
   )
 fi
 
