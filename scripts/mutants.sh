@@ -43,7 +43,8 @@ export CARGO_TARGET_DIR="$target_dir"
 
 # The suites that exercise these files: the unit tests beside the code, and the integration
 # suites for authentication, key-less routes, header rules, scopes and presets, per-key
-# limits and expiry, the config summary, the "never" rules and the attacks on them. Naming
+# limits and expiry, key reloads, the config summary, the "never" rules and the attacks on
+# them. Naming
 # the targets in every cargo call keeps the other suites out of each mutant's build.
 targets=(
   --lib
@@ -51,6 +52,7 @@ targets=(
   --test=auth
   --test=config
   --test=headers
+  --test=key_reload
   --test=limits
   --test=never
   --test=routing

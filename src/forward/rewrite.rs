@@ -319,4 +319,18 @@ mod tests {
         left.sort();
         assert_eq!(left, ["x-kept", "x_other"]);
     }
+
+    /// The first 16 digits are the process's, so replicas never hand out one id twice; the
+    /// last 16 count, so one process never does.
+    #[test]
+    fn generated_request_ids_share_the_process_prefix_and_never_repeat() {
+        let first = generate_request_id();
+        let ids: Vec<HeaderValue> = (0..1000).map(|_| generate_request_id()).collect();
+        for id in &ids {
+            assert_eq!(id.as_bytes()[..16], first.as_bytes()[..16], "{id:?}");
+        }
+        let distinct: std::collections::HashSet<&[u8]> =
+            ids.iter().map(HeaderValue::as_bytes).collect();
+        assert_eq!(distinct.len(), ids.len());
+    }
 }

@@ -323,4 +323,15 @@ mod tests {
             prop_assert_eq!(keys.verify(&token).is_some(), token == b"0123456789abcdef");
         }
     }
+
+    #[test]
+    fn credential_debug_names_the_kind_and_hides_the_token() {
+        let token = b"kg-secret-token-0123456789";
+        assert_eq!(
+            format!("{:?}", Credential::Token(token)),
+            "Token(<redacted>)"
+        );
+        assert_eq!(format!("{:?}", Credential::Missing), "Missing");
+        assert_eq!(format!("{:?}", Credential::Malformed), "Malformed");
+    }
 }
