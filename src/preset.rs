@@ -517,4 +517,47 @@ mod tests {
             assert!(plain_path(path), "{path}");
         }
     }
+
+    /// docs/presets.md lists every route of every table with its methods and class. Each
+    /// table must hold exactly those rows, so that neither can change without the other.
+    #[test]
+    fn every_table_holds_the_routes_docs_presets_md_lists() {
+        let doc = include_str!("../docs/presets.md");
+        let mut listed: Vec<(&str, String, &str, bool)> = Vec::new();
+        let mut preset = None;
+        for line in doc.lines() {
+            if let Some(rest) = line.split("(`preset = \"").nth(1) {
+                preset = rest.split('"').next();
+            }
+            let admin = if line.starts_with("- **Inference**: ") {
+                false
+            } else if line.starts_with("- **Admin**: ") {
+                true
+            } else {
+                continue;
+            };
+            let preset = preset.expect("a route list follows its preset's heading");
+            for route in line.split('`').skip(1).step_by(2) {
+                let (methods, path) = route.split_once(' ').expect("METHODS /path");
+                for method in methods.split('|') {
+                    listed.push((preset, method.to_owned(), path, admin));
+                }
+            }
+        }
+        assert!(listed.iter().all(|row| Preset::named(row.0).is_some()));
+        for preset in &PRESETS {
+            let mut documented: Vec<(String, &str, bool)> = listed
+                .iter()
+                .filter(|row| row.0 == preset.name)
+                .map(|row| (row.1.clone(), row.2, row.3))
+                .collect();
+            let mut held: Vec<(String, &str, bool)> = preset
+                .routes()
+                .map(|(method, path, class)| (method.to_string(), path, class == Class::Admin))
+                .collect();
+            documented.sort();
+            held.sort();
+            assert_eq!(held, documented, "{}", preset.name);
+        }
+    }
 }
