@@ -14,6 +14,11 @@
 # Environment: SLOTS (4), TOKEN_MS (20), BATCH_STREAMS (40), BATCH_TOKENS (32),
 # INTERACTIVE_TOKENS (8), WARMUP (5 s), DURATION (30 s), ORIGIN_PORT (18300), KEYGATE_PORT
 # (18301), KEYGATE_BIN (default: a release build by scripts/build-keygate.sh). Needs python3.
+# ORIGIN=llama runs llama.cpp's own llama-server instead of slot_origin.py, with --parallel
+# SLOTS and the interop suite's tiny model (written by tests/interop/llama/make_model.py with
+# MODEL_PYTHON, which needs the `gguf` package of tests/interop/llama/requirements.txt);
+# LLAMA_SERVER names its binary (default: the one tests/interop/llama/build.sh caches).
+# It generates as fast as its CPU allows, so TOKEN_MS does not apply there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -gt 0 ] || set -- direct benches/fairness/keygate.toml benches/fairness/keygate-fair.toml
@@ -26,6 +31,11 @@ for setup in "$@"; do
   fi
 done
 dir=$(mktemp -d /tmp/keygate-fairness.XXXXXX)
+ORIGIN=${ORIGIN:-slots}
+if [ "$ORIGIN" = llama ]; then
+  LLAMA_SERVER=${LLAMA_SERVER:-$(tests/interop/llama/build.sh)}
+  "${MODEL_PYTHON:-python3}" tests/interop/llama/make_model.py "$dir/tiny-llama.gguf" >&2
+fi
 origin='' keygate=''
 stop() {
   for pid in $keygate $origin; do kill "$pid" 2>/dev/null || true; done
@@ -43,12 +53,24 @@ wait_port() {
   done
 }
 
-echo "SLOTS=$SLOTS TOKEN_MS=$TOKEN_MS BATCH_STREAMS=${BATCH_STREAMS:-40} BATCH_TOKENS=${BATCH_TOKENS:-32}" \
+echo "ORIGIN=$ORIGIN SLOTS=$SLOTS TOKEN_MS=$TOKEN_MS BATCH_STREAMS=${BATCH_STREAMS:-40} BATCH_TOKENS=${BATCH_TOKENS:-32}" \
   "INTERACTIVE_TOKENS=${INTERACTIVE_TOKENS:-8} WARMUP=$WARMUP DURATION=$DURATION" >&2
 for setup in "$@"; do
   # A fresh origin per setup, so no queue is left over from the one before.
-  python3 benches/fairness/slot_origin.py --port "$ORIGIN_PORT" --slots "$SLOTS" \
-    --token-ms "$TOKEN_MS" & origin=$!
+  if [ "$ORIGIN" = llama ]; then
+    "$LLAMA_SERVER" --model "$dir/tiny-llama.gguf" --host 127.0.0.1 --port "$ORIGIN_PORT" \
+      --parallel "$SLOTS" --ctx-size $((SLOTS * 2048)) --threads 1 --threads-batch 1 \
+      --no-webui > "$dir/llama-server.log" 2>&1 & origin=$!
+    # It listens before the model is loaded and answers 503 until then.
+    deadline=$((SECONDS + 60))
+    until python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$ORIGIN_PORT/health', timeout=2)" 2>/dev/null; do
+      kill -0 "$origin" 2>/dev/null && [ $SECONDS -lt $deadline ] || { echo "llama-server did not start" >&2; exit 1; }
+      sleep 0.2
+    done
+  else
+    python3 benches/fairness/slot_origin.py --port "$ORIGIN_PORT" --slots "$SLOTS" \
+      --token-ms "$TOKEN_MS" & origin=$!
+  fi
   wait_port "$ORIGIN_PORT" "$origin" || { echo "the origin did not start" >&2; exit 1; }
   url="http://127.0.0.1:$ORIGIN_PORT"
   if [ "$setup" != direct ]; then

@@ -3,6 +3,7 @@
 //! and WebSocket tunnels.
 
 pub mod body;
+pub mod replay;
 pub mod rewrite;
 pub mod sse;
 pub mod tls_client;

@@ -8,6 +8,9 @@
 //! progress is abandoned), or a body that has not ended, drops the connection: its socket is
 //! closed at once, which is how an inference server learns that the client is gone.
 
+use std::io::ErrorKind;
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -15,8 +18,11 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use socket2::Socket;
+use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tower_service::Service;
 use tracing::debug;
@@ -24,6 +30,7 @@ use tracing::debug;
 use crate::config;
 use crate::error::ProxyError;
 use crate::forward::body::RequestBody;
+use crate::forward::replay::{Outgoing, Tape};
 use crate::forward::tls_client;
 
 /// How long an idle pooled upstream connection is kept.
@@ -129,8 +136,12 @@ impl Upstream {
 
     async fn exchange(
         &self,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), ProxyError> {
+        let (parts, body) = req.into_parts();
+        let (body, tape) = Outgoing::recording(body);
+        let mut req = Request::from_parts(parts, body);
+        let mut resent = false;
         loop {
             let (mut connection, reused) = match self.pool.checkout() {
                 Some(connection) => (connection, true),
@@ -139,6 +150,8 @@ impl Upstream {
                 // each client connection.
                 None => (Box::pin(self.connect()).await?, false),
             };
+            // What a resend would need: a reused connection's request is resent at most once.
+            let head = (reused && !resent).then(|| head_of(&req));
             match connection.sender.try_send_request(req).await {
                 Ok(response) => {
                     let lease = Lease {
@@ -154,7 +167,18 @@ impl Upstream {
                         debug!(error = %failed.error(), "pooled upstream connection was closed; retrying");
                         req = unsent;
                     }
-                    _ => return Err(classify(failed.into_error())),
+                    _ => {
+                        let error = failed.into_error();
+                        let again = head
+                            .filter(|_| lost_with_the_connection(&error))
+                            .and_then(|head| Some((head, Tape::replay(&tape)?)));
+                        let Some((head, body)) = again else {
+                            return Err(classify(error));
+                        };
+                        debug!(%error, "reused upstream connection closed before answering; resending");
+                        req = Request::from_parts(head, body);
+                        resent = true;
+                    }
                 },
             }
         }
@@ -168,6 +192,11 @@ impl Upstream {
             .call(self.base.clone())
             .await
             .map_err(ProxyError::UpstreamUnreachable)?;
+        let probe = tcp_of(&io)
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .map(Socket::from);
         let (sender, connection) = http1::Builder::new()
             .handshake(io)
             .await
@@ -182,15 +211,71 @@ impl Upstream {
         Ok(Connection {
             sender,
             task: Some(task.abort_handle()),
+            probe,
         })
+    }
+}
+
+/// A copy of the request's head, for sending it again.
+fn head_of<B>(req: &Request<B>) -> http::request::Parts {
+    let mut copy = Request::new(());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy.into_parts().0
+}
+
+/// Whether the upstream closed the connection under a request before any byte of an
+/// answer: it ended, or was reset, while the request was being sent or awaited.
+fn lost_with_the_connection(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// The TCP socket under an upstream connection, TLS or not.
+fn tcp_of(io: &MaybeHttpsStream<TokioIo<TcpStream>>) -> &TcpStream {
+    match io {
+        MaybeHttpsStream::Http(tcp) => tcp.inner(),
+        MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().inner(),
     }
 }
 
 /// An upstream connection: where requests are sent, and the task that runs it.
 struct Connection {
-    sender: SendRequest<RequestBody>,
+    sender: SendRequest<Outgoing>,
     /// `None` once the connection has become a WebSocket tunnel, which its task hands over.
     task: Option<AbortHandle>,
+    /// A second descriptor of the connection's socket, to look at it while it is idle.
+    /// `None` once the socket belongs to a tunnel (or if the descriptor could not be had).
+    probe: Option<Socket>,
+}
+
+impl Connection {
+    /// Whether the upstream has closed the connection, or sent something unasked, while it
+    /// sat idle: either way it must not carry another request. An upstream may close right
+    /// after a response without saying so (llama-server does after every stream); its FIN
+    /// then waits in the socket before hyper's task for the connection has read it, and a
+    /// request sent meanwhile would fail as a 502. One non-blocking peek sees it.
+    fn closed_by_upstream(&self) -> bool {
+        let Some(probe) = &self.probe else {
+            return false;
+        };
+        let mut byte = [MaybeUninit::uninit()];
+        !matches!(probe.peek(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock)
+    }
 }
 
 impl Drop for Connection {
@@ -220,7 +305,10 @@ impl Pool {
         while i > 0 {
             i -= 1;
             let (connection, since) = &idle[i];
-            if connection.sender.is_closed() || since.elapsed() > POOL_IDLE_TIMEOUT {
+            if connection.sender.is_closed()
+                || since.elapsed() > POOL_IDLE_TIMEOUT
+                || connection.closed_by_upstream()
+            {
                 idle.remove(i);
             } else if connection.sender.is_ready() {
                 return Some(idle.remove(i).0);
@@ -230,7 +318,7 @@ impl Pool {
     }
 
     fn checkin(&self, connection: Connection) {
-        if connection.sender.is_closed() {
+        if connection.sender.is_closed() || connection.closed_by_upstream() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -268,6 +356,7 @@ impl Lease {
     pub fn into_tunnel(mut self) {
         if let Some(connection) = self.connection.as_mut() {
             connection.task = None;
+            connection.probe = None;
         }
     }
 }

@@ -1,0 +1,140 @@
+//! The request body as it goes to the upstream, keeping a copy of what it has given out
+//! (up to [`REPLAY_LIMIT`]) so that a request lost with a reused upstream connection can be
+//! sent once more on another.
+//!
+//! An upstream may close an idle keep-alive connection at the moment keygate sends on it
+//! (llama-server closes after every stream, without `Connection: close`). The request then
+//! fails before any byte of a response. The pool's look at an idle connection catches most
+//! of these; the rest are resent, as Pingora does: only from a reused connection, only once,
+//! and only a body no larger than the limit.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+
+use crate::error::ProxyError;
+use crate::forward::body::RequestBody;
+
+/// The largest body kept for a resend; a larger one is not resent. Chat and completion
+/// requests are far below it.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// The body sent upstream: first what a resend gives again, then the client's body, whose
+/// frames are kept on the tape as they go.
+pub struct Outgoing {
+    again: VecDeque<Bytes>,
+    tape: Arc<Mutex<Tape>>,
+}
+
+impl Outgoing {
+    /// The client's body, and the tape it is kept on.
+    pub fn recording(body: RequestBody) -> (Self, Arc<Mutex<Tape>>) {
+        let tape = Arc::new(Mutex::new(Tape {
+            body,
+            kept: Vec::new(),
+            len: 0,
+            ended: false,
+            spoilt: false,
+        }));
+        let outgoing = Self {
+            again: VecDeque::new(),
+            tape: tape.clone(),
+        };
+        (outgoing, tape)
+    }
+}
+
+/// The client's body and what of it has been given out. The tape, not the request, owns the
+/// body, so a request that fails before its body was read to the end can still send the
+/// rest.
+pub struct Tape {
+    body: RequestBody,
+    kept: Vec<Bytes>,
+    len: usize,
+    ended: bool,
+    /// Over the limit, or failed: never resent.
+    spoilt: bool,
+}
+
+impl Tape {
+    /// The body once more, from its start, unless it could not be kept.
+    pub fn replay(tape: &Arc<Mutex<Tape>>) -> Option<Outgoing> {
+        let locked = lock(tape);
+        (!locked.spoilt).then(|| Outgoing {
+            again: locked.kept.iter().cloned().collect(),
+            tape: tape.clone(),
+        })
+    }
+
+    fn keep(&mut self, data: &Bytes) {
+        if self.spoilt {
+            return;
+        }
+        self.len += data.len();
+        if self.len > REPLAY_LIMIT {
+            self.spoilt = true;
+            self.kept = Vec::new();
+        } else {
+            self.kept.push(data.clone());
+        }
+    }
+}
+
+fn lock(tape: &Mutex<Tape>) -> std::sync::MutexGuard<'_, Tape> {
+    tape.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl http_body::Body for Outgoing {
+    type Data = Bytes;
+    type Error = ProxyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.again.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        let mut tape = lock(&this.tape);
+        if tape.ended {
+            return Poll::Ready(None);
+        }
+        let frame = ready!(Pin::new(&mut tape.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    tape.keep(data);
+                }
+            }
+            Some(Err(_)) => tape.spoilt = true,
+            None => tape.ended = true,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let tape = lock(&self.tape);
+        self.again.is_empty() && (tape.ended || tape.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let tape = lock(&self.tape);
+        let again: u64 = self.again.iter().map(|b| b.len() as u64).sum();
+        let rest = if tape.ended {
+            SizeHint::with_exact(0)
+        } else {
+            tape.body.size_hint()
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + again);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + again);
+        }
+        hint
+    }
+}
