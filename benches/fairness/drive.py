@@ -20,7 +20,9 @@ from urllib.parse import urlsplit
 
 
 class Failed(Exception):
-    pass
+    def __init__(self, message, unanswered=False):
+        super().__init__(message)
+        self.unanswered = unanswered
 
 
 class Connection:
@@ -36,7 +38,19 @@ class Connection:
         self.reader = self.writer = None
 
     async def stream(self, path, key, body, on_event):
-        """POSTs `body`; calls on_event(data) for each SSE `data:` line of a 200 response."""
+        """POSTs `body`; calls on_event(data) for each SSE `data:` line of a 200 response.
+        A kept-alive connection the server closed before answering (llama-server closes one
+        after every stream, without `connection: close`) is reopened and the request sent
+        again, as HTTP clients such as httpx do; anything else is an error."""
+        reused = self.writer is not None
+        try:
+            await self.send(path, key, body, on_event)
+        except Failed as e:
+            if not (reused and e.unanswered):
+                raise
+            await self.send(path, key, body, on_event)
+
+    async def send(self, path, key, body, on_event):
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         data = json.dumps(body).encode()
@@ -55,7 +69,7 @@ class Connection:
     async def response(self, on_event):
         status_line = await self.reader.readline()
         if not status_line:
-            raise Failed("connection closed")
+            raise Failed("connection closed", unanswered=True)
         status = int(status_line.split()[1])
         headers = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b"\n", b""):
