@@ -143,7 +143,10 @@ impl Upstream {
         let mut req = Request::from_parts(parts, body);
         let mut resent = false;
         loop {
-            let (mut connection, reused) = match self.pool.checkout() {
+            // A resend goes on a new connection: the pool may hold more that the upstream
+            // closed the same way.
+            let pooled = if resent { None } else { self.pool.checkout() };
+            let (mut connection, reused) = match pooled {
                 Some(connection) => (connection, true),
                 // Boxed: opening a connection is a large future and rare. Inline, it would
                 // grow every request's future, which hyper keeps allocated for the life of
