@@ -21,8 +21,13 @@ use support::*;
 use tokio::runtime::Runtime;
 
 const REPLICAS: usize = 3;
-/// Most time one request may take with Redis hung or dead: `redis_timeout` (100 ms) and
-/// ample room for a loaded machine, far below a request that waits for Redis unbounded.
+/// `redis_timeout` of the functional tests: generous, so that a loaded machine does not turn
+/// them into tests of the fallback.
+const GENEROUS: Duration = Duration::from_secs(1);
+/// `redis_timeout` of the outage test.
+const OUTAGE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Most time one request may take with Redis hung or dead: `redis_timeout` and ample room
+/// for a loaded machine, far below a request that waits for Redis unbounded.
 const ANSWER_BOUND: Duration = Duration::from_secs(2);
 
 /// One keygate process and its admin listener.
@@ -80,6 +85,14 @@ impl Cluster {
         self.runtime.block_on(send(self.replica(i).addr(), req))
     }
 
+    /// The status of a request to replica `i`, whose response is then dropped unread: what
+    /// a streaming upstream sends may never end.
+    fn status(&self, i: usize, req: http::Request<http_body_util::Full<Bytes>>) -> StatusCode {
+        self.runtime
+            .block_on(open(self.replica(i).addr(), req))
+            .status()
+    }
+
     fn metric(&self, i: usize, series: &str) -> f64 {
         let text = self
             .runtime
@@ -97,6 +110,14 @@ impl Cluster {
                 assert!(Instant::now() < deadline, "replica {i} never {what}");
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+    }
+
+    /// Every live replica decided everything through Redis so far.
+    fn assert_no_fallbacks(&self) {
+        for i in (0..REPLICAS).filter(|&i| self.replicas[i].is_some()) {
+            let fallbacks = self.metric(i, "keygate_limit_fallbacks_total");
+            assert_eq!(fallbacks, 0.0, "replica {i} decided without Redis");
         }
     }
 
@@ -150,12 +171,15 @@ fn most_admitted(rpm: u32, span: Duration) -> usize {
     rpm as usize + (span.as_secs_f64() * f64::from(rpm) / 60.0).ceil() as usize
 }
 
+/// Three replicas of a config with `key`, sharing `redis`. Streams the test holds open stay
+/// silent for longer than the base config's idle timeout.
 fn config(upstream: SocketAddr, redis: &RedisServer, key: Key) -> TestConfig {
     TestConfig::new(upstream)
+        .idle_timeout(Duration::from_secs(60))
         .admin()
         .keys([key])
         .redis(&redis.url())
-        .redis_timeout(Duration::from_millis(100))
+        .redis_timeout(GENEROUS)
 }
 
 #[test]
@@ -184,9 +208,7 @@ fn three_replicas_share_one_requests_per_minute() {
         "{admitted} admitted by three replicas sharing {RPM} per minute, in {span:?}"
     );
     assert_eq!(upstream.requests().len(), admitted);
-    for i in 0..REPLICAS {
-        assert_eq!(cluster.metric(i, "keygate_limit_fallbacks_total"), 0.0);
-    }
+    cluster.assert_no_fallbacks();
 }
 
 #[test]
@@ -225,17 +247,18 @@ fn max_concurrent_holds_across_replicas() {
     drop(first);
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let reply = cluster.send(2, models());
-        if reply.status == StatusCode::OK {
+        let status = cluster.status(2, chat());
+        if status == StatusCode::OK {
             break;
         }
-        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert!(
             Instant::now() < deadline,
             "the released slot never came back"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    cluster.assert_no_fallbacks();
     drop(second);
 }
 
@@ -257,13 +280,11 @@ fn a_replica_killed_while_holding_slots_gives_them_back_after_its_lease() {
     let mut held: Vec<_> = (0..2)
         .map(|_| cluster.runtime.block_on(senders.recv()).unwrap())
         .collect();
+    cluster.assert_no_fallbacks();
     // Renewed every third of the lease: still held after more than a lease's time.
     let held_since = Instant::now();
     while held_since.elapsed() < lease + Duration::from_secs(1) {
-        assert_eq!(
-            cluster.send(1, chat()).status,
-            StatusCode::TOO_MANY_REQUESTS
-        );
+        assert_eq!(cluster.status(1, chat()), StatusCode::TOO_MANY_REQUESTS);
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -288,10 +309,11 @@ fn a_replica_killed_while_holding_slots_gives_them_back_after_its_lease() {
         }
     }
     assert_eq!(
-        cluster.send(2, chat()).status,
+        cluster.status(2, chat()),
         StatusCode::TOO_MANY_REQUESTS,
         "still two slots in all"
     );
+    cluster.assert_no_fallbacks();
     drop((streams, reopened));
 }
 
@@ -303,7 +325,8 @@ fn a_hung_then_dead_redis_costs_each_request_at_most_the_timeout_and_a_restarted
     let upstream = rt.block_on(start_upstream());
     let mut redis = rt.block_on(RedisServer::start());
     let key = Key::env("default", "API_KEY").requests_per_minute(RPM);
-    let cluster = Cluster::start(rt, config(upstream.addr, &redis, key));
+    let config = config(upstream.addr, &redis, key).redis_timeout(OUTAGE_TIMEOUT);
+    let cluster = Cluster::start(rt, config);
     for i in 0..REPLICAS {
         assert_eq!(cluster.send(i, models()).status, StatusCode::OK);
     }
