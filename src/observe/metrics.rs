@@ -601,6 +601,7 @@ mod tests {
         assert!(!off.encode().contains("limit_"), "{}", off.encode());
         let on = Metrics::default().with_limit_backend();
         on.limit_backend_sampled(false, 3, 4);
+        assert!(on.encode().contains("keygate_limit_backend_up 0\n"));
         on.limit_backend_sampled(true, 5, 4);
         on.limit_backend_sampled(true, 2, 1);
         let text = on.encode();
