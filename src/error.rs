@@ -5,6 +5,7 @@
 //! (`{"error":{"message","type","code"}}`), so no variant can ever echo client input or a secret.
 
 use std::fmt;
+use std::time::Duration;
 
 use http::{HeaderValue, StatusCode};
 
@@ -32,6 +33,12 @@ pub enum ProxyError {
     RouteNotInPreset,
     /// The key has `max_concurrent` requests and streams in flight already.
     KeyBusy,
+    /// The key is over its `requests_per_minute` or `tokens_per_minute`; it would be admitted
+    /// after this long.
+    RateLimited(Duration),
+    /// The shared limits could not be asked within `redis_timeout` and `on_redis_error` is
+    /// "deny"; this long is worth waiting before a retry.
+    LimitsUnavailable(Duration),
     /// The request target cannot be forwarded (e.g. asterisk-form `OPTIONS *`).
     BadRequest,
     /// The declared or streamed request body is over `max_request_body`.
@@ -74,13 +81,14 @@ impl ProxyError {
             | Self::KeyExpired => StatusCode::UNAUTHORIZED,
             Self::OutOfScope => StatusCode::FORBIDDEN,
             Self::RouteNotInPreset => StatusCode::NOT_FOUND,
-            Self::KeyBusy => StatusCode::TOO_MANY_REQUESTS,
+            Self::KeyBusy | Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::BadRequest | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
-            Self::Draining | Self::OverCapacity | Self::QueueTimeout => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Draining
+            | Self::OverCapacity
+            | Self::QueueTimeout
+            | Self::LimitsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable(_)
             | Self::UpstreamFailed(_)
             | Self::UpstreamBody(_)
@@ -100,6 +108,8 @@ impl ProxyError {
             Self::OutOfScope => "out_of_scope",
             Self::RouteNotInPreset => "route_not_in_preset",
             Self::KeyBusy => "key_busy",
+            Self::RateLimited(_) => "rate_limited",
+            Self::LimitsUnavailable(_) => "limits_unavailable",
             Self::BadRequest => "bad_request",
             Self::BodyTooLarge => "body_too_large",
             Self::Draining => "draining",
@@ -174,6 +184,16 @@ impl ProxyError {
                 "rate_limit_error",
                 "concurrency_limit_exceeded"
             ),
+            Self::RateLimited(_) => json!(
+                "Rate limit reached for this API key (requests or tokens per minute); retry after the number of seconds in Retry-After.",
+                "rate_limit_error",
+                "rate_limit_exceeded"
+            ),
+            Self::LimitsUnavailable(_) => json!(
+                "The rate limits of this API key cannot be checked right now; retry shortly.",
+                "server_error",
+                "limits_unavailable"
+            ),
             Self::BadRequest | Self::ClientBody(_) => {
                 json!("Bad request.", "invalid_request_error", "bad_request")
             }
@@ -232,13 +252,21 @@ impl ProxyError {
         }
     }
 
-    /// `Retry-After` for a refusal that clears by itself.
+    /// `Retry-After` for a refusal that clears by itself, in whole seconds rounded up: a
+    /// client that waits that long is not refused again for the same reason.
     pub fn retry_after(&self) -> Option<HeaderValue> {
-        matches!(
-            self,
-            Self::OverCapacity | Self::KeyBusy | Self::QueueTimeout
-        )
-        .then(|| HeaderValue::from_static("1"))
+        match self {
+            Self::RateLimited(after) | Self::LimitsUnavailable(after) => {
+                let seconds = after.as_micros().div_ceil(1_000_000).max(1);
+                Some(HeaderValue::from(
+                    u64::try_from(seconds).unwrap_or(u64::MAX),
+                ))
+            }
+            Self::OverCapacity | Self::KeyBusy | Self::QueueTimeout => {
+                Some(HeaderValue::from_static("1"))
+            }
+            _ => None,
+        }
     }
 
     /// The `WWW-Authenticate` challenge of a 401 (RFC 6750 §3), if this is one.
@@ -362,6 +390,18 @@ mod tests {
                 S::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "concurrency_limit_exceeded",
+            ),
+            (
+                ProxyError::RateLimited(Duration::from_secs(1)),
+                S::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            (
+                ProxyError::LimitsUnavailable(Duration::from_secs(1)),
+                S::SERVICE_UNAVAILABLE,
+                "server_error",
+                "limits_unavailable",
             ),
             (
                 ProxyError::BadRequest,
@@ -509,6 +549,27 @@ mod tests {
         );
         assert_eq!(ProxyError::KeyBusy.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(ProxyError::KeyBusy.retry_after().unwrap(), "1");
+    }
+
+    #[test]
+    fn a_rate_refusal_says_when_to_retry_in_whole_seconds_rounded_up() {
+        for (after, header) in [
+            (Duration::from_micros(1), "1"),
+            (Duration::from_millis(999), "1"),
+            (Duration::from_secs(1), "1"),
+            (Duration::from_micros(1_000_001), "2"),
+            (Duration::from_millis(29_100), "30"),
+            (Duration::from_secs(86_400), "86400"),
+        ] {
+            assert_eq!(
+                ProxyError::RateLimited(after).retry_after().unwrap(),
+                header,
+                "{after:?}"
+            );
+        }
+        let unavailable = ProxyError::LimitsUnavailable(Duration::from_secs(1));
+        assert_eq!(unavailable.retry_after().unwrap(), "1");
+        assert_eq!(unavailable.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! One request, start to finish: answer a CORS preflight, refuse TRACE/CONNECT, route,
-//! authenticate, admit (the key's expiry, the preset's route table, the key's scope and
-//! concurrency limit), wait for a place in flight to the upstream (`max_in_flight`), rewrite,
-//! forward. This is the one place where a [`ProxyError`] becomes a response and an access
-//! log line.
+//! authenticate, admit (the key's expiry, the preset's route table, the key's scope, then its
+//! concurrency slot and rates), wait for a place in flight to the upstream
+//! (`max_in_flight`), rewrite, forward. This is the one place where a [`ProxyError`] becomes
+//! a response and an access log line, and where a rate-limited key's `x-ratelimit-*` headers
+//! are put on its response.
 //!
 //! Only keyed requests wait in the upstream queue. The probe and the public paths pass it,
 //! so a full queue never makes a load balancer think keygate is down; CORS preflights are
@@ -33,11 +34,12 @@ use crate::forward::upstream::{Lease, Upstream};
 use crate::headers::X_REQUEST_ID;
 use crate::observe::access::{AccessLog, Outcome};
 use crate::observe::metrics::Metrics;
+use crate::policy::admission::{Admission, RateHeaders};
 use crate::policy::auth::{self, Credential, KeySet};
 use crate::policy::cors::{Cors, Preflight};
 use crate::policy::fair::{FairQueue, Permit, Refused};
 use crate::policy::route::{Route, Routes};
-use crate::policy::scope::{Clock, Expiry, Policy, Slot};
+use crate::policy::scope::{Clock, Expiry, Policy};
 use crate::policy::throttle::FailedAuth;
 use crate::preset::Table;
 
@@ -70,12 +72,15 @@ pub struct Gateway {
     /// The fair queue in front of the upstream, with `[upstream] max_in_flight`.
     queue: Option<FairQueue>,
     queue_timeout: Duration,
+    /// Each key's concurrency slots and rates, in process or shared through Redis.
+    admission: Admission,
     clock: Clock,
 }
 
 impl Gateway {
-    /// The gateway for `config`; `clock` is where key expiry reads the time.
-    pub fn new(config: &Config, clock: Clock) -> Self {
+    /// The gateway for `config`; `clock` is where key expiry reads the time, `admission`
+    /// keeps the keys' slots and rates (see [`Admission::start`]).
+    pub fn new(config: &Config, clock: Clock, admission: Admission) -> Self {
         let a = &config.auth;
         let configured = a.keys.iter().map(|k| (&k.name, &k.policy));
         let absent = a
@@ -106,15 +111,22 @@ impl Gateway {
             draining: AtomicBool::new(false),
             upstream_answered: AtomicBool::new(true),
             failed_auth: FailedAuth::default(),
-            metrics: Arc::new(match config.upstream.max_in_flight {
-                Some(_) => Metrics::default().with_queue(),
-                None => Metrics::default(),
+            metrics: Arc::new({
+                let metrics = match config.upstream.max_in_flight {
+                    Some(_) => Metrics::default().with_queue(),
+                    None => Metrics::default(),
+                };
+                match config.limits.redis {
+                    Some(_) => metrics.with_limit_backend(),
+                    None => metrics,
+                }
             }),
             cors: Cors::new(config.cors_origins.clone()),
             preset: config.upstream.preset.map(Table::new),
             sse_keepalive: config.upstream.sse_keepalive,
             queue: config.upstream.max_in_flight.map(FairQueue::new),
             queue_timeout: config.upstream.queue_timeout,
+            admission,
             clock,
         };
         gateway.publish_expiries();
@@ -195,6 +207,11 @@ impl Gateway {
         self.failed_auth.report();
     }
 
+    /// Forgets the in-process rate state of keys whose buckets are full again.
+    pub fn prune_limits(&self) {
+        self.admission.prune();
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -202,6 +219,7 @@ impl Gateway {
     /// The `/metrics` text, with the upstream queue's gauges sampled now: one depth per
     /// key loaded, so a key whose queue is empty reads zero rather than its last value.
     pub fn metrics_text(&self) -> String {
+        self.admission.sample(&self.metrics);
         if let Some(queue) = &self.queue {
             let snapshot = queue.snapshot();
             let keys = self.keys.load();
@@ -260,6 +278,7 @@ impl Gateway {
             self.metrics.clone(),
         );
         let origin = req.headers().get(ORIGIN).cloned();
+        let mut rates = None;
         let forwarded = match self.cors.preflight(&req) {
             Some(Preflight::Allowed(headers)) => {
                 let mut response = Response::new(Body::fixed(""));
@@ -271,7 +290,10 @@ impl Gateway {
                 return response;
             }
             Some(Preflight::Refused) => Err(ProxyError::OriginNotAllowed),
-            None => self.forward(peer, req, &request_id, &mut log).await,
+            None => {
+                self.forward(peer, req, &request_id, &mut log, &mut rates)
+                    .await
+            }
         };
         let mut response = match forwarded {
             Ok((upstream, lease)) => {
@@ -305,6 +327,9 @@ impl Gateway {
                 response
             }
         };
+        if let Some(rates) = rates {
+            rates.apply(response.headers_mut());
+        }
         self.cors.decorate(origin.as_ref(), response.headers_mut());
         response
     }
@@ -315,6 +340,7 @@ impl Gateway {
         mut req: Request<Incoming>,
         request_id: &HeaderValue,
         log: &mut AccessLog,
+        rates: &mut Option<RateHeaders>,
     ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
         if req.method() == Method::TRACE || req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
@@ -351,7 +377,8 @@ impl Gateway {
             },
         };
         if let Some(key) = &key {
-            log.slot = self.admit(key, req.method(), req.uri().path())?;
+            self.in_scope(key, req.method(), req.uri().path())?;
+            self.admission.admit(key, &self.metrics, log, rates).await?;
         }
         let declared = req
             .headers()
@@ -417,15 +444,9 @@ impl Gateway {
         Ok((response, Some(lease)))
     }
 
-    /// Whether the key may send this request now: the preset lists the route, the key's
-    /// scope covers it, and the key has a concurrency slot free (returned, to be held for
-    /// as long as the request is).
-    fn admit(
-        &self,
-        key: &auth::KeyId,
-        method: &Method,
-        path: &str,
-    ) -> Result<Option<Slot>, ProxyError> {
+    /// Whether the key may send this request: the preset lists the route and the key's
+    /// scope covers it.
+    fn in_scope(&self, key: &auth::KeyId, method: &Method, path: &str) -> Result<(), ProxyError> {
         let class = match &self.preset {
             Some(table) => Some(
                 table
@@ -437,7 +458,7 @@ impl Gateway {
         if !key.policy.permits(method, path, class) {
             return Err(ProxyError::OutOfScope);
         }
-        key.policy.slot(|| self.metrics.key_in_flight(&key.name))
+        Ok(())
     }
 
     /// A place in flight to the upstream for the key's request, held in `log` for as long

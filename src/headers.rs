@@ -16,6 +16,20 @@ pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// OpenAI's rate-limit headers: `[requests, tokens]` of each.
+pub const X_RATELIMIT_LIMIT: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+];
+pub const X_RATELIMIT_REMAINING: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+];
+pub const X_RATELIMIT_RESET: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
 pub const BEARER_CHALLENGE: &str = r#"Bearer realm="keygate""#;
 pub const BEARER_CHALLENGE_INVALID_TOKEN: &str = r#"Bearer realm="keygate", error="invalid_token""#;
 /// RFC 6750 §3.1: a valid token without the scope the request needs (403).

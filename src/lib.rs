@@ -13,11 +13,12 @@
 //!    ([`policy::cors`]), TRACE/CONNECT refused, the key-less routes ([`policy::route`]:
 //!    exact probe and public paths, GET/HEAD only), the credential and the constant-time key
 //!    check ([`policy::auth`]), then the matched key's scope ([`policy::scope`]): its expiry,
-//!    the server preset's route table ([`preset`]), its `allow` rules and its concurrency
-//!    slots. Failed authentication is slowed per client ([`policy::throttle`]).
-//!    [`policy::fair`] (fair admission to the upstream), [`policy::limits`] (rates and
-//!    slots, in process or through Redis), [`policy::models`] and [`policy::json_scan`]
-//!    (the request body's `model`) are the per-key policy layer.
+//!    the server preset's route table ([`preset`]) and its `allow` rules, then its
+//!    concurrency slot and rates ([`policy::admission`], kept by [`policy::limits`] in
+//!    process or through Redis). Failed authentication is slowed per client
+//!    ([`policy::throttle`]). [`policy::fair`] (fair admission to the upstream),
+//!    [`policy::models`] and [`policy::json_scan`] (the request body's `model`) complete the
+//!    per-key policy layer.
 //! 3. [`forward`] applies the header rules ([`forward::rewrite`]), sends the request over a
 //!    pooled upstream connection ([`forward::upstream`], TLS by [`forward::tls_client`]),
 //!    streams both bodies frame by frame ([`forward::body`]), adds SSE keep-alives and error

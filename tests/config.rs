@@ -78,6 +78,7 @@ listen = "127.0.0.1:9090"
          preset:          none (every route is forwarded)\n\
          sse keep-alive:  off (error events only)\n\
          upstream queue:  off (no max_in_flight: every request is forwarded at once)\n\
+         limits:          in-process (each replica counts alone)\n\
          identity header: none\n\
          probe path:      /health\n\
          public paths:    /docs\n\
@@ -89,6 +90,66 @@ listen = "127.0.0.1:9090"
         path.display()
     );
     assert_eq!(stdout, expected);
+}
+
+#[test]
+fn check_shows_each_keys_rates_and_the_shared_backend_never_its_password() {
+    let dir = TempDir::new("check-limits");
+    let text = r#"
+[auth]
+keys = [{ name = "default", env = "API_KEY", requests_per_minute = 600, tokens_per_minute = 200000, max_concurrent = 4 }]
+[limits]
+redis = "rediss://keygate:${REDIS_PASSWORD}@redis.internal:6380/1"
+on_redis_error = "deny"
+"#;
+    let path = dir.write("keygate.toml", text);
+    let password = "redis-password-0123456789";
+    let (status, stdout, stderr) = run_to_end(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("API_KEY", KEY), ("REDIS_PASSWORD", password)],
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("key default:     max_concurrent 4; requests_per_minute 600; tokens_per_minute 200000\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("limits:          redis redis.internal:6380 (tls) db 1, prefix \"keygate:\", redis_timeout 50ms, slot_lease 30s, on_redis_error deny; shared by every replica\n"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(password) && !stderr.contains(password),
+        "{stdout}"
+    );
+    // A password missing from the environment is named with its line, never guessed at.
+    let (status, _, stderr) = run_to_end(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("API_KEY", KEY)],
+    );
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("keygate.toml:5:9: [limits] redis: uses ${REDIS_PASSWORD}, but the environment variable REDIS_PASSWORD is not set"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_rate_names_the_key_and_the_fix() {
+    let dir = TempDir::new("check-rate");
+    for (rate, expected) in [
+        ("requests_per_minute = 0", "requests_per_minute must be a whole number from 1 to 4294967295, e.g. requests_per_minute = 600; leave it out for no limit"),
+        ("tokens_per_minute = -5", "tokens_per_minute must be a whole number from 1 to 4294967295, e.g. tokens_per_minute = 200000"),
+        ("tokens_per_minute = 5000000000", "tokens_per_minute must be a whole number from 1 to 4294967295"),
+    ] {
+        let text = format!("[auth]\nkeys = [{{ name = \"default\", env = \"API_KEY\", {rate} }}]\n");
+        let path = dir.write("keygate.toml", &text);
+        let (status, _, stderr) = run_to_end(&["check", "--config", path.to_str().unwrap()], &env());
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("keygate.toml:2:9: [auth] keys (name = \"default\"): ") && stderr.contains(expected),
+            "{rate}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -178,6 +239,7 @@ fn example_configs_pass_check() {
         ("OPS_KEY", CI_KEY),
         ("SHARED_SECRET", SHARED_SECRET),
         ("UPSTREAM_API_KEY", UPSTREAM_TOKEN),
+        ("REDIS_PASSWORD", "redis-password-0123456789"),
     ];
     // An example naming certificate files is checked with made-up files in their place.
     let certs = TempDir::new("example-certs");
@@ -204,7 +266,7 @@ fn example_configs_pass_check() {
             checked += 1;
         }
     }
-    assert!(checked >= 3, "examples found: {checked}");
+    assert!(checked >= 4, "examples found: {checked}");
 }
 
 #[test]
@@ -250,7 +312,7 @@ const EVERY_KEY: &[(&str, &str)] = &[
     ("upstream", "sse_keepalive = \"15s\""),
     (
         "auth",
-        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false, allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }, { methods = [\"GET\"], path = \"/v1/models\" }], max_concurrent = 8, not_after = \"2099-01-01T00:00:00Z\" }]",
+        "keys = [{ name = \"default\", env = \"API_KEY\", optional = false, allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }, { methods = [\"GET\"], path = \"/v1/models\" }], max_concurrent = 8, requests_per_minute = 600, tokens_per_minute = 200000, not_after = \"2099-01-01T00:00:00Z\" }]",
     ),
     ("auth", "identity_header = \"x-keygate-key\""),
     ("auth", "forward_authorization = false"),
@@ -258,6 +320,11 @@ const EVERY_KEY: &[(&str, &str)] = &[
     ("public", "paths = []"),
     ("cors", "allow_origins = []"),
     ("admin", "listen = \"127.0.0.1:9090\""),
+    ("limits", "redis = \"redis://127.0.0.1:6379/0\""),
+    ("limits", "prefix = \"keygate:\""),
+    ("limits", "redis_timeout = \"50ms\""),
+    ("limits", "on_redis_error = \"local\""),
+    ("limits", "slot_lease = \"30s\""),
     ("log", "format = \"json\""),
     ("log", "level = \"info\""),
 ];
@@ -303,6 +370,9 @@ fn default_config_documents_every_key() {
         "path_prefix",
         "routes",
         "max_concurrent",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "redis_ca_file",
         "not_after",
         "value",
         "[[inject]]",
@@ -394,23 +464,28 @@ fn embedded_config(manifest: &str) -> String {
 }
 
 #[test]
-fn the_kubernetes_example_embeds_the_vllm_sidecar_config_unchanged() {
+fn the_kubernetes_examples_embed_their_configs_unchanged() {
     let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples");
-    let manifest = std::fs::read_to_string(format!("{examples}/kubernetes-sidecar.yaml")).unwrap();
-    let config = std::fs::read_to_string(format!("{examples}/vllm-sidecar.toml")).unwrap();
-    let embedded = embedded_config(&manifest);
-    for (n, (inside, outside)) in embedded.lines().zip(config.lines()).enumerate() {
+    for (yaml, toml) in [
+        ("kubernetes-sidecar.yaml", "vllm-sidecar.toml"),
+        ("kubernetes-replicas.yaml", "vllm-replicas.toml"),
+    ] {
+        let manifest = std::fs::read_to_string(format!("{examples}/{yaml}")).unwrap();
+        let config = std::fs::read_to_string(format!("{examples}/{toml}")).unwrap();
+        let embedded = embedded_config(&manifest);
+        for (n, (inside, outside)) in embedded.lines().zip(config.lines()).enumerate() {
+            assert_eq!(
+                inside,
+                outside,
+                "line {} of {toml} differs in {yaml}'s ConfigMap",
+                n + 1
+            );
+        }
         assert_eq!(
-            inside,
-            outside,
-            "line {} of vllm-sidecar.toml differs in kubernetes-sidecar.yaml's ConfigMap",
-            n + 1
+            embedded, config,
+            "{yaml}'s ConfigMap must hold {toml} unchanged"
         );
     }
-    assert_eq!(
-        embedded, config,
-        "kubernetes-sidecar.yaml's ConfigMap must hold vllm-sidecar.toml unchanged"
-    );
 }
 
 #[test]

@@ -87,6 +87,7 @@ async fn probe_answers_503_once_draining_has_begun() {
     let gateway = std::sync::Arc::new(keygate::gateway::Gateway::new(
         &config,
         keygate::policy::scope::Clock::system(),
+        keygate::policy::admission::Admission::local(),
     ));
     let peer = std::sync::Arc::new(keygate::forward::rewrite::Peer::new(
         "127.0.0.1:1".parse().unwrap(),

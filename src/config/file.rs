@@ -22,6 +22,8 @@ pub(super) struct FileConfig {
     pub(super) admin: Option<Spanned<AdminFile>>,
     pub(super) cors: Option<Spanned<CorsFile>>,
     #[serde(default)]
+    pub(super) limits: LimitsFile,
+    #[serde(default)]
     pub(super) log: LogFile,
 }
 
@@ -110,6 +112,8 @@ pub(super) struct KeyFile {
     pub(super) allow: Option<Vec<RuleFile>>,
     pub(super) routes: Option<Vec<String>>,
     pub(super) max_concurrent: Option<usize>,
+    pub(super) requests_per_minute: Option<i64>,
+    pub(super) tokens_per_minute: Option<i64>,
     /// The key's share of the upstream under `[upstream] max_in_flight`.
     pub(super) weight: Option<i64>,
     /// RFC 3339, as a string or a TOML date-time.
@@ -166,6 +170,19 @@ pub(super) struct AdminFile {
 pub(super) struct CorsFile {
     #[serde(default)]
     pub(super) allow_origins: Vec<String>,
+}
+
+/// `[limits]` as written; every setting but `redis` needs `redis`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct LimitsFile {
+    /// A template like an injected value: `${NAME}` from the environment, for a password.
+    pub(super) redis: Option<Spanned<String>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) redis_timeout: Option<Spanned<HumanDuration>>,
+    pub(super) on_redis_error: Option<Spanned<String>>,
+    pub(super) slot_lease: Option<Spanned<HumanDuration>>,
+    pub(super) redis_ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -1,7 +1,9 @@
 //! What one key may do, as configured: its `allow` rules, the preset route classes it may
-//! use, its limits and its expiry. Plain data; `policy::scope` decides with it.
+//! use, its limits and its expiry. Plain data; `policy::scope` and `policy::limits` decide
+//! with it.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::time::SystemTime;
 
 use http::Method;
@@ -16,6 +18,8 @@ pub struct KeyPolicy {
     pub routes: Classes,
     /// Requests and streams the key may have in flight at once, if limited.
     pub max_concurrent: Option<usize>,
+    /// Requests and tokens per minute.
+    pub rates: KeyLimits,
     /// After this instant the key is refused as invalid.
     pub not_after: Option<SystemTime>,
     /// The key's share of the upstream under `[upstream] max_in_flight`, 1 to
@@ -30,9 +34,26 @@ impl Default for KeyPolicy {
             allow: Vec::new(),
             routes: Classes::default(),
             max_concurrent: None,
+            rates: KeyLimits::default(),
             not_after: None,
             weight: 1,
         }
+    }
+}
+
+/// The rates of one key. `None`: not limited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// A burst of this many requests, then this many per minute, refilled continuously.
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// Prompt plus completion tokens, from the responses' usage: a budget of this many,
+    /// refilled at this many per minute.
+    pub tokens_per_minute: Option<NonZeroU32>,
+}
+
+impl KeyLimits {
+    pub fn is_unlimited(&self) -> bool {
+        self.requests_per_minute.is_none() && self.tokens_per_minute.is_none()
     }
 }
 

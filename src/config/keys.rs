@@ -115,8 +115,8 @@ pub(super) fn auth(
     })
 }
 
-/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent`, `not_after` and
-/// `weight`.
+/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent`,
+/// `requests_per_minute`, `tokens_per_minute`, `not_after` and `weight`.
 pub(super) fn policy(
     k: &KeyFile,
     preset: Option<&Preset>,
@@ -169,13 +169,38 @@ pub(super) fn policy(
         }
         parsed
     });
+    let rates = KeyLimits {
+        requests_per_minute: rate(k.requests_per_minute, "requests_per_minute", 600, problem),
+        tokens_per_minute: rate(k.tokens_per_minute, "tokens_per_minute", 200_000, problem),
+    };
     KeyPolicy {
         allow,
         routes,
         max_concurrent: k.max_concurrent,
+        rates,
         not_after,
         weight: key_weight(k.weight, problem),
     }
+}
+
+/// A per-minute rate of a key: a whole number from 1 to 2^32 - 1, or not limited.
+fn rate(
+    value: Option<i64>,
+    name: &str,
+    example: u32,
+    problem: &mut dyn FnMut(String),
+) -> Option<std::num::NonZeroU32> {
+    let value = value?;
+    let rate = u32::try_from(value)
+        .ok()
+        .and_then(std::num::NonZeroU32::new);
+    if rate.is_none() {
+        problem(format!(
+            "{name} must be a whole number from 1 to {}, e.g. {name} = {example}; leave it out for no limit",
+            u32::MAX
+        ));
+    }
+    rate
 }
 
 pub(super) fn rule(r: &RuleFile, problem: &mut dyn FnMut(String)) -> Option<Rule> {

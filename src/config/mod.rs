@@ -9,6 +9,7 @@ mod file;
 mod inject;
 pub mod key_policy;
 mod keys;
+pub mod limits;
 mod problems;
 pub mod secrets;
 mod server;
@@ -34,12 +35,13 @@ use toml::Spanned;
 use crate::config::secrets::{Secret, SecretSource};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
 use crate::preset::{Preset, PRESETS};
-use key_policy::{Classes, KeyPolicy, Paths, Rule, MAX_WEIGHT};
+use key_policy::{Classes, KeyLimits, KeyPolicy, Paths, Rule, MAX_WEIGHT};
 use tls_files::{Certificate, Which};
 
 use file::*;
 use inject::*;
 use keys::*;
+use limits::*;
 use problems::*;
 use server::*;
 use upstream::*;
@@ -68,6 +70,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Origins allowed by CORS; empty: CORS is off.
     pub cors_origins: Vec<HeaderValue>,
+    /// Where per-key rates and concurrency slots are kept.
+    pub limits: Limits,
     pub log: Log,
 }
 
@@ -289,10 +293,12 @@ fn validate(
         .cors
         .as_ref()
         .map_or_else(Vec::new, |c| cors_origins(c, p));
+    let limits = limits(f.limits, secrets, p);
     Some(Config {
         file: path.to_owned(),
         admin,
         cors_origins,
+        limits,
         server: server?,
         upstream: upstream?,
         auth: auth?,

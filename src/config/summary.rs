@@ -77,6 +77,7 @@ impl Config {
              preset:          {preset}\n\
              sse keep-alive:  {}\n\
              upstream queue:  {}\n\
+             limits:          {}\n\
              identity header: {}\n\
              probe path:      {}\n\
              public paths:    {}\n\
@@ -99,6 +100,10 @@ impl Config {
                     "max_in_flight {n}, queue_timeout {}; the rest wait, shared by key weight",
                     humantime::format_duration(u.queue_timeout)
                 )
+            ),
+            self.limits.redis.as_ref().map_or_else(
+                || "in-process (each replica counts alone)".to_owned(),
+                |r| format!("{r}; shared by every replica")
             ),
             self.auth
                 .identity_header
@@ -141,6 +146,12 @@ pub(super) fn policy_summary(policy: &KeyPolicy, preset: bool, now: SystemTime) 
     }
     if let Some(n) = policy.max_concurrent {
         parts.push(format!("max_concurrent {n}"));
+    }
+    if let Some(n) = policy.rates.requests_per_minute {
+        parts.push(format!("requests_per_minute {n}"));
+    }
+    if let Some(n) = policy.rates.tokens_per_minute {
+        parts.push(format!("tokens_per_minute {n}"));
     }
     if policy.weight != 1 {
         parts.push(format!("weight {}", policy.weight));

@@ -7,6 +7,7 @@
 //! Every other upgrade is dropped with the hop-by-hop headers: a key-less request is served
 //! without the upgrade, and `Upgrade: h2c` is never honoured.
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +23,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use crate::headers::connection_tokens;
-use crate::policy::scope::Slot;
 
 const WEBSOCKET: HeaderValue = HeaderValue::from_static("websocket");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
@@ -84,7 +84,7 @@ pub fn tunnel(
     client: OnUpgrade,
     upstream: OnUpgrade,
     idle_timeout: Duration,
-    slot: Option<Slot>,
+    slot: Option<Box<dyn Any + Send + Sync>>,
 ) -> Tunnel {
     Box::pin(async move {
         let _slot = slot;

@@ -32,6 +32,7 @@ use crate::listener::streams::{Streams, Tracked};
 use crate::listener::tls::ServerTls;
 use crate::observe::access;
 use crate::observe::metrics::Metrics;
+use crate::policy::admission::Admission;
 use crate::policy::scope::Clock;
 use crate::policy::throttle;
 
@@ -151,7 +152,10 @@ pub async fn run_with_clock(
 ) -> io::Result<()> {
     let listener = listeners.proxy;
     let settings = config.server.clone();
-    let server = Arc::new(Connections::new(&config, clock)?);
+    let admission = Admission::start(&config.limits)
+        .await
+        .map_err(io::Error::other)?;
+    let server = Arc::new(Connections::new(&config, clock, admission)?);
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let (drain, draining) = watch::channel(false);
@@ -257,7 +261,7 @@ impl Drop for OpenConnection<'_> {
 }
 
 /// Periodic chores and reloads: writing pending access lines, the failed-authentication and
-/// failed-handshake summaries, re-reading the key files and the certificate when asked
+/// failed-handshake summaries, forgetting the rate state of keys that no longer need it, re-reading the key files and the certificate when asked
 /// (SIGHUP) or when one of their files changed, and warnings of keys that expire soon or
 /// have expired (the first at start-up).
 async fn housekeeping(
@@ -273,6 +277,7 @@ async fn housekeeping(
             _ = flush.tick() => access::flush(),
             _ = report.tick() => {
                 gateway.report_failed_auth();
+                gateway.prune_limits();
                 if let Some(tls) = &tls {
                     tls.report_failed_handshakes();
                 }
@@ -311,7 +316,7 @@ struct Connections {
 }
 
 impl Connections {
-    fn new(config: &Config, clock: Clock) -> io::Result<Self> {
+    fn new(config: &Config, clock: Clock, admission: Admission) -> io::Result<Self> {
         let s: &config::Server = &config.server;
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -327,7 +332,7 @@ impl Connections {
             .keep_alive_timeout(H2_PING_TIMEOUT);
         let mut h1_over_capacity = h1.clone();
         h1_over_capacity.keep_alive(false);
-        let gateway = Arc::new(Gateway::new(config, clock));
+        let gateway = Arc::new(Gateway::new(config, clock, admission));
         let tls = match &s.tls {
             Some(t) => Some(Arc::new(
                 ServerTls::new(t, gateway.metrics().clone()).map_err(io::Error::other)?,

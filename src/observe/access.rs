@@ -15,16 +15,16 @@
 
 use std::any::Any;
 use std::cell::RefCell;
+use std::fmt;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::config::LogFormat;
 use crate::error::ProxyError;
-use crate::observe::metrics::{Finished, Held, Metrics};
+use crate::observe::metrics::{Finished, Metrics};
 
 /// The target of access lines, so a filter can keep or drop them apart from diagnostics.
 pub const TARGET: &str = "keygate::access";
@@ -65,7 +65,7 @@ pub struct AccessLog {
     pub upstream_ttfb: Option<Duration>,
     /// The key's concurrency slot, if it has a limit: held as long as the request is, and
     /// released once its line is written (or the request is dropped).
-    pub slot: Option<Held<OwnedSemaphorePermit>>,
+    pub slot: Option<Box<dyn Any + Send + Sync>>,
     /// The request's place in flight to the upstream under `max_in_flight` (a fair-queue
     /// permit): held, like the slot, as long as the request is.
     pub held_upstream: Option<Box<dyn Any + Send + Sync>>,
@@ -76,6 +76,12 @@ pub struct AccessLog {
     pub sse_keepalives: u32,
     /// Whether an SSE stream that broke got the final error event.
     pub sse_error_event: bool,
+    /// The response's token usage, when the upstream reported it.
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    /// Charges the usage to the key's token budget when the line is written; only for a
+    /// key with `tokens_per_minute` whose request was admitted.
+    pub debit: Option<Debit>,
     metrics: Arc<Metrics>,
     /// Set once the line is written; a log dropped before that records a client hang-up.
     written: bool,
@@ -120,8 +126,21 @@ impl AccessLog {
             queue_wait: None,
             sse_keepalives: 0,
             sse_error_event: false,
+            prompt_tokens: None,
+            completion_tokens: None,
+            debit: None,
             metrics,
             written: false,
+        }
+    }
+
+    /// Prompt plus completion tokens, if the upstream reported either.
+    fn tokens_used(&self) -> Option<u64> {
+        match (self.prompt_tokens, self.completion_tokens) {
+            (None, None) => None,
+            (prompt, completion) => {
+                Some(prompt.unwrap_or(0).saturating_add(completion.unwrap_or(0)))
+            }
         }
     }
 
@@ -134,6 +153,9 @@ impl AccessLog {
 
     fn write(&mut self, bytes: u64, outcome: Outcome<'_>) {
         self.written = true;
+        if let (Some(debit), Some(tokens)) = (self.debit.take(), self.tokens_used()) {
+            (debit.0)(tokens);
+        }
         let duration = self.started.elapsed();
         self.metrics.request_finished(Finished {
             key: self.key.as_ref(),
@@ -175,6 +197,22 @@ impl Drop for AccessLog {
             self.status = CLIENT_CLOSED;
             self.write(0, Outcome::ClientClosed);
         }
+    }
+}
+
+/// Charges a response's tokens (prompt plus completion) to its key's token budget. It must
+/// not wait: it runs where the access line is written, at the end of the response.
+pub struct Debit(Box<dyn FnOnce(u64) + Send + Sync>);
+
+impl Debit {
+    pub fn new(charge: impl FnOnce(u64) + Send + Sync + 'static) -> Self {
+        Self(Box::new(charge))
+    }
+}
+
+impl fmt::Debug for Debit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Debit")
     }
 }
 
@@ -478,6 +516,40 @@ mod tests {
             text.contains(" sse_keepalives=3 sse_error_event=true\n"),
             "{text}"
         );
+    }
+
+    /// A log whose debit sends what it charges to the returned receiver.
+    fn debited(
+        prompt: Option<u64>,
+        completion: Option<u64>,
+    ) -> (AccessLog, std::sync::mpsc::Receiver<u64>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut log = access_log("/v1/chat/completions");
+        log.prompt_tokens = prompt;
+        log.completion_tokens = completion;
+        log.debit = Some(Debit::new(move |tokens| tx.send(tokens).unwrap()));
+        (log, rx)
+    }
+
+    #[test]
+    fn the_debit_charges_prompt_plus_completion_once_when_the_line_is_written() {
+        let (log, charged) = debited(Some(12), Some(30));
+        log.finish(10, Outcome::Complete);
+        assert_eq!(charged.try_iter().collect::<Vec<_>>(), [42]);
+        // A client that hung up after the usage arrived is charged too.
+        let (log, charged) = debited(Some(7), None);
+        drop(log);
+        assert_eq!(charged.try_iter().collect::<Vec<_>>(), [7]);
+        let (log, charged) = debited(Some(1), Some(u64::MAX));
+        log.finish(0, Outcome::Complete);
+        assert_eq!(charged.try_iter().collect::<Vec<_>>(), [u64::MAX]);
+    }
+
+    #[test]
+    fn without_usage_nothing_is_charged() {
+        let (log, charged) = debited(None, None);
+        log.finish(10, Outcome::Complete);
+        assert_eq!(charged.try_iter().count(), 0);
     }
 
     #[test]

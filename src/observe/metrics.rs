@@ -5,6 +5,7 @@
 //! Requests are counted where their access line is written (`access`), so a metric and a log
 //! line always agree.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -79,6 +80,17 @@ pub struct Metrics {
     redirects: Counter,
     /// Only with `[upstream] max_in_flight`; see [`Metrics::with_queue`].
     queue: Option<QueueMetrics>,
+    /// Only with `[limits] redis`; see [`Metrics::with_limit_backend`].
+    limit_backend: Option<LimitBackendMetrics>,
+}
+
+/// The Redis behind shared limits, sampled when scraped: whether calls go to it, and the
+/// totals of failed calls and of decisions taken without it.
+#[derive(Debug)]
+struct LimitBackendMetrics {
+    up: Gauge,
+    errors: Counter,
+    fallbacks: Counter,
 }
 
 /// The fair queue in front of the upstream: how full it is, sampled when scraped, and how
@@ -140,7 +152,7 @@ impl Default for Metrics {
         );
         registry.register(
             "key_refusals",
-            "Requests with a matched key refused by its expiry, scope or concurrency limit, or by the upstream queue timing out, by key and reason",
+            "Requests with a matched key refused by its expiry, scope, concurrency limit or rates, by the shared limits being unavailable, or by the upstream queue timing out, by key and reason",
             key_refusals.clone(),
         );
         registry.register(
@@ -235,6 +247,7 @@ impl Default for Metrics {
             certificate_expiry,
             redirects,
             queue: None,
+            limit_backend: None,
         }
     }
 }
@@ -278,6 +291,47 @@ impl Metrics {
         );
         self.queue = Some(queue);
         self
+    }
+
+    /// Adds the series of the Redis that shares the limits, for a gateway with
+    /// `[limits] redis`.
+    pub fn with_limit_backend(mut self) -> Self {
+        let backend = LimitBackendMetrics {
+            up: Gauge::default(),
+            errors: Counter::default(),
+            fallbacks: Counter::default(),
+        };
+        self.registry.register(
+            "limit_backend_up",
+            "1 while the Redis of [limits] answers, 0 while requests are decided without it",
+            backend.up.clone(),
+        );
+        self.registry.register(
+            "limit_backend_errors",
+            "Calls to the Redis of [limits] that failed or took longer than redis_timeout, reconnection attempts included",
+            backend.errors.clone(),
+        );
+        self.registry.register(
+            "limit_fallbacks",
+            "Rate decisions and concurrency slots taken without Redis (on_redis_error) because it was down or did not answer in time",
+            backend.fallbacks.clone(),
+        );
+        self.limit_backend = Some(backend);
+        self
+    }
+
+    /// Records the Redis of `[limits]` as it is now; `errors` and `fallbacks` are totals
+    /// since start-up.
+    pub fn limit_backend_sampled(&self, up: bool, errors: u64, fallbacks: u64) {
+        let Some(backend) = &self.limit_backend else {
+            return;
+        };
+        backend.up.set(i64::from(up));
+        backend.errors.inner().fetch_max(errors, Ordering::Relaxed);
+        backend
+            .fallbacks
+            .inner()
+            .fetch_max(fallbacks, Ordering::Relaxed);
     }
 
     /// Records the queue as it is now: the places taken, and each key's waiting requests
@@ -335,6 +389,8 @@ impl Metrics {
             ProxyError::OutOfScope => self.key_refusal(key, "out_of_scope"),
             ProxyError::RouteNotInPreset => self.key_refusal(key, "route_not_in_preset"),
             ProxyError::KeyBusy => self.key_refusal(key, "concurrency_limit"),
+            ProxyError::RateLimited(_) => self.key_refusal(key, "rate_limit"),
+            ProxyError::LimitsUnavailable(_) => self.key_refusal(key, "limits_unavailable"),
             ProxyError::QueueTimeout => self.key_refusal(key, "queue_timeout"),
             ProxyError::UpstreamUnreachable(_) => self.upstream_error("refused"),
             ProxyError::UpstreamFailed(_) | ProxyError::UpstreamBody(_) => {
@@ -536,6 +592,26 @@ mod tests {
         assert!(m
             .encode()
             .contains(r#"keygate_upstream_errors_total{kind="timeout"} 1"#));
+    }
+
+    #[test]
+    fn limit_backend_series_exist_only_with_redis_and_follow_its_totals() {
+        let off = Metrics::default();
+        off.limit_backend_sampled(false, 3, 4);
+        assert!(!off.encode().contains("limit_"), "{}", off.encode());
+        let on = Metrics::default().with_limit_backend();
+        on.limit_backend_sampled(false, 3, 4);
+        assert!(on.encode().contains("keygate_limit_backend_up 0\n"));
+        on.limit_backend_sampled(true, 5, 4);
+        on.limit_backend_sampled(true, 2, 1);
+        let text = on.encode();
+        for line in [
+            "keygate_limit_backend_up 1",
+            "keygate_limit_backend_errors_total 5",
+            "keygate_limit_fallbacks_total 4",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
     }
 
     #[test]

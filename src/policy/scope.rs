@@ -1,11 +1,11 @@
-//! Per-key scopes and limits, checked by `handler` right after a key is matched: the key's
-//! expiry (`not_after`), the classes of preset routes it may use (`routes`), its `allow`
-//! rules, and its concurrency slots (`max_concurrent`). Its `weight` is read later, when
-//! the request waits for the upstream (`policy::fair`).
+//! Per-key scopes, checked by the gateway right after a key is matched: the key's expiry
+//! (`not_after`), the classes of preset routes it may use (`routes`) and its `allow` rules.
+//! Its concurrency slots and rates are taken next (`policy::admission`), and its `weight` is
+//! read when the request waits for the upstream (`policy::fair`).
 //!
 //! A [`Policy`] is built once per key name from its [`KeyPolicy`] and shared by every key set
-//! a reload builds (a reload re-reads key values only), so a key's slots and its expiry warnings carry over
-//! a reload: a rotated key cannot exceed its limit by being reloaded.
+//! a reload builds (a reload re-reads key values only), so a key's expiry warnings carry over
+//! a reload, as its slots and rates do (the limiter keeps them by the key's name).
 
 use std::fmt;
 use std::ops::Deref;
@@ -14,24 +14,19 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::Method;
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use crate::config::key_policy::{Classes, KeyPolicy, Paths, Rule};
-use crate::error::ProxyError;
-use crate::observe::metrics::Held;
 use crate::path::plain_path;
 use crate::preset::Class;
 
 /// How long before its `not_after` a key's coming expiry is logged.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
-/// What one key may do ([`KeyPolicy`], read as a field of this), with the state that goes
-/// with it: its concurrency slots and the expiry notices already logged.
+/// What one key may do ([`KeyPolicy`], read as a field of this), with the expiry notices
+/// already logged.
 #[derive(Debug)]
 pub struct Policy {
     spec: Arc<KeyPolicy>,
-    slots: Option<Arc<Semaphore>>,
     /// The last expiry notice logged, so each is logged once.
     noticed: AtomicU8,
 }
@@ -90,7 +85,6 @@ pub enum Expiry {
 impl Policy {
     pub fn new(spec: Arc<KeyPolicy>) -> Self {
         Self {
-            slots: spec.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
             spec,
             noticed: AtomicU8::new(0),
         }
@@ -108,19 +102,6 @@ impl Policy {
             && (self.allow.is_empty() || self.allow.iter().any(|r| r.matches(method, path)))
     }
 
-    /// One of the key's concurrency slots: `Ok(None)` for a key without a limit,
-    /// [`ProxyError::KeyBusy`] when all are taken. `in_use` counts the slot while it is held.
-    pub fn slot(&self, in_use: impl FnOnce() -> Gauge) -> Result<Option<Slot>, ProxyError> {
-        let Some(slots) = &self.slots else {
-            return Ok(None);
-        };
-        let permit = slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ProxyError::KeyBusy)?;
-        Ok(Some(Held::new(permit, in_use())))
-    }
-
     /// The expiry notice due at `now` that has not been given yet, if any.
     pub fn expiry_notice(&self, now: SystemTime) -> Option<Expiry> {
         let not_after = self.not_after?;
@@ -132,10 +113,6 @@ impl Policy {
         (self.noticed.fetch_max(level, Ordering::Relaxed) < level).then_some(notice)
     }
 }
-
-/// A held concurrency slot of a key. The request holds it until its response ends, breaks,
-/// or is dropped because the client went away.
-pub type Slot = Held<OwnedSemaphorePermit>;
 
 /// Where keygate reads the time for key expiry: the system clock, or a test's own.
 #[derive(Clone)]
@@ -165,18 +142,12 @@ impl fmt::Debug for Clock {
 mod tests {
     use super::*;
 
-    fn policy(
-        allow: Vec<Rule>,
-        routes: Classes,
-        max_concurrent: Option<usize>,
-        not_after: Option<SystemTime>,
-    ) -> Policy {
+    fn policy(allow: Vec<Rule>, routes: Classes, not_after: Option<SystemTime>) -> Policy {
         Policy::new(Arc::new(KeyPolicy {
             allow,
             routes,
-            max_concurrent,
             not_after,
-            weight: 1,
+            ..KeyPolicy::default()
         }))
     }
 
@@ -199,7 +170,6 @@ mod tests {
                 rule(&[], prefix("/health")),
             ],
             Classes::default(),
-            None,
             None,
         );
         assert!(p.permits(&Method::POST, "/v1/chat/completions", None));
@@ -299,25 +269,9 @@ mod tests {
                 admin: true,
             },
             None,
-            None,
         );
         assert!(admin_only.permits(&Method::POST, "/x", Some(Class::Admin)));
         assert!(!admin_only.permits(&Method::POST, "/x", Some(Class::Inference)));
-    }
-
-    #[test]
-    fn slots_run_out_and_come_back_when_dropped() {
-        let p = policy(Vec::new(), Classes::default(), Some(2), None);
-        let gauge = Gauge::default();
-        let a = p.slot(|| gauge.clone()).unwrap();
-        let b = p.slot(|| gauge.clone()).unwrap();
-        assert!(a.is_some() && b.is_some());
-        assert!(p.slot(|| gauge.clone()).is_err());
-        assert_eq!(gauge.get(), 2);
-        drop(a);
-        assert_eq!(gauge.get(), 1);
-        assert!(p.slot(|| gauge.clone()).unwrap().is_some());
-        assert!(Policy::default().slot(Gauge::default).unwrap().is_none());
     }
 
     #[test]
@@ -326,7 +280,6 @@ mod tests {
         let p = policy(
             Vec::new(),
             Classes::default(),
-            None,
             Some(start + EXPIRY_WARNING * 2),
         );
         assert_eq!(p.expiry_notice(start), None);

@@ -1,10 +1,11 @@
-"""The Kubernetes example (config/examples/kubernetes-sidecar.yaml) holds together.
+"""The Kubernetes examples (config/examples/kubernetes-*.yaml) hold together.
 
-The manifest embeds a keygate config in a ConfigMap, so `cargo test`'s check of the .toml
-examples never sees it. These tests read the manifest as Kubernetes would and check that the
+Each manifest embeds a keygate config in a ConfigMap, so `cargo test`'s check of the .toml
+examples never sees it. These tests read each manifest as Kubernetes would and check that the
 pieces agree: the readiness probe asks keygate's probe path, the pod's grace period outlasts
-keygate's drain, the config passes `keygate check` with the variables the pod sets, and the
-check names the keys without printing them.
+keygate's drain, the config passes `keygate check` with the variables the pod sets, the check
+names the keys without printing them, and a config that shares its limits through Redis
+reaches the manifest's Redis with the password that Redis requires.
 
 The binary is env KEYGATE_BIN, default target/debug/keygate in the repo root, as for
 test_interop.py.
@@ -16,13 +17,19 @@ import secrets
 import subprocess
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-MANIFEST = REPO_ROOT / "config" / "examples" / "kubernetes-sidecar.yaml"
+EXAMPLES = REPO_ROOT / "config" / "examples"
+# Each manifest and the kinds of its documents.
+MANIFESTS = {
+    "kubernetes-sidecar.yaml": ["ConfigMap", "Deployment", "Secret", "Service"],
+    "kubernetes-replicas.yaml": ["ConfigMap", "Deployment", "Deployment", "Secret", "Service", "Service"],
+}
 CONTAINER = "keygate"
 CONFIG_ENTRY = "keygate.toml"
 # keygate's defaults for what the config may leave out (src/config.rs).
@@ -58,21 +65,44 @@ def test_duration_reader():
         seconds("30 parsecs")
 
 
+@pytest.fixture(scope="module", params=sorted(MANIFESTS))
+def manifest(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def documents() -> list[dict]:
-    with MANIFEST.open() as f:
+def documents(manifest) -> list[dict]:
+    with (EXAMPLES / manifest).open() as f:
         return [d for d in yaml.safe_load_all(f) if d is not None]
 
 
 def only(documents: list[dict], kind: str) -> dict:
     found = [d for d in documents if d.get("kind") == kind]
-    assert len(found) == 1, f"{MANIFEST.name}: expected one {kind}, found {len(found)}"
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def containers(deployment: dict) -> list[dict]:
+    return deployment["spec"]["template"]["spec"]["containers"]
+
+
+def serving(documents: list[dict], service: dict) -> dict:
+    """The one Deployment whose pods the Service selects."""
+    selector = service["spec"]["selector"].items()
+    found = [
+        d
+        for d in documents
+        if d["kind"] == "Deployment" and selector <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert len(found) == 1, f"Service {service['metadata']['name']} selects {len(found)} Deployments"
     return found[0]
 
 
 @pytest.fixture(scope="module")
 def deployment(documents) -> dict:
-    return only(documents, "Deployment")
+    found = [d for d in documents if d["kind"] == "Deployment" and any(c["name"] == CONTAINER for c in containers(d))]
+    assert len(found) == 1, f"expected one Deployment with a {CONTAINER!r} container, found {len(found)}"
+    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +137,9 @@ def config(config_text) -> dict:
     return tomllib.loads(config_text)
 
 
-def test_manifest_has_deployment_service_configmap_and_secret(documents):
+def test_manifest_has_the_documents_it_should(manifest, documents):
     kinds = sorted(d["kind"] for d in documents)
-    assert kinds == ["ConfigMap", "Deployment", "Secret", "Service"], kinds
+    assert kinds == MANIFESTS[manifest], kinds
 
 
 def test_readiness_probe_asks_keygates_probe_path(config, container):
@@ -117,13 +147,14 @@ def test_readiness_probe_asks_keygates_probe_path(config, container):
     assert container["readinessProbe"]["httpGet"]["path"] == probe_path
 
 
-def test_readiness_probe_and_service_reach_keygates_listener(documents, config, container):
+def test_readiness_probe_and_service_reach_keygates_listener(documents, deployment, config, container):
     port = int(config["server"]["listen"].rsplit(":", 1)[1])
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     probe_port = container["readinessProbe"]["httpGet"]["port"]
     assert named.get(probe_port, probe_port) == port
-    service = only(documents, "Service")
-    target = service["spec"]["ports"][0]["targetPort"]
+    services = [d for d in documents if d["kind"] == "Service" and serving(documents, d) is deployment]
+    assert len(services) == 1, "expected one Service in front of keygate"
+    target = services[0]["spec"]["ports"][0]["targetPort"]
     assert named.get(target, target) == port
 
 
@@ -135,10 +166,16 @@ def test_pod_grace_period_outlasts_keygates_drain(config, pod):
     )
 
 
+def variables(template: str) -> set[str]:
+    """The environment variables a ${NAME} template uses."""
+    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", template))
+
+
 def test_every_variable_the_config_needs_is_set_in_the_container(config, container):
     needed = {k["env"] for k in config["auth"]["keys"] if "env" in k and not k.get("optional")}
     for inject in config.get("inject", []):
-        needed |= set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", inject["value"]))
+        needed |= variables(inject["value"])
+    needed |= variables(config.get("limits", {}).get("redis", ""))
     provided = {e["name"] for e in container.get("env", [])}
     assert needed <= provided, f"the keygate container does not set {sorted(needed - provided)}"
 
@@ -146,7 +183,8 @@ def test_every_variable_the_config_needs_is_set_in_the_container(config, contain
 def test_embedded_config_passes_keygate_check(config_text, config, tmp_path):
     path = tmp_path / CONFIG_ENTRY
     path.write_text(config_text)
-    values = {name: secrets.token_urlsafe(32) for name in ("API_KEY", "UPSTREAM_API_KEY", "SHARED_SECRET")}
+    names = ("API_KEY", "UPSTREAM_API_KEY", "SHARED_SECRET", "REDIS_PASSWORD")
+    values = {name: secrets.token_urlsafe(32) for name in names}
     assert all(len(v) == 43 for v in values.values())
     env = {k: v for k, v in os.environ.items() if k not in values and k != "API_KEY_NEXT"}
     result = subprocess.run(
@@ -165,3 +203,30 @@ def test_embedded_config_passes_keygate_check(config_text, config, tmp_path):
         assert key["name"] in keys_line, f"{key['name']!r} is not named: {keys_line}"
     for name, value in values.items():
         assert value not in output, f"keygate check printed the value of {name}"
+
+
+def test_shared_limits_reach_the_manifests_redis_with_its_password(config, documents, deployment, container):
+    url = config.get("limits", {}).get("redis")
+    if url is None:
+        pytest.skip("this example keeps its limits in each process")
+    parts = urlsplit(url)
+    service = next((d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == parts.hostname), None)
+    assert service is not None, f"no Service named {parts.hostname!r}, the host of [limits] redis"
+    port = service["spec"]["ports"][0]
+    assert port["port"] == (parts.port or 6379)
+    redis = serving(documents, service)
+    assert redis is not deployment, "Redis must be shared, not a container of each replica"
+    assert redis["spec"]["replicas"] == 1
+    (server,) = containers(redis)
+    named = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert named.get(port["targetPort"], port["targetPort"]) == 6379
+    # keygate's password is the one Redis requires: the same key of the same Secret.
+    (password,) = variables(parts.password or "")
+    args = server["args"]
+    assert args[args.index("--requirepass") + 1] == f"$({password})"
+
+    def secret_of(c: dict) -> dict:
+        return next(e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == password)
+
+    assert secret_of(server) == secret_of(container)
+    assert deployment["spec"]["replicas"] > 1, "an example of shared limits runs several replicas"

@@ -36,8 +36,18 @@ pub struct TestConfig {
     public_paths: Vec<String>,
     inject: Vec<(String, String)>,
     admin: bool,
+    limits: Limits,
     log_level: &'static str,
     tables: String,
+}
+
+/// `[limits]`: written only when `redis` is set.
+#[derive(Debug, Clone, Default)]
+struct Limits {
+    redis: Option<String>,
+    redis_timeout: Option<Duration>,
+    on_redis_error: Option<&'static str>,
+    slot_lease: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +101,7 @@ impl TestConfig {
                 ),
             ],
             admin: false,
+            limits: Limits::default(),
             log_level: "warn",
             tables: String::new(),
         }
@@ -235,6 +246,28 @@ impl TestConfig {
         self
     }
 
+    /// Rates and slots shared through the Redis at `url` (`[limits] redis`).
+    pub fn redis(mut self, url: &str) -> Self {
+        self.limits.redis = Some(url.to_owned());
+        self
+    }
+
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.redis_timeout = Some(timeout);
+        self
+    }
+
+    /// `"local"` or `"deny"`.
+    pub fn on_redis_error(mut self, what: &'static str) -> Self {
+        self.limits.on_redis_error = Some(what);
+        self
+    }
+
+    pub fn slot_lease(mut self, lease: Duration) -> Self {
+        self.limits.slot_lease = Some(lease);
+        self
+    }
+
     pub fn log_level(mut self, level: &'static str) -> Self {
         self.log_level = level;
         self
@@ -329,8 +362,21 @@ impl TestConfig {
         } else {
             ""
         };
+        let mut limits = String::new();
+        if let Some(url) = &self.limits.redis {
+            limits += &format!("\n[limits]\nredis = {}\n", string(url));
+            if let Some(timeout) = self.limits.redis_timeout {
+                limits += &format!("redis_timeout = {}\n", duration(timeout));
+            }
+            if let Some(what) = self.limits.on_redis_error {
+                limits += &format!("on_redis_error = {}\n", string(what));
+            }
+            if let Some(lease) = self.limits.slot_lease {
+                limits += &format!("slot_lease = {}\n", duration(lease));
+            }
+        }
         format!(
-            "\n[server]\n{server}\n[upstream]\n{upstream}\n[auth]\n{auth}\n[probe]\npath = {}\n\n[public]\npaths = {}\n{inject}{admin}\n[log]\nlevel = {}\n{}",
+            "\n[server]\n{server}\n[upstream]\n{upstream}\n[auth]\n{auth}\n[probe]\npath = {}\n\n[public]\npaths = {}\n{inject}{admin}{limits}\n[log]\nlevel = {}\n{}",
             string(&self.probe_path),
             strings(&self.public_paths),
             string(self.log_level),
@@ -348,6 +394,8 @@ pub struct Key {
     allow: Option<Vec<Rule>>,
     routes: Option<Vec<String>>,
     max_concurrent: Option<usize>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
     not_after: Option<SystemTime>,
     weight: Option<u32>,
 }
@@ -384,6 +432,8 @@ impl Key {
             allow: None,
             routes: None,
             max_concurrent: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
             not_after: None,
             weight: None,
         }
@@ -411,6 +461,16 @@ impl Key {
 
     pub fn max_concurrent(mut self, limit: usize) -> Self {
         self.max_concurrent = Some(limit);
+        self
+    }
+
+    pub fn requests_per_minute(mut self, rate: u32) -> Self {
+        self.requests_per_minute = Some(rate);
+        self
+    }
+
+    pub fn tokens_per_minute(mut self, rate: u32) -> Self {
+        self.tokens_per_minute = Some(rate);
         self
     }
 
@@ -454,6 +514,12 @@ impl Key {
         }
         if let Some(limit) = self.max_concurrent {
             fields.push(format!("max_concurrent = {limit}"));
+        }
+        if let Some(rate) = self.requests_per_minute {
+            fields.push(format!("requests_per_minute = {rate}"));
+        }
+        if let Some(rate) = self.tokens_per_minute {
+            fields.push(format!("tokens_per_minute = {rate}"));
         }
         if let Some(when) = self.not_after {
             let when = humantime::format_rfc3339_seconds(when).to_string();

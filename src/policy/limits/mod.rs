@@ -29,22 +29,7 @@ use crate::config::secrets::Secret;
 
 pub use self::local::LocalLimiter;
 pub use self::redis::{OnError, RedisLimiter, RedisOptions};
-
-/// The rates of one key. `None`: not limited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KeyLimits {
-    /// A burst of this many requests, then this many per minute, refilled continuously.
-    pub requests_per_minute: Option<NonZeroU32>,
-    /// Prompt plus completion tokens, from the responses' usage: a budget of this many,
-    /// refilled at this many per minute.
-    pub tokens_per_minute: Option<NonZeroU32>,
-}
-
-impl KeyLimits {
-    pub fn is_unlimited(&self) -> bool {
-        self.requests_per_minute.is_none() && self.tokens_per_minute.is_none()
-    }
-}
+pub use crate::config::key_policy::KeyLimits;
 
 /// What [`Limiter::check`] decided, with the numbers for the response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +197,24 @@ impl Limiter {
         match &*self.0 {
             Backend::Local(l) => l.debit_tokens(key, limits, tokens),
             Backend::Redis(r) => r.debit_tokens(key, limits, tokens).await,
+        }
+    }
+
+    /// [`Self::debit_tokens`] without waiting, for the end of a response: in this process
+    /// at once; with Redis, by a task of its own (none once the runtime is shutting down).
+    pub fn debit_tokens_soon(&self, key: &str, limits: &KeyLimits, tokens: u64) {
+        if limits.tokens_per_minute.is_none() || tokens == 0 {
+            return;
+        }
+        match &*self.0 {
+            Backend::Local(l) => l.debit_tokens(key, limits, tokens),
+            Backend::Redis(_) => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let (limiter, key, limits) = (self.clone(), key.to_owned(), *limits);
+                runtime.spawn(async move { limiter.debit_tokens(&key, &limits, tokens).await });
+            }
         }
     }
 

@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use super::bucket::Admission;
 use super::local::{caps, LocalLimiter};
 use super::{BackendState, Busy, Decision, KeyLimits, LimitsError, SlotLease, Source, Stats};
+pub use crate::config::limits::OnError;
 use crate::config::secrets::Secret;
 
 /// `Retry-After` of a request refused because Redis did not answer under `"deny"`.
@@ -44,25 +45,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RELEASE_BATCH: usize = 512;
 /// Fewest seconds between two warnings that Redis went down.
 const WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// What a request gets when Redis does not answer within `redis_timeout`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum OnError {
-    /// This process enforces the full limits alone, from what it has used.
-    #[default]
-    Local,
-    /// Refused: 503 with `Retry-After`, and no slot.
-    Deny,
-}
-
-impl OnError {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Local => "local",
-            Self::Deny => "deny",
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisOptions {
