@@ -15,7 +15,6 @@ use http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
-use crate::config::KeySpec;
 use crate::headers::X_API_KEY;
 use crate::policy::scope::Policy;
 
@@ -72,9 +71,10 @@ fn plain_token(bytes: &[u8]) -> Option<&[u8]> {
     (!token.is_empty() && token.iter().all(u8::is_ascii_graphic)).then_some(token)
 }
 
-/// The configured keys, as names and digests. Never holds a key's value; the config has
-/// refused two keys with one value before a set is built.
-#[derive(Clone)]
+/// The keys in force, as names and digests: the config's keys, hashed when the set is built,
+/// and the registry's, which are stored as digests. Never holds a key's value; the config has
+/// refused two keys with one digest before a set is built.
+#[derive(Clone, Default)]
 pub struct KeySet {
     keys: Vec<Key>,
 }
@@ -89,18 +89,18 @@ struct Key {
 }
 
 impl KeySet {
-    /// Builds the set from the configured keys, each with the policy kept for its name (so
-    /// its slots survive a reload); names must be valid header values (config checks).
-    pub fn new(keys: &[KeySpec], policy_of: impl Fn(&str) -> Arc<Policy>) -> Self {
+    /// Builds the set from each key's name, the SHA-256 of its value and its policy; names
+    /// must be valid header values (config checks).
+    pub fn new<'a>(keys: impl IntoIterator<Item = (&'a str, [u8; 32], Arc<Policy>)>) -> Self {
         Self {
             keys: keys
-                .iter()
-                .filter_map(|k| {
+                .into_iter()
+                .filter_map(|(name, digest, policy)| {
                     Some(Key {
-                        header: HeaderValue::from_str(&k.name).ok()?,
-                        name: k.name.as_str().into(),
-                        digest: Sha256::digest(k.secret.expose().as_bytes()).into(),
-                        policy: policy_of(&k.name),
+                        header: HeaderValue::from_str(name).ok()?,
+                        name: name.into(),
+                        digest,
+                        policy,
                     })
                 })
                 .collect(),
@@ -171,7 +171,6 @@ pub struct KeyId {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::secrets::Secret;
     use proptest::prelude::*;
 
     fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
@@ -186,16 +185,10 @@ mod tests {
     }
 
     fn keyset(keys: &[(&str, &str)]) -> KeySet {
-        let specs: Vec<KeySpec> = keys
-            .iter()
-            .map(|(name, value)| KeySpec {
-                name: (*name).to_owned(),
-                origin: format!("environment variable {}", name.to_uppercase()),
-                secret: Secret::new((*value).to_owned()),
-                policy: Arc::default(),
-            })
-            .collect();
-        KeySet::new(&specs, |_| Arc::new(Policy::default()))
+        KeySet::new(keys.iter().map(|(name, value)| {
+            let digest = Sha256::digest(value.as_bytes()).into();
+            (*name, digest, Arc::new(Policy::default()))
+        }))
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cors;
 pub mod fair;
 pub mod json_scan;
+pub mod keyring;
 pub mod limits;
 pub mod models;
 pub mod route;

@@ -3,14 +3,16 @@
 //! rules, and its concurrency slots (`max_concurrent`). Its `weight` is read later, when
 //! the request waits for the upstream (`policy::fair`).
 //!
-//! A [`Policy`] is built once per key name from its [`KeyPolicy`] and shared by every key set
-//! a reload builds (a reload re-reads key values only), so a key's slots and its expiry warnings carry over
-//! a reload: a rotated key cannot exceed its limit by being reloaded.
+//! A [`Policy`] pairs a key's [`KeyPolicy`] with state that belongs to the key's name: the
+//! requests it has in flight and the expiry notices already logged. A reload that brings a
+//! key back, its policy changed or not, builds its new policy with [`Policy::renewed`], which
+//! keeps that state: a key cannot exceed its limit by being reloaded, whatever the reload
+//! changed, and requests admitted before the reload keep the policy they were admitted with.
 
 use std::fmt;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use http::Method;
@@ -27,13 +29,49 @@ use crate::preset::Class;
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// What one key may do ([`KeyPolicy`], read as a field of this), with the state that goes
-/// with it: its concurrency slots and the expiry notices already logged.
+/// with its name: its requests in flight and the expiry notices already logged.
 #[derive(Debug)]
 pub struct Policy {
     spec: Arc<KeyPolicy>,
-    slots: Option<Arc<Semaphore>>,
-    /// The last expiry notice logged, so each is logged once.
-    noticed: AtomicU8,
+    /// Shared by every policy a reload builds for the key.
+    in_flight: Arc<InFlight>,
+    /// The last expiry notice logged, so each is logged once; shared with the key's policy
+    /// before a reload unless the reload changed `not_after`.
+    noticed: Arc<AtomicU8>,
+}
+
+/// A key's requests and streams in flight, counted against its `max_concurrent`, whatever
+/// that is at the time a request asks.
+#[derive(Debug)]
+struct InFlight {
+    /// One permit per request in flight, out of more than any key could have: the permits
+    /// taken are the count. Requests hold a plain semaphore permit, so the access log and a
+    /// tunnel can hold one without knowing of policies.
+    permits: Arc<Semaphore>,
+    /// Held while a request compares the count with the limit and takes its permit, so two
+    /// requests cannot both take the last slot.
+    taking: Mutex<()>,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            taking: Mutex::new(()),
+        }
+    }
+}
+
+impl InFlight {
+    /// A permit, if fewer than `max` are taken.
+    fn take(&self, max: usize) -> Option<OwnedSemaphorePermit> {
+        let _taking = self.taking.lock().unwrap_or_else(PoisonError::into_inner);
+        let taken = Semaphore::MAX_PERMITS - self.permits.available_permits();
+        if taken >= max {
+            return None;
+        }
+        self.permits.clone().try_acquire_owned().ok()
+    }
 }
 
 impl Default for Policy {
@@ -90,9 +128,25 @@ pub enum Expiry {
 impl Policy {
     pub fn new(spec: Arc<KeyPolicy>) -> Self {
         Self {
-            slots: spec.max_concurrent.map(|n| Arc::new(Semaphore::new(n))),
             spec,
-            noticed: AtomicU8::new(0),
+            in_flight: Arc::default(),
+            noticed: Arc::default(),
+        }
+    }
+
+    /// The policy `spec` for the key that has this policy now (a reload): the requests it
+    /// has in flight count against the new `max_concurrent`, and the expiry notices given
+    /// stay given unless `not_after` changed.
+    pub fn renewed(&self, spec: Arc<KeyPolicy>) -> Self {
+        let noticed = if spec.not_after == self.not_after {
+            self.noticed.clone()
+        } else {
+            Arc::default()
+        };
+        Self {
+            spec,
+            in_flight: self.in_flight.clone(),
+            noticed,
         }
     }
 
@@ -111,13 +165,10 @@ impl Policy {
     /// One of the key's concurrency slots: `Ok(None)` for a key without a limit,
     /// [`ProxyError::KeyBusy`] when all are taken. `in_use` counts the slot while it is held.
     pub fn slot(&self, in_use: impl FnOnce() -> Gauge) -> Result<Option<Slot>, ProxyError> {
-        let Some(slots) = &self.slots else {
+        let Some(max) = self.max_concurrent else {
             return Ok(None);
         };
-        let permit = slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ProxyError::KeyBusy)?;
+        let permit = self.in_flight.take(max).ok_or(ProxyError::KeyBusy)?;
         Ok(Some(Held::new(permit, in_use())))
     }
 
