@@ -220,8 +220,7 @@ impl Config {
         };
         let config = validate(path, file, secrets, &mut p);
         // The config file's problems first, then the registry's, each in file order.
-        p.list
-            .sort_by(|a, b| (&a.file, a.at).cmp(&(&b.file, b.at)));
+        p.list.sort_by(|a, b| (&a.file, a.at).cmp(&(&b.file, b.at)));
         match config {
             Some(config) if p.list.is_empty() => Ok(config),
             _ => Err(fail(p.list)),

@@ -122,7 +122,11 @@ impl Registry {
     }
 
     /// The keys of `source`, or every problem with them.
-    fn parse(&self, source: &str, configured: &[KeySpec]) -> Result<Vec<RegistryKey>, Vec<Problem>> {
+    fn parse(
+        &self,
+        source: &str,
+        configured: &[KeySpec],
+    ) -> Result<Vec<RegistryKey>, Vec<Problem>> {
         let mut p = Problems {
             source,
             list: Vec::new(),
@@ -232,7 +236,10 @@ impl Registry {
 /// it, without repeating any of it: a key pasted here by mistake stays out of the logs.
 fn digest_from_hex(hex: &str) -> Result<[u8; 32], String> {
     if hex.len() != 64 {
-        return Err(format!("has {} characters instead of 64", hex.chars().count()));
+        return Err(format!(
+            "has {} characters instead of 64",
+            hex.chars().count()
+        ));
     }
     if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err("has characters other than 0-9 and a-f".into());
@@ -266,4 +273,387 @@ pub fn registry_entry(name: &str, key: &str) -> Result<String, &'static str> {
         "{{ name = \"{name}\", sha256 = \"{}\" }},",
         sha256_hex(key)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::secrets::MapSecrets;
+
+    const KEY: &str = "config-key-0123456789abcdef";
+    const APP: &str = "app-key-0123456789abcdef";
+    const OTHER: &str = "other-key-0123456789abcdef";
+    const REGISTRY: &str = "/reg/keys.toml";
+
+    fn main_config(keys: &str) -> String {
+        format!("[auth]\nkeys = [{keys}]\nregistry = \"{REGISTRY}\"\n")
+    }
+
+    fn secrets(registry: &str) -> MapSecrets {
+        MapSecrets::default()
+            .with_env("API_KEY", KEY)
+            .with_file(REGISTRY, registry)
+    }
+
+    fn load(registry: &str) -> Result<Config, ConfigError> {
+        let text = main_config("{ name = \"default\", env = \"API_KEY\" }");
+        Config::parse(
+            Path::new("test.toml"),
+            &text,
+            &Overrides::default(),
+            &secrets(registry),
+        )
+    }
+
+    fn errors(registry: &str) -> String {
+        load(registry).unwrap_err().to_string()
+    }
+
+    fn entry(name: &str, key: &str, fields: &str) -> String {
+        format!(
+            "{{ name = \"{name}\", sha256 = \"{}\"{fields} }}",
+            sha256_hex(key)
+        )
+    }
+
+    fn registry(entries: &[String]) -> String {
+        format!("keys = [\n  {},\n]\n", entries.join(",\n  "))
+    }
+
+    #[test]
+    fn registry_keys_are_read_with_their_digests_and_policies() {
+        let text = registry(&[
+            entry("app", APP, ""),
+            entry(
+                "batch",
+                OTHER,
+                ", max_concurrent = 2, weight = 3, not_after = \"2030-01-01T00:00:00Z\", allow = [{ methods = [\"POST\"], path_prefix = \"/v1/\" }]",
+            ),
+        ]);
+        let c = load(&text).unwrap();
+        let r = c.auth.registry.as_ref().unwrap();
+        assert_eq!(r.path, Path::new(REGISTRY));
+        let names: Vec<&str> = r.keys.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["app", "batch"]);
+        let app_digest: [u8; 32] = Sha256::digest(APP.as_bytes()).into();
+        assert_eq!(r.keys[0].digest, app_digest);
+        assert_eq!(r.keys[0].origin, "registry /reg/keys.toml:2");
+        let batch = &r.keys[1].policy;
+        assert_eq!(batch.max_concurrent, Some(2));
+        assert_eq!(batch.weight, 3);
+        assert!(batch.not_after.is_some());
+        assert_eq!(batch.allow[0].to_string(), "POST below /v1/");
+        let live = LiveKeys::new(&c.auth);
+        let all: Vec<&str> = live.digests().map(|(name, _, _)| name).collect();
+        assert_eq!(all, ["default", "app", "batch"]);
+    }
+
+    #[test]
+    fn never_a_secret_value_in_a_config_error_a_wrong_sha256_names_its_line_and_keygen() {
+        let good = sha256_hex(APP);
+        for (value, why) in [
+            (good.to_uppercase(), "has characters other than 0-9 and a-f"),
+            (good[..63].to_owned(), "has 63 characters instead of 64"),
+            // The key itself pasted where its digest belongs: never echoed.
+            (
+                "kg-pasted-key-instead-of-its-digest-0123456".to_owned(),
+                "has 43 characters instead of 64",
+            ),
+            (format!("{}zz", &good[..62]), "has characters other than"),
+        ] {
+            let text = format!(
+                "keys = [\n  {},\n  {{ name = \"app\", sha256 = \"{value}\" }},\n]\n",
+                entry("first", OTHER, "")
+            );
+            let e = errors(&text);
+            assert!(
+                e.starts_with(&format!(
+                    "/reg/keys.toml:3:3: keys (name = \"app\"): sha256 {why}"
+                )),
+                "{value}: {e}"
+            );
+            assert!(
+                e.contains("64 lower-case hex characters")
+                    && e.contains("`keygate keygen --name app`"),
+                "{e}"
+            );
+            assert!(!e.contains(&value), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_entry_needs_sha256_and_takes_no_value_source() {
+        for (fields, expected) in [
+            ("", "needs sha256 = \"<64 lower-case hex characters>\""),
+            (", env = \"APP_KEY\"", "env has no place in the registry"),
+            (", file = \"/run/k\"", "file has no place in the registry"),
+            (
+                ", optional = false",
+                "optional has no place in the registry",
+            ),
+        ] {
+            let sha = if fields.is_empty() {
+                String::new()
+            } else {
+                format!(", sha256 = \"{}\"", sha256_hex(APP))
+            };
+            let e = errors(&format!("keys = [{{ name = \"app\"{sha}{fields} }}]\n"));
+            assert!(
+                e.starts_with("/reg/keys.toml:1:9: keys (name = \"app\"): "),
+                "{fields}: {e}"
+            );
+            assert!(e.contains(expected), "{fields}: {e}");
+            assert!(e.contains("`keygate keygen --name app`"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_in_the_registry_are_errors_with_their_line() {
+        let e = errors(&format!(
+            "keys = [\n  {},\n  {{ name = \"b\", sha256 = \"{}\", modle = \"x\" }},\n]\n",
+            entry("a", APP, ""),
+            sha256_hex(OTHER)
+        ));
+        assert!(e.starts_with("/reg/keys.toml:3:"), "{e}");
+        assert!(e.contains("unknown key `modle`"), "{e}");
+        let e = errors(&format!("key = [{}]\n", entry("a", APP, "")));
+        assert!(
+            e.starts_with("/reg/keys.toml:1:1: unknown key `key`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn names_are_unique_across_the_config_and_the_registry() {
+        let e = errors(&registry(&[entry("default", APP, "")]));
+        assert!(
+            e.starts_with("/reg/keys.toml:2:3: keys (name = \"default\"): the name is taken by a key in the config file's [auth] keys"),
+            "{e}"
+        );
+        let e = errors(&registry(&[entry("app", APP, ""), entry("app", OTHER, "")]));
+        assert!(
+            e.starts_with("/reg/keys.toml:3:3: keys (name = \"app\"): this name is used twice"),
+            "{e}"
+        );
+        // An optional key that is not set keeps its name.
+        let text = main_config(
+            "{ name = \"default\", env = \"API_KEY\" }, { name = \"next\", env = \"NEXT\", optional = true }",
+        );
+        let e = Config::parse(
+            Path::new("test.toml"),
+            &text,
+            &Overrides::default(),
+            &secrets(&registry(&[entry("next", APP, "")])),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("(name = \"next\"): the name is taken"), "{e}");
+    }
+
+    #[test]
+    fn a_digest_used_twice_is_refused_by_names_and_lines_only() {
+        let e = errors(&registry(&[entry("a", APP, ""), entry("b", APP, "")]));
+        assert!(
+            e.starts_with("/reg/keys.toml:3:3: keys (name = \"b\"): keys \"a\" (registry /reg/keys.toml:2) and \"b\" (registry /reg/keys.toml:3) have the same value"),
+            "{e}"
+        );
+        let e = errors(&registry(&[entry("a", OTHER, ""), entry("b", KEY, "")]));
+        assert!(
+            e.starts_with("/reg/keys.toml:3:3: keys (name = \"b\"): keys \"default\" (environment variable API_KEY) and \"b\" (registry /reg/keys.toml:3) have the same value"),
+            "{e}"
+        );
+        assert!(!e.contains(&sha256_hex(KEY)) && !e.contains(KEY), "{e}");
+    }
+
+    #[test]
+    fn policy_fields_are_checked_as_in_the_config() {
+        for (fields, expected) in [
+            (", max_concurrent = 0", "max_concurrent = 0 admits nothing"),
+            (", allow = []", "lets the key do nothing"),
+            (
+                ", routes = [\"admin\"]",
+                "only applies with a server preset",
+            ),
+            (
+                ", weight = 0",
+                "weight must be a whole number from 1 to 1000",
+            ),
+            (", not_after = \"2030-01-01\"", "RFC 3339"),
+        ] {
+            let e = errors(&format!("keys = [{}]\n", entry("app", APP, fields)));
+            assert!(
+                e.starts_with("/reg/keys.toml:1:9: keys (name = \"app\"): "),
+                "{fields}: {e}"
+            );
+            assert!(e.contains(expected), "{fields}: {e}");
+        }
+    }
+
+    #[test]
+    fn config_and_registry_problems_are_reported_together() {
+        let text = "[server]\nlisten = \"nowhere\"\n[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\" }]\nregistry = \"/reg/keys.toml\"\n";
+        let e = Config::parse(
+            Path::new("test.toml"),
+            text,
+            &Overrides::default(),
+            &secrets("keys = [{ name = \"app\" }]\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(
+            lines[0].starts_with("test.toml:2:10: [server] listen"),
+            "{e}"
+        );
+        assert!(
+            lines[1].starts_with("/reg/keys.toml:1:9: keys (name = \"app\"): needs sha256"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sha256_belongs_in_the_registry_not_the_config() {
+        let text = format!(
+            "[auth]\nkeys = [{{ name = \"default\", sha256 = \"{}\" }}]\n",
+            sha256_hex(KEY)
+        );
+        let e = Config::parse(
+            Path::new("test.toml"),
+            &text,
+            &Overrides::default(),
+            &MapSecrets::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("test.toml:2:9: [auth] keys (name = \"default\"): sha256 belongs in the key registry"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_registry_may_hold_every_key_but_something_must_admit() {
+        let text = main_config("");
+        let parse = |registry: &str| {
+            Config::parse(
+                Path::new("test.toml"),
+                &text,
+                &Overrides::default(),
+                &secrets(registry),
+            )
+        };
+        let c = parse(&registry(&[entry("app", APP, "")])).unwrap();
+        assert!(c.auth.keys.is_empty());
+        let e = parse("keys = []\n").unwrap_err().to_string();
+        assert!(
+            e.contains("the registry holds no key and [auth] keys has none"),
+            "{e}"
+        );
+        let e = Config::parse(
+            Path::new("test.toml"),
+            &text,
+            &Overrides::default(),
+            &MapSecrets::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "test.toml:3:12: [auth] registry: cannot read the key registry /reg/keys.toml"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_reload_rereads_the_registry_and_keeps_the_keys_on_any_problem() {
+        let c = load(&registry(&[entry("app", APP, "")])).unwrap();
+        let live = LiveKeys::new(&c.auth);
+        let changed = secrets(&registry(&[
+            entry("app", APP, ", max_concurrent = 3"),
+            entry("new", OTHER, ""),
+        ]));
+        let reloaded = live.reload(&[], &changed).unwrap();
+        let keys: Vec<(&str, Option<usize>)> = reloaded
+            .digests()
+            .map(|(name, _, policy)| (name, policy.max_concurrent))
+            .collect();
+        assert_eq!(keys, [("default", None), ("app", Some(3)), ("new", None)]);
+        for (text, expected) in [
+            (
+                format!("keys = [\n  {}\n]\n", entry("app", KEY, "")),
+                "/reg/keys.toml:2:3: keys (name = \"app\"): keys \"default\" (environment variable API_KEY) and \"app\"",
+            ),
+            (
+                "keys = [\n  { name = \"app\", sha256 = \"abc\" },\n  { name = \"b\" },\n]\n".to_owned(),
+                "/reg/keys.toml:2:3: keys (name = \"app\"): sha256 has 3 characters instead of 64; it must be 64 lower-case hex characters, the SHA-256 of the key. `keygate keygen --name app` prints a new key and its entry; /reg/keys.toml:3:3: keys (name = \"b\"): needs sha256",
+            ),
+            ("keys = [\n".to_owned(), "/reg/keys.toml:"),
+        ] {
+            let e = live.reload(&[], &secrets(&text)).unwrap_err();
+            assert!(e.starts_with(expected), "{e}");
+        }
+        let e = live.reload(&[], &MapSecrets::default()).unwrap_err();
+        assert!(
+            e.starts_with("cannot read the key registry /reg/keys.toml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_reload_that_leaves_no_key_keeps_the_keys() {
+        let text = main_config("");
+        let c = Config::parse(
+            Path::new("test.toml"),
+            &text,
+            &Overrides::default(),
+            &secrets(&registry(&[entry("app", APP, "")])),
+        )
+        .unwrap();
+        let e = LiveKeys::new(&c.auth)
+            .reload(&[], &secrets("keys = []\n"))
+            .unwrap_err();
+        assert_eq!(e, "no key would be left to admit anyone");
+    }
+
+    #[test]
+    fn a_keygen_entry_is_a_registry_entry_for_the_key() {
+        let line = registry_entry("app", APP).unwrap();
+        assert_eq!(
+            line,
+            format!("{{ name = \"app\", sha256 = \"{}\" }},", sha256_hex(APP))
+        );
+        let c = load(&format!("keys = [\n  {line}\n]\n")).unwrap();
+        let expected: [u8; 32] = Sha256::digest(APP.as_bytes()).into();
+        assert_eq!(c.auth.registry.unwrap().keys[0].digest, expected);
+        assert!(registry_entry("two words", APP).is_err());
+        assert!(registry_entry("", APP).is_err());
+    }
+
+    #[test]
+    fn the_summary_shows_registry_names_and_policies_never_digests() {
+        let c = load(&registry(&[
+            entry("app", APP, ""),
+            entry("batch", OTHER, ", max_concurrent = 2"),
+        ]))
+        .unwrap();
+        let summary = c.summary();
+        assert!(
+            summary.contains(
+                "key registry:    /reg/keys.toml: app, batch; re-read on SIGHUP and when it changes"
+            ),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("key batch:       max_concurrent 2\n"),
+            "{summary}"
+        );
+        for key in [APP, OTHER] {
+            assert!(!summary.contains(&sha256_hex(key)[..8]), "{summary}");
+        }
+        let debug = format!("{c:?}");
+        assert!(!debug.contains(&sha256_hex(APP)[..8]), "{debug}");
+        assert!(!debug.contains(&format!("{:?}", &Sha256::digest(APP.as_bytes())[..4])));
+    }
 }

@@ -15,6 +15,7 @@ use http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
+use crate::config::KeySpec;
 use crate::headers::X_API_KEY;
 use crate::policy::scope::Policy;
 
@@ -89,9 +90,19 @@ struct Key {
 }
 
 impl KeySet {
+    /// Builds the set from the config's keys, each with the policy `policy_of` gives its name.
+    pub fn new(keys: &[KeySpec], policy_of: impl Fn(&str) -> Arc<Policy>) -> Self {
+        Self::from_digests(
+            keys.iter()
+                .map(|k| (k.name.as_str(), k.digest(), policy_of(&k.name))),
+        )
+    }
+
     /// Builds the set from each key's name, the SHA-256 of its value and its policy; names
     /// must be valid header values (config checks).
-    pub fn new<'a>(keys: impl IntoIterator<Item = (&'a str, [u8; 32], Arc<Policy>)>) -> Self {
+    pub fn from_digests<'a>(
+        keys: impl IntoIterator<Item = (&'a str, [u8; 32], Arc<Policy>)>,
+    ) -> Self {
         Self {
             keys: keys
                 .into_iter()
@@ -171,6 +182,7 @@ pub struct KeyId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::secrets::Secret;
     use proptest::prelude::*;
 
     fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
@@ -185,10 +197,16 @@ mod tests {
     }
 
     fn keyset(keys: &[(&str, &str)]) -> KeySet {
-        KeySet::new(keys.iter().map(|(name, value)| {
-            let digest = Sha256::digest(value.as_bytes()).into();
-            (*name, digest, Arc::new(Policy::default()))
-        }))
+        let specs: Vec<KeySpec> = keys
+            .iter()
+            .map(|(name, value)| KeySpec {
+                name: (*name).to_owned(),
+                origin: format!("environment variable {}", name.to_uppercase()),
+                secret: Secret::new((*value).to_owned()),
+                policy: Arc::default(),
+            })
+            .collect();
+        KeySet::new(&specs, |_| Arc::new(Policy::default()))
     }
 
     #[test]

@@ -37,8 +37,14 @@ impl Keyring {
         let live = LiveKeys::new(auth);
         let mut policies = HashMap::new();
         let keys = build(&live, &mut policies);
-        let files = auth.file_keys.iter().map(|f| (f.path.clone(), f.stamp.clone()));
-        let registry = auth.registry.iter().map(|r| (r.path.clone(), r.stamp.clone()));
+        let files = auth
+            .file_keys
+            .iter()
+            .map(|f| (f.path.clone(), f.stamp.clone()));
+        let registry = auth
+            .registry
+            .iter()
+            .map(|r| (r.path.clone(), r.stamp.clone()));
         Self {
             keys: ArcSwap::from_pointee(keys),
             state: Mutex::new(State { live, policies }),
@@ -80,7 +86,7 @@ impl Keyring {
 /// The key set of `live`, each key's policy renewed from the one its name last had.
 fn build(live: &LiveKeys, policies: &mut HashMap<String, Weak<Policy>>) -> KeySet {
     policies.retain(|_, policy| policy.strong_count() > 0);
-    KeySet::new(live.digests().map(|(name, digest, spec)| {
+    KeySet::from_digests(live.digests().map(|(name, digest, spec)| {
         let policy = Arc::new(match policies.get(name).and_then(Weak::upgrade) {
             Some(before) => before.renewed(spec.clone()),
             None => Policy::new(spec.clone()),
@@ -88,4 +94,104 @@ fn build(live: &LiveKeys, policies: &mut HashMap<String, Weak<Policy>>) -> KeySe
         policies.insert(name.to_owned(), Arc::downgrade(&policy));
         (name, digest, policy)
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use http::Method;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    use super::*;
+    use crate::config::secrets::MapSecrets;
+    use crate::config::{sha256_hex, Config, Overrides};
+
+    const KEY: &str = "config-key-0123456789abcdef";
+    const APP: &str = "app-key-0123456789abcdef";
+    const NEW: &str = "new-key-0123456789abcdef";
+
+    fn secrets(registry: &str) -> MapSecrets {
+        MapSecrets::default()
+            .with_env("API_KEY", KEY)
+            .with_file("/reg/keys.toml", registry)
+    }
+
+    fn entry(name: &str, key: &str, fields: &str) -> String {
+        format!(
+            "{{ name = \"{name}\", sha256 = \"{}\"{fields} }}",
+            sha256_hex(key)
+        )
+    }
+
+    fn keyring(registry: &str) -> Keyring {
+        let text = "[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\" }]\nregistry = \"/reg/keys.toml\"\n";
+        let config = Config::parse(
+            Path::new("test.toml"),
+            text,
+            &Overrides::default(),
+            &secrets(registry),
+        )
+        .unwrap();
+        Keyring::new(&config.auth)
+    }
+
+    #[test]
+    fn a_key_the_registry_adds_gets_its_own_policy() {
+        let keyring = keyring(&format!("keys = [{}]", entry("app", APP, "")));
+        assert!(keyring.load().verify(NEW.as_bytes()).is_none());
+        let added = format!(
+            "keys = [{}, {}]",
+            entry("app", APP, ""),
+            entry(
+                "new",
+                NEW,
+                ", max_concurrent = 1, allow = [{ methods = [\"GET\"], path = \"/v1/models\" }]"
+            )
+        );
+        keyring.reload(&secrets(&added)).unwrap();
+        let new = keyring.load().verify(NEW.as_bytes()).unwrap();
+        assert_eq!(&*new.name, "new");
+        assert!(new.policy.permits(&Method::GET, "/v1/models", None));
+        assert!(!new
+            .policy
+            .permits(&Method::POST, "/v1/chat/completions", None));
+        let _held = new.policy.slot(Gauge::default).unwrap();
+        assert!(new.policy.slot(Gauge::default).is_err());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_slots_of_a_key_whose_policy_changed() {
+        let keyring = keyring(&format!(
+            "keys = [{}]",
+            entry("app", APP, ", max_concurrent = 1")
+        ));
+        let before = keyring.load().verify(APP.as_bytes()).unwrap();
+        let _held = before.policy.slot(Gauge::default).unwrap();
+        let reweighted = format!(
+            "keys = [{}]",
+            entry("app", APP, ", max_concurrent = 1, weight = 4")
+        );
+        keyring.reload(&secrets(&reweighted)).unwrap();
+        let after = keyring.load().verify(APP.as_bytes()).unwrap();
+        assert_eq!(after.policy.weight, 4);
+        assert!(after.policy.slot(Gauge::default).is_err());
+    }
+
+    #[test]
+    fn a_removed_key_is_refused_and_a_bad_registry_keeps_the_keys() {
+        let keyring = keyring(&format!("keys = [{}]", entry("app", APP, "")));
+        let admitted = keyring.load().verify(APP.as_bytes()).unwrap();
+        assert!(keyring
+            .reload(&secrets("keys = [{ name = \"app\" }]"))
+            .is_err());
+        assert!(keyring.load().verify(APP.as_bytes()).is_some());
+        keyring.reload(&secrets("keys = []")).unwrap();
+        assert!(keyring.load().verify(APP.as_bytes()).is_none());
+        assert!(keyring.load().verify(KEY.as_bytes()).is_some());
+        assert_eq!(
+            &*admitted.name, "app",
+            "a request admitted before keeps its key"
+        );
+    }
 }

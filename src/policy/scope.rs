@@ -371,6 +371,58 @@ mod tests {
         assert!(Policy::default().slot(Gauge::default).unwrap().is_none());
     }
 
+    fn limited(max_concurrent: usize, weight: u32) -> Arc<KeyPolicy> {
+        Arc::new(KeyPolicy {
+            max_concurrent: Some(max_concurrent),
+            weight,
+            ..KeyPolicy::default()
+        })
+    }
+
+    #[test]
+    fn a_renewed_policy_counts_the_slots_in_use_against_its_new_limit() {
+        let gauge = Gauge::default();
+        let take = |p: &Policy| p.slot(|| gauge.clone());
+        let p = Policy::new(limited(1, 1));
+        let first = take(&p).unwrap();
+        assert!(first.is_some());
+        let reweighted = p.renewed(limited(1, 5));
+        assert!(take(&reweighted).is_err(), "the held slot still counts");
+        let raised = reweighted.renewed(limited(2, 5));
+        let second = take(&raised).unwrap();
+        assert!(take(&raised).is_err());
+        let lowered = raised.renewed(limited(1, 5));
+        drop(first);
+        assert!(take(&lowered).is_err(), "one still held, one allowed");
+        drop(second);
+        assert!(take(&lowered).unwrap().is_some());
+        assert!(
+            take(&p).unwrap().is_some(),
+            "the old policy shares the count"
+        );
+    }
+
+    #[test]
+    fn a_renewed_policy_keeps_its_expiry_notices_unless_not_after_changed() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let expiring = |at: SystemTime| {
+            Arc::new(KeyPolicy {
+                not_after: Some(at),
+                ..KeyPolicy::default()
+            })
+        };
+        let p = Policy::new(expiring(start));
+        assert_eq!(p.expiry_notice(start), Some(Expiry::Expired));
+        let same = p.renewed(expiring(start));
+        assert_eq!(same.expiry_notice(start), None, "given once");
+        let extended = same.renewed(expiring(start + EXPIRY_WARNING / 2));
+        assert_eq!(
+            extended.expiry_notice(start),
+            Some(Expiry::Soon(EXPIRY_WARNING / 2)),
+            "a new not_after gets its own notices"
+        );
+    }
+
     #[test]
     fn expiry_is_noticed_once_when_near_and_once_when_past() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
