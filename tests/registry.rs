@@ -534,3 +534,21 @@ fn check_prints_registry_names_and_policies_never_a_digest() {
         assert!(!stdout.contains(&sha256(key)[..8]), "{stdout}");
     }
 }
+
+#[test]
+fn the_example_registry_passes_check() {
+    let example = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/examples/registry/keys.toml"
+    ));
+    let dir = TempDir::new("registry-example");
+    let config = config("127.0.0.1:9".parse().unwrap(), example).text();
+    let config = dir.write("keygate.toml", &config);
+    let (status, stdout, stderr) =
+        run_to_end(&["check", "--config", config.to_str().unwrap()], &ENV);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains(": app, batch, contractor; re-read on SIGHUP"),
+        "{stdout}"
+    );
+}
