@@ -4,8 +4,8 @@
 //! one moment and keeps the key it was admitted with; each key's [`Policy`] is renewed by
 //! name, so what the key has in flight and the expiry notices it was given carry over.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
 
@@ -27,9 +27,9 @@ pub struct Keyring {
 
 struct State {
     live: LiveKeys,
-    /// The newest policy of each key name, for as long as anything holds it: the key set,
-    /// or a request admitted before its key was removed, which still holds its slot.
-    policies: HashMap<String, Weak<Policy>>,
+    /// The newest policy of each key in force, and of each removed key that still has
+    /// requests in flight: a key added back then finds them counted.
+    policies: HashMap<String, Arc<Policy>>,
 }
 
 impl Keyring {
@@ -84,16 +84,18 @@ impl Keyring {
 }
 
 /// The key set of `live`, each key's policy renewed from the one its name last had.
-fn build(live: &LiveKeys, policies: &mut HashMap<String, Weak<Policy>>) -> KeySet {
-    policies.retain(|_, policy| policy.strong_count() > 0);
-    KeySet::from_digests(live.digests().map(|(name, digest, spec)| {
-        let policy = Arc::new(match policies.get(name).and_then(Weak::upgrade) {
+fn build(live: &LiveKeys, policies: &mut HashMap<String, Arc<Policy>>) -> KeySet {
+    let keys = KeySet::from_digests(live.digests().map(|(name, digest, spec)| {
+        let policy = Arc::new(match policies.get(name) {
             Some(before) => before.renewed(spec.clone()),
             None => Policy::new(spec.clone()),
         });
-        policies.insert(name.to_owned(), Arc::downgrade(&policy));
+        policies.insert(name.to_owned(), policy.clone());
         (name, digest, policy)
-    }))
+    }));
+    let names: HashSet<&str> = keys.names().collect();
+    policies.retain(|name, policy| names.contains(name.as_str()) || policy.in_flight() > 0);
+    keys
 }
 
 #[cfg(test)]
@@ -122,6 +124,10 @@ mod tests {
             "{{ name = \"{name}\", sha256 = \"{}\"{fields} }}",
             sha256_hex(key)
         )
+    }
+
+    fn lock(keyring: &Keyring) -> std::sync::MutexGuard<'_, State> {
+        keyring.state.lock().unwrap()
     }
 
     fn keyring(registry: &str) -> Keyring {
@@ -176,6 +182,26 @@ mod tests {
         let after = keyring.load().verify(APP.as_bytes()).unwrap();
         assert_eq!(after.policy.weight, 4);
         assert!(after.policy.slot(Gauge::default).is_err());
+    }
+
+    #[test]
+    fn a_key_removed_and_added_back_finds_its_requests_in_flight_counted() {
+        let app = format!("keys = [{}]", entry("app", APP, ", max_concurrent = 1"));
+        let keyring = keyring(&app);
+        let held = {
+            let admitted = keyring.load().verify(APP.as_bytes()).unwrap();
+            admitted.policy.slot(Gauge::default).unwrap()
+        };
+        keyring.reload(&secrets("keys = []")).unwrap();
+        keyring.reload(&secrets(&app)).unwrap();
+        let back = keyring.load().verify(APP.as_bytes()).unwrap();
+        assert!(back.policy.slot(Gauge::default).is_err());
+        drop(held);
+        keyring.reload(&secrets("keys = []")).unwrap();
+        assert!(
+            lock(&keyring).policies.keys().eq(["default"]),
+            "forgotten once idle"
+        );
     }
 
     #[test]

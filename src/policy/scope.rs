@@ -63,11 +63,14 @@ impl Default for InFlight {
 }
 
 impl InFlight {
+    fn taken(&self) -> usize {
+        Semaphore::MAX_PERMITS - self.permits.available_permits()
+    }
+
     /// A permit, if fewer than `max` are taken.
     fn take(&self, max: usize) -> Option<OwnedSemaphorePermit> {
         let _taking = self.taking.lock().unwrap_or_else(PoisonError::into_inner);
-        let taken = Semaphore::MAX_PERMITS - self.permits.available_permits();
-        if taken >= max {
+        if self.taken() >= max {
             return None;
         }
         self.permits.clone().try_acquire_owned().ok()
@@ -148,6 +151,12 @@ impl Policy {
             in_flight: self.in_flight.clone(),
             noticed,
         }
+    }
+
+    /// The key's requests and streams in flight, as counted for its `max_concurrent`
+    /// (none are counted without one).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.taken()
     }
 
     /// Whether the key is past its `not_after` at `now`.
