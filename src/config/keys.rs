@@ -1,5 +1,5 @@
 //! `[auth]`: the keys, where each value comes from, and each key's scope and limits; the
-//! re-reading of key files.
+//! re-reading of key files, with the key registry (`registry`) they are checked against.
 
 use sha2::Digest;
 
