@@ -12,19 +12,17 @@
 //! most of the time), leaving the upstream's capacity to requests one tunnel at a time. A
 //! key's tunnels are bounded by its `max_concurrent`, as its requests are.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use crate::config::secrets::SecretSource;
-use crate::config::{reload_file_keys, Config, FileKey, KeySpec, WatchedFiles};
+use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::body::{Body, RequestBody};
 use crate::forward::rewrite::{self, Origin, Peer, Rules};
@@ -38,25 +36,17 @@ use crate::policy::admission::{Admission, RateHeaders};
 use crate::policy::auth::{self, Credential, KeySet};
 use crate::policy::cors::{Cors, Preflight};
 use crate::policy::fair::{FairQueue, Permit, Refused};
+use crate::policy::keyring::Keyring;
 use crate::policy::route::{Route, Routes};
-use crate::policy::scope::{Clock, Expiry, Policy};
+use crate::policy::scope::{Clock, Expiry};
 use crate::policy::throttle::FailedAuth;
 use crate::preset::Table;
 
 /// Everything a request needs, built once at start-up and shared by all connections.
 pub struct Gateway {
     routes: Routes,
-    /// Swapped whole by a reload; a request holds the set it started with.
-    keys: ArcSwap<KeySet>,
-    /// The keys as configured, the source of `keys`: a reload re-reads their file keys.
-    specs: Mutex<Vec<KeySpec>>,
-    /// Each configured key's policy by name, built once: slots and expiry notices outlive
-    /// reloads.
-    policies: HashMap<String, Arc<Policy>>,
-    /// Keys read from files, re-read by [`Gateway::reload_keys`].
-    file_keys: Vec<FileKey>,
-    /// The key files, watched for changes; see [`Gateway::key_files_changed`].
-    watched: WatchedFiles,
+    /// The keys in force, from the config and the registry; see [`Gateway::reload_keys`].
+    keys: Keyring,
     rules: Arc<Rules>,
     upstream: Upstream,
     max_request_body: u64,
@@ -81,30 +71,9 @@ impl Gateway {
     /// The gateway for `config`; `clock` is where key expiry reads the time, `admission`
     /// keeps the keys' slots and rates (see [`Admission::start`]).
     pub fn new(config: &Config, clock: Clock, admission: Admission) -> Self {
-        let a = &config.auth;
-        let configured = a.keys.iter().map(|k| (&k.name, &k.policy));
-        let absent = a
-            .absent_optional
-            .iter()
-            .map(|(name, policy)| (name, policy));
-        let policies: HashMap<String, Arc<Policy>> = configured
-            .chain(absent)
-            .map(|(name, spec)| (name.clone(), Arc::new(Policy::new(spec.clone()))))
-            .collect();
         let gateway = Self {
             routes: Routes::new(config.probe_path.clone(), config.public_paths.clone()),
-            keys: ArcSwap::from_pointee(KeySet::new(&a.keys, |name| policy_of(&policies, name))),
-            specs: Mutex::new(a.keys.clone()),
-            policies,
-            file_keys: config.auth.file_keys.clone(),
-            watched: WatchedFiles::new(
-                config
-                    .auth
-                    .file_keys
-                    .iter()
-                    .map(|f| (f.path.clone(), f.stamp.clone()))
-                    .collect(),
-            ),
+            keys: Keyring::new(&config.auth),
             rules: Arc::new(Rules::new(config)),
             upstream: Upstream::new(&config.upstream),
             max_request_body: config.server.max_request_body,
@@ -129,14 +98,24 @@ impl Gateway {
             admission,
             clock,
         };
-        gateway.publish_expiries();
+        gateway.publish_expiries(&KeySet::default());
         gateway
     }
 
-    /// Puts each loaded key's `not_after` in the metrics (at start-up and after a reload,
-    /// which may bring in a key that was not set before).
-    fn publish_expiries(&self) {
-        for (name, policy) in self.keys.load().policies() {
+    /// Puts each loaded key's `not_after` in the metrics, and takes out those of the keys
+    /// `before` that no longer have one (at start-up, and after a reload, which may add a
+    /// key, remove one or change its `not_after`).
+    fn publish_expiries(&self, before: &KeySet) {
+        let keys = self.keys.load();
+        for (name, policy) in before.policies() {
+            let still = keys
+                .policies()
+                .any(|(now, p)| now == name && p.not_after.is_some());
+            if policy.not_after.is_some() && !still {
+                self.metrics.forget_key_not_after(name);
+            }
+        }
+        for (name, policy) in keys.policies() {
             if let Some(not_after) = policy.not_after {
                 self.metrics.key_not_after(name, not_after);
             }
@@ -174,20 +153,16 @@ impl Gateway {
         }
     }
 
-    /// Re-reads the key files (SIGHUP). A bad file keeps the keys in force and says why;
-    /// requests in flight are not affected either way.
+    /// Re-reads the key files and the key registry (SIGHUP, or one of them changed). A bad
+    /// file keeps the keys in force and says why; requests in flight are not affected
+    /// either way.
     pub fn reload_keys(&self, secrets: &dyn SecretSource) {
-        // What this reload reads counts as seen, so a change is not reloaded twice.
-        self.key_files_changed();
-        let mut specs = self.specs.lock().unwrap_or_else(PoisonError::into_inner);
-        match reload_file_keys(&specs, &self.file_keys, secrets) {
-            Ok(fresh) => {
-                let keys = KeySet::new(&fresh, |name| policy_of(&self.policies, name));
+        let before = self.keys.load_full();
+        match self.keys.reload(secrets) {
+            Ok(keys) => {
                 let names = keys.names().collect::<Vec<_>>().join(", ");
                 info!(keys = %names, "keys reloaded");
-                self.keys.store(Arc::new(keys));
-                *specs = fresh;
-                self.publish_expiries();
+                self.publish_expiries(&before);
                 self.metrics.reloaded(true);
             }
             Err(why) => {
@@ -197,9 +172,9 @@ impl Gateway {
         }
     }
 
-    /// Whether any key file changed since the last look.
+    /// Whether a key file or the key registry changed since the last look.
     pub fn key_files_changed(&self) -> bool {
-        self.watched.changed()
+        self.keys.changed()
     }
 
     /// Logs the failed-authentication summary; `server` calls it every `REPORT_EVERY`.
@@ -512,10 +487,4 @@ pub(crate) fn error_response(e: &ProxyError, request_id: HeaderValue) -> Respons
         headers.insert(RETRY_AFTER, after);
     }
     response
-}
-
-/// The policy kept for a configured key's name. Every key a reload can bring in is
-/// configured, so the default (no limits) is never used for a real key.
-fn policy_of(policies: &HashMap<String, Arc<Policy>>, name: &str) -> Arc<Policy> {
-    policies.get(name).cloned().unwrap_or_default()
 }

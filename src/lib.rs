@@ -12,11 +12,12 @@
 //! 2. [`gateway`] runs the request through [`policy`]: CORS preflights
 //!    ([`policy::cors`]), TRACE/CONNECT refused, the key-less routes ([`policy::route`]:
 //!    exact probe and public paths, GET/HEAD only), the credential and the constant-time key
-//!    check ([`policy::auth`]), then the matched key's scope ([`policy::scope`]): its expiry,
-//!    the server preset's route table ([`preset`]) and its `allow` rules, then its
-//!    concurrency slot and rates ([`policy::admission`], kept by [`policy::limits`] in
-//!    process or through Redis). Failed authentication is slowed per client
-//!    ([`policy::throttle`]). [`policy::fair`] (fair admission to the upstream),
+//!    check ([`policy::auth`]) against the keys in force ([`policy::keyring`]: the config's
+//!    and the key registry's, swapped whole by a reload), then the matched key's scope
+//!    ([`policy::scope`]): its expiry, the server preset's route table ([`preset`]) and its
+//!    `allow` rules, then its concurrency slot and rates ([`policy::admission`], kept by
+//!    [`policy::limits`] in process or through Redis). Failed authentication is slowed per
+//!    client ([`policy::throttle`]). [`policy::fair`] (fair admission to the upstream),
 //!    [`policy::models`] and [`policy::json_scan`] (the request body's `model`) complete the
 //!    per-key policy layer.
 //! 3. [`forward`] applies the header rules ([`forward::rewrite`]), sends the request over a

@@ -67,7 +67,15 @@ enum Command {
     /// Load the config and every secret it names, print a summary (names, never values).
     Check(ConfigArgs),
     /// Print one new random API key (256 bits, URL-safe).
-    Keygen,
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Also print the key's entry for the key registry ([auth] registry) under this name:
+    /// its SHA-256, never the key.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 /// Exit code for a config that cannot be used.
@@ -80,16 +88,7 @@ const EXIT_NOW_LOG_WAIT: std::time::Duration = std::time::Duration::from_millis(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Keygen) => match keygate::policy::auth::generate_key() {
-            Ok(key) => {
-                println!("{key}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("keygate: no randomness from the operating system: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Some(Command::Keygen(args)) => keygen(args.name.as_deref()),
         Some(Command::Check(args)) => match args.load() {
             Ok((path, config)) => {
                 println!("{}: OK\n{}", path.display(), config.summary());
@@ -107,6 +106,36 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+    }
+}
+
+/// Prints a new key on its own line; with a name, then the key's registry entry, which
+/// holds its digest only: the key itself is shown this once and kept nowhere.
+fn keygen(name: Option<&str>) -> ExitCode {
+    let key = match keygate::policy::auth::generate_key() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("keygate: no randomness from the operating system: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(name) = name else {
+        println!("{key}");
+        return ExitCode::SUCCESS;
+    };
+    match keygate::config::registry_entry(name, &key) {
+        Ok(entry) => {
+            println!("{key}\n{entry}");
+            eprintln!(
+                "keygate: the first line is the key, for the client alone: it is shown once and \
+                 stored nowhere. The second is its entry for the registry's keys = [ ... ]."
+            );
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("keygate: --name {name:?}: {why}");
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 
@@ -169,7 +198,7 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// SIGTERM and SIGINT start a graceful shutdown; a second one exits at once. SIGHUP asks
-/// for the key files to be re-read.
+/// for the key files, the key registry and the certificate to be re-read.
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
@@ -191,7 +220,7 @@ impl Signals {
                 _ = self.terminate.recv() => break,
                 _ = self.interrupt.recv() => break,
                 _ = self.hangup.recv() => {
-                    tracing::info!("SIGHUP received: re-reading the key files and the TLS certificate");
+                    tracing::info!("SIGHUP received: re-reading the key files, the key registry and the TLS certificate");
                     let _ = reload.send(());
                 }
             }

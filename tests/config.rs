@@ -86,7 +86,8 @@ listen = "127.0.0.1:9090"
          trusted proxies: none\n\
          cors origins:    https://app.example\n\
          admin listener:  127.0.0.1:9090\n\
-         key files:       re-read on SIGHUP\n",
+         key files:       re-read on SIGHUP\n\
+         key registry:    none\n",
         path.display()
     );
     assert_eq!(stdout, expected);

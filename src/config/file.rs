@@ -97,18 +97,25 @@ impl Default for UpstreamFile {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct AuthFile {
     pub(super) keys: Vec<Spanned<KeyFile>>,
+    /// A file of more keys, stored as digests, re-read live.
+    pub(super) registry: Option<Spanned<PathBuf>>,
     pub(super) identity_header: Option<Spanned<String>>,
     pub(super) forward_authorization: bool,
 }
 
+/// One key as written, in `[auth] keys` or in the registry: a name, where its value comes
+/// from, and its policy. The registry reads its entries with this same struct, so every
+/// policy field a key can have in the config it can have there; `registry` refuses the
+/// value sources (`env`, `file`, `optional`) and the config refuses `sha256`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct KeyFile {
     pub(super) name: String,
     pub(super) env: Option<String>,
     pub(super) file: Option<PathBuf>,
-    #[serde(default)]
-    pub(super) optional: bool,
+    pub(super) optional: Option<bool>,
+    /// The SHA-256 of the key, in lower-case hex: registry entries only.
+    pub(super) sha256: Option<String>,
     pub(super) allow: Option<Vec<RuleFile>>,
     pub(super) routes: Option<Vec<String>>,
     pub(super) max_concurrent: Option<usize>,

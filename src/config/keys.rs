@@ -1,12 +1,14 @@
 //! `[auth]`: the keys, where each value comes from, and each key's scope and limits; the
-//! re-reading of key files.
+//! re-reading of key files, with the key registry (`registry`) they are checked against.
+
+use sha2::Digest;
 
 use super::*;
 
 pub(super) fn auth(
     a: AuthFile,
     inject: &[Injected],
-    preset: Option<&Preset>,
+    preset: Option<&'static Preset>,
     secrets: &dyn SecretSource,
     p: &mut Problems<'_>,
 ) -> Option<Auth> {
@@ -34,13 +36,23 @@ pub(super) fn auth(
             );
         }
         let policy = Arc::new(policy(k, preset, &mut |why| p.at(entry.span(), &key, why)));
+        if k.sha256.is_some() {
+            p.at(
+                entry.span(),
+                &key,
+                "sha256 belongs in the key registry ([auth] registry = \"/path/keys.toml\"); \
+                 a key here takes its value from env = \"VAR\" or file = \"/path\"",
+            );
+            continue;
+        }
+        let optional = k.optional.unwrap_or(false);
         let source = match (&k.env, &k.file) {
             (Some(var), None) => KeySource::Env(var.clone()),
             (None, Some(path)) => {
                 file_keys.push(FileKey {
                     name: k.name.clone(),
                     path: path.clone(),
-                    optional: k.optional,
+                    optional,
                     stamp: FileStamp::of(path),
                     policy: policy.clone(),
                 });
@@ -55,7 +67,7 @@ pub(super) fn auth(
                 continue;
             }
         };
-        match resolve_key(&source, k.optional, secrets) {
+        match resolve_key(&source, optional, secrets) {
             Ok(Some(secret)) => {
                 spans.push((k.name.clone(), entry.span()));
                 keys.push(KeySpec {
@@ -69,14 +81,30 @@ pub(super) fn auth(
             Err(why) => p.at(entry.span(), &key, why),
         }
     }
-    if a.keys.is_empty() {
+    let registry = a.registry.as_ref().and_then(|path| {
+        let config_names = a.keys.iter().map(|k| k.get_ref().name.clone()).collect();
+        match Registry::read(path.get_ref(), &keys, config_names, preset, secrets) {
+            Ok(registry) => Some(registry),
+            Err(Unread::File(why)) => {
+                p.at(path.span(), "[auth] registry", why);
+                None
+            }
+            Err(Unread::Problems(problems)) => {
+                p.list.extend(problems);
+                None
+            }
+        }
+    });
+    let registry_keys = registry.as_ref().map_or(0, |r| r.keys.len());
+    if a.keys.is_empty() && a.registry.is_none() {
         p.at(0..0, "[auth] keys", "no keys are configured, so nobody could be admitted; add e.g. keys = [{ name = \"default\", env = \"API_KEY\" }]");
-    } else if keys.is_empty() && p.list.is_empty() {
-        p.at(
-            0..0,
-            "[auth] keys",
-            "every key is optional and none is set, so nobody could be admitted; set at least one",
-        );
+    } else if keys.is_empty() && registry_keys == 0 && p.list.is_empty() {
+        let why = if a.keys.is_empty() {
+            "the registry holds no key and [auth] keys has none, so nobody could be admitted; add one with the entry `keygate keygen --name NAME` prints"
+        } else {
+            "every key is optional and none is set, so nobody could be admitted; set at least one"
+        };
+        p.at(0..0, "[auth] keys", why);
     }
     let identity_header = a.identity_header.as_ref().and_then(|h| {
         let key = "[auth] identity_header";
@@ -108,6 +136,7 @@ pub(super) fn auth(
     }
     Some(Auth {
         keys,
+        registry,
         file_keys,
         absent_optional,
         identity_header,
@@ -311,10 +340,71 @@ pub(super) fn resolve_key(
     }
 }
 
-/// The keys after re-reading the key files (SIGHUP or a changed file): environment keys
-/// stay as loaded at start-up, file keys take the files' current values. Any problem, two
-/// keys with one value included, leaves `current` in force.
-pub fn reload_file_keys(
+/// The keys in force: the config's keys with a value, and the registry as last read.
+#[derive(Debug, Clone)]
+pub struct LiveKeys {
+    pub configured: Vec<KeySpec>,
+    pub registry: Option<Registry>,
+}
+
+impl LiveKeys {
+    pub fn new(auth: &Auth) -> Self {
+        Self {
+            configured: auth.keys.clone(),
+            registry: auth.registry.clone(),
+        }
+    }
+
+    /// Every key as the key check sees it: its name, the SHA-256 of its value, its policy.
+    pub fn digests(&self) -> impl Iterator<Item = (&str, [u8; 32], &Arc<KeyPolicy>)> {
+        let configured = self
+            .configured
+            .iter()
+            .map(|k| (k.name.as_str(), k.digest(), &k.policy));
+        let registry = self.registry.iter().flat_map(|r| {
+            r.keys
+                .iter()
+                .map(|k| (k.name.as_str(), k.digest, &k.policy))
+        });
+        configured.chain(registry)
+    }
+
+    /// The keys after re-reading the key files and the registry (SIGHUP or a changed file),
+    /// checked together: names, values and digests. Any problem in either leaves `self` in
+    /// force, and so does a set that would admit nobody.
+    pub fn reload(
+        &self,
+        file_keys: &[FileKey],
+        secrets: &dyn SecretSource,
+    ) -> Result<LiveKeys, String> {
+        let configured = reload_file_keys(&self.configured, file_keys, secrets);
+        let checked_against = configured.as_deref().unwrap_or(&self.configured);
+        let registry = self
+            .registry
+            .as_ref()
+            .map(|r| r.reread(checked_against, secrets))
+            .transpose();
+        match (configured, registry) {
+            (Ok(configured), Ok(registry)) => {
+                let live = LiveKeys {
+                    configured,
+                    registry,
+                };
+                if live.digests().next().is_none() {
+                    return Err("no key would be left to admit anyone".into());
+                }
+                Ok(live)
+            }
+            (Err(why), Ok(_)) | (Ok(_), Err(why)) => Err(why),
+            (Err(files), Err(registry)) => Err(format!("{files}; {registry}")),
+        }
+    }
+}
+
+/// The keys after re-reading the key files: environment keys stay as loaded at start-up,
+/// file keys take the files' current values. Any problem, two keys with one value included,
+/// leaves `current` in force.
+pub(super) fn reload_file_keys(
     current: &[KeySpec],
     file_keys: &[FileKey],
     secrets: &dyn SecretSource,
@@ -341,9 +431,6 @@ pub fn reload_file_keys(
     problems.extend(same_values(&keys).iter().map(ToString::to_string));
     if !problems.is_empty() {
         return Err(problems.join("; "));
-    }
-    if keys.is_empty() {
-        return Err("no key would be left to admit anyone".into());
     }
     Ok(keys)
 }
@@ -396,6 +483,14 @@ pub struct KeySpec {
     pub origin: String,
     pub secret: Secret,
     pub policy: Arc<KeyPolicy>,
+}
+
+impl KeySpec {
+    /// The SHA-256 of the key's value: what the key check compares, and all the registry
+    /// holds of a key.
+    pub fn digest(&self) -> [u8; 32] {
+        sha2::Sha256::digest(self.secret.expose().as_bytes()).into()
+    }
 }
 
 /// Why a key value cannot be used, without revealing any of it.

@@ -11,6 +11,7 @@ pub mod key_policy;
 mod keys;
 pub mod limits;
 mod problems;
+mod registry;
 pub mod secrets;
 mod server;
 mod summary;
@@ -43,11 +44,13 @@ use inject::*;
 use keys::*;
 use limits::*;
 use problems::*;
+use registry::*;
 use server::*;
 use upstream::*;
 
-pub use keys::{reload_file_keys, same_values, FileKey, KeySpec, SameValue};
+pub use keys::{same_values, FileKey, KeySpec, LiveKeys, SameValue};
 pub use problems::{ConfigError, Problem};
+pub use registry::{registry_entry, sha256_hex, Registry, RegistryKey};
 pub use watch::{FileStamp, WatchedFiles};
 
 /// Keys shorter than this are refused at start-up.
@@ -139,6 +142,8 @@ pub struct Upstream {
 pub struct Auth {
     /// The keys with a value, in the file's order.
     pub keys: Vec<KeySpec>,
+    /// The key registry (`[auth] registry`), as read at start-up.
+    pub registry: Option<Registry>,
     /// The keys read from files, re-read on SIGHUP.
     pub file_keys: Vec<FileKey>,
     /// `optional` keys whose secret was not set, with their rules; they admit nobody.
@@ -189,6 +194,7 @@ impl Config {
         let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),
             problems: vec![Problem {
+                file: None,
                 at: None,
                 key: "--config".into(),
                 message: format!("cannot read the config file: {e}"),
@@ -214,9 +220,11 @@ impl Config {
         let mut p = Problems {
             source,
             list: Vec::new(),
+            file: None,
         };
         let config = validate(path, file, secrets, &mut p);
-        p.list.sort_by_key(|problem| problem.at);
+        // The config file's problems first, then the registry's, each in file order.
+        p.list.sort_by(|a, b| (&a.file, a.at).cmp(&(&b.file, b.at)));
         match config {
             Some(config) if p.list.is_empty() => Ok(config),
             _ => Err(fail(p.list)),

@@ -15,6 +15,8 @@ pub struct ConfigError {
 /// One problem: where it is, which key, and what to do.
 #[derive(Debug)]
 pub struct Problem {
+    /// The file the problem is in when it is not the config file: the key registry.
+    pub file: Option<PathBuf>,
     /// 1-based line and column in the file; `None` for a command-line flag or a missing file.
     pub at: Option<(usize, usize)>,
     /// The key the problem is with; empty when the message names it itself.
@@ -28,9 +30,10 @@ impl fmt::Display for ConfigError {
             if i > 0 {
                 writeln!(f)?;
             }
+            let file = p.file.as_deref().unwrap_or(&self.file).display();
             match p.at {
-                Some((line, col)) => write!(f, "{}:{line}:{col}: ", self.file.display())?,
-                None => write!(f, "{}: ", self.file.display())?,
+                Some((line, col)) => write!(f, "{file}:{line}:{col}: ")?,
+                None => write!(f, "{file}: ")?,
             }
             if !p.key.is_empty() {
                 write!(f, "{}: ", p.key)?;
@@ -47,6 +50,8 @@ impl std::error::Error for ConfigError {}
 pub(super) struct Problems<'a> {
     pub(super) source: &'a str,
     pub(super) list: Vec<Problem>,
+    /// The file `source` is, when it is not the config file.
+    pub(super) file: Option<PathBuf>,
 }
 
 impl Problems<'_> {
@@ -60,6 +65,7 @@ impl Problems<'_> {
     ) {
         let at = (span != (0..0)).then(|| line_col(self.source, span.start));
         self.list.push(Problem {
+            file: self.file.clone(),
             at,
             key: key.into(),
             message: message.into(),
@@ -83,6 +89,7 @@ pub(super) fn file_problem(source: &str, e: &toml::de::Error) -> Problem {
     let message = e.message();
     let Some(span) = e.span() else {
         return Problem {
+            file: None,
             at: None,
             key: "syntax".into(),
             message: message.to_owned(),
@@ -102,6 +109,7 @@ pub(super) fn file_problem(source: &str, e: &toml::de::Error) -> Problem {
             None => format!("unknown key `{name}`; {expected}"),
         };
         return Problem {
+            file: None,
             at,
             key: String::new(),
             message,
@@ -114,6 +122,7 @@ pub(super) fn file_problem(source: &str, e: &toml::de::Error) -> Problem {
         .map(|header| header.split('#').next().unwrap_or(header).trim().to_owned());
     let Some(key) = place.value().or(table_at_offset) else {
         return Problem {
+            file: None,
             at,
             key: "syntax".into(),
             message: message.to_owned(),
@@ -138,7 +147,12 @@ pub(super) fn file_problem(source: &str, e: &toml::de::Error) -> Problem {
     } else {
         message.to_owned()
     };
-    Problem { at, key, message }
+    Problem {
+        file: None,
+        at,
+        key,
+        message,
+    }
 }
 
 /// Where a byte offset of the file sits: under which table header, inside which arrays and

@@ -1,5 +1,7 @@
 //! The summary `keygate check` prints and the start-up log carries: names and addresses,
-//! never secret values.
+//! never secret values, and never a registry key's digest: an operator tells the registry's
+//! keys apart by name, and a digest printed into CI and start-up logs would let whoever reads
+//! them test guesses of a weak key offline.
 
 use super::*;
 
@@ -63,7 +65,12 @@ impl Config {
             .iter()
             .map(|(n, p)| (n.as_str(), &**p));
         let policies = self.auth.keys.iter().map(|k| (k.name.as_str(), &*k.policy));
-        for (name, policy) in policies.chain(absent) {
+        let registered = self
+            .auth
+            .registry
+            .iter()
+            .flat_map(|r| r.keys.iter().map(|k| (k.name.as_str(), &*k.policy)));
+        for (name, policy) in policies.chain(absent).chain(registered) {
             if let Some(line) = policy_summary(policy, u.preset.is_some(), SystemTime::now()) {
                 limits.push_str(&format!("\n{:<17}{line}", format!("key {name}:")));
             }
@@ -85,7 +92,8 @@ impl Config {
              trusted proxies: {}\n\
              cors origins:    {}\n\
              admin listener:  {}\n\
-             key files:       {}",
+             key files:       {}\n\
+             key registry:    {}",
             self.server.listen,
             u.scheme,
             u.authority,
@@ -130,6 +138,14 @@ impl Config {
             } else {
                 "re-read on SIGHUP"
             },
+            self.auth.registry.as_ref().map_or_else(
+                || "none".to_owned(),
+                |r| format!(
+                    "{}: {}; re-read on SIGHUP and when it changes",
+                    r.path.display(),
+                    list(&mut r.keys.iter().map(|k| k.name.as_str()))
+                )
+            ),
         )
     }
 }

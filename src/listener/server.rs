@@ -132,7 +132,8 @@ impl std::error::Error for BindError {}
 
 /// Runs the proxy until `shutdown` completes, then stops accepting, answers the probe with
 /// 503, and lets open requests, streams and tunnels finish for up to `shutdown_grace`. Each
-/// message on `reloads` (SIGHUP, in the binary) re-reads the key files and the certificate.
+/// message on `reloads` (SIGHUP, in the binary) re-reads the key files, the key registry and
+/// the certificate.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -261,8 +262,9 @@ impl Drop for OpenConnection<'_> {
 }
 
 /// Periodic chores and reloads: writing pending access lines, the failed-authentication and
-/// failed-handshake summaries, forgetting the rate state of keys that no longer need it, re-reading the key files and the certificate when asked
-/// (SIGHUP) or when one of their files changed, and warnings of keys that expire soon or
+/// failed-handshake summaries, forgetting the rate state of keys that no longer need it,
+/// re-reading the key files, the key registry and the certificate when asked (SIGHUP) or
+/// when one of their files changed, and warnings of keys that expire soon or
 /// have expired (the first at start-up).
 async fn housekeeping(
     gateway: Arc<Gateway>,
@@ -290,7 +292,7 @@ async fn housekeeping(
             }
             _ = look_at_files.tick() => {
                 if gateway.key_files_changed() {
-                    info!("a key file changed; re-reading the key files");
+                    info!("a key file or the key registry changed; re-reading them");
                     gateway.reload_keys(&ProcessSecrets);
                 }
                 if let Some(tls) = tls.as_ref().filter(|tls| tls.files_changed()) {

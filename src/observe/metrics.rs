@@ -425,6 +425,11 @@ impl Metrics {
             .clone()
     }
 
+    /// Takes out `key`'s `not_after`: the key was removed, or no longer expires.
+    pub fn forget_key_not_after(&self, key: &Arc<str>) {
+        self.key_not_after.remove(&KeyLabels { key: key.clone() });
+    }
+
     /// Publishes `key`'s `not_after`.
     pub fn key_not_after(&self, key: &Arc<str>, not_after: SystemTime) {
         let secs = not_after

@@ -72,9 +72,10 @@ fn plain_token(bytes: &[u8]) -> Option<&[u8]> {
     (!token.is_empty() && token.iter().all(u8::is_ascii_graphic)).then_some(token)
 }
 
-/// The configured keys, as names and digests. Never holds a key's value; the config has
-/// refused two keys with one value before a set is built.
-#[derive(Clone)]
+/// The keys in force, as names and digests: the config's keys, hashed when the set is built,
+/// and the registry's, which are stored as digests. Never holds a key's value; the config has
+/// refused two keys with one digest before a set is built.
+#[derive(Clone, Default)]
 pub struct KeySet {
     keys: Vec<Key>,
 }
@@ -89,18 +90,28 @@ struct Key {
 }
 
 impl KeySet {
-    /// Builds the set from the configured keys, each with the policy kept for its name (so
-    /// its slots survive a reload); names must be valid header values (config checks).
+    /// Builds the set from the config's keys, each with the policy `policy_of` gives its name.
     pub fn new(keys: &[KeySpec], policy_of: impl Fn(&str) -> Arc<Policy>) -> Self {
+        Self::from_digests(
+            keys.iter()
+                .map(|k| (k.name.as_str(), k.digest(), policy_of(&k.name))),
+        )
+    }
+
+    /// Builds the set from each key's name, the SHA-256 of its value and its policy; names
+    /// must be valid header values (config checks).
+    pub fn from_digests<'a>(
+        keys: impl IntoIterator<Item = (&'a str, [u8; 32], Arc<Policy>)>,
+    ) -> Self {
         Self {
             keys: keys
-                .iter()
-                .filter_map(|k| {
+                .into_iter()
+                .filter_map(|(name, digest, policy)| {
                     Some(Key {
-                        header: HeaderValue::from_str(&k.name).ok()?,
-                        name: k.name.as_str().into(),
-                        digest: Sha256::digest(k.secret.expose().as_bytes()).into(),
-                        policy: policy_of(&k.name),
+                        header: HeaderValue::from_str(name).ok()?,
+                        name: name.into(),
+                        digest,
+                        policy,
                     })
                 })
                 .collect(),

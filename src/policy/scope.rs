@@ -3,9 +3,10 @@
 //! Its concurrency slots and rates are taken next (`policy::admission`), and its `weight` is
 //! read when the request waits for the upstream (`policy::fair`).
 //!
-//! A [`Policy`] is built once per key name from its [`KeyPolicy`] and shared by every key set
-//! a reload builds (a reload re-reads key values only), so a key's expiry warnings carry over
-//! a reload, as its slots and rates do (the limiter keeps them by the key's name).
+//! A [`Policy`] pairs a key's [`KeyPolicy`] with the expiry notices already logged for the
+//! key's name. A reload that brings a key back builds its new policy with
+//! [`Policy::renewed`], which keeps them unless `not_after` changed; the key's slots and
+//! rates are kept by its name in the limiter (`policy::limits`), so a reload resets neither.
 
 use std::fmt;
 use std::ops::Deref;
@@ -27,8 +28,9 @@ pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 #[derive(Debug)]
 pub struct Policy {
     spec: Arc<KeyPolicy>,
-    /// The last expiry notice logged, so each is logged once.
-    noticed: AtomicU8,
+    /// The last expiry notice logged, so each is logged once; shared with the key's policy
+    /// before a reload unless the reload changed `not_after`.
+    noticed: Arc<AtomicU8>,
 }
 
 impl Default for Policy {
@@ -86,8 +88,19 @@ impl Policy {
     pub fn new(spec: Arc<KeyPolicy>) -> Self {
         Self {
             spec,
-            noticed: AtomicU8::new(0),
+            noticed: Arc::default(),
         }
+    }
+
+    /// The policy `spec` for the key that has this policy now (a reload): the expiry
+    /// notices given stay given unless `not_after` changed.
+    pub fn renewed(&self, spec: Arc<KeyPolicy>) -> Self {
+        let noticed = if spec.not_after == self.not_after {
+            self.noticed.clone()
+        } else {
+            Arc::default()
+        };
+        Self { spec, noticed }
     }
 
     /// Whether the key is past its `not_after` at `now`.
@@ -272,6 +285,27 @@ mod tests {
         );
         assert!(admin_only.permits(&Method::POST, "/x", Some(Class::Admin)));
         assert!(!admin_only.permits(&Method::POST, "/x", Some(Class::Inference)));
+    }
+
+    #[test]
+    fn a_renewed_policy_keeps_its_expiry_notices_unless_not_after_changed() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let expiring = |at: SystemTime| {
+            Arc::new(KeyPolicy {
+                not_after: Some(at),
+                ..KeyPolicy::default()
+            })
+        };
+        let p = Policy::new(expiring(start));
+        assert_eq!(p.expiry_notice(start), Some(Expiry::Expired));
+        let same = p.renewed(expiring(start));
+        assert_eq!(same.expiry_notice(start), None, "given once");
+        let extended = same.renewed(expiring(start + EXPIRY_WARNING / 2));
+        assert_eq!(
+            extended.expiry_notice(start),
+            Some(Expiry::Soon(EXPIRY_WARNING / 2)),
+            "a new not_after gets its own notices"
+        );
     }
 
     #[test]

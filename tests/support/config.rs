@@ -30,6 +30,7 @@ pub struct TestConfig {
     max_in_flight: Option<usize>,
     queue_timeout: Option<Duration>,
     keys: Keys,
+    registry: Option<PathBuf>,
     identity_header: Option<String>,
     forward_authorization: bool,
     probe_path: String,
@@ -89,6 +90,7 @@ impl TestConfig {
                 Key::env("default", "API_KEY"),
                 Key::env("ci", "CI_KEY"),
             ]),
+            registry: None,
             identity_header: Some("x-keygate-key".to_owned()),
             forward_authorization: false,
             probe_path: "/health".to_owned(),
@@ -219,6 +221,12 @@ impl TestConfig {
         self
     }
 
+    /// `[auth] registry`: the key registry at `path`.
+    pub fn registry(mut self, path: &Path) -> Self {
+        self.registry = Some(path.to_owned());
+        self
+    }
+
     pub fn identity_header(mut self, name: &str) -> Self {
         self.identity_header = Some(name.to_owned());
         self
@@ -342,6 +350,9 @@ impl TestConfig {
             Keys::Toml(text) => text.clone(),
         };
         let mut auth = format!("keys = [{keys}]\n");
+        if let Some(registry) = &self.registry {
+            auth += &format!("registry = {}\n", path(registry));
+        }
         if let Some(name) = &self.identity_header {
             auth += &format!("identity_header = {}\n", string(name));
         }
