@@ -101,13 +101,18 @@ async fn keepalives_do_not_keep_an_idle_stream_alive() {
     let mut body = open(proxy.addr, chat()).await.into_body();
     let sender = senders.recv().await.unwrap();
     let mut keepalives = 0;
-    let error = loop {
-        let frame = next_data(&mut body).await;
-        if frame != KEEP_ALIVE {
-            break frame;
+    let until_the_end = async {
+        loop {
+            let frame = next_data(&mut body).await;
+            if frame != KEEP_ALIVE {
+                return frame;
+            }
+            keepalives += 1;
         }
-        keepalives += 1;
     };
+    let error = tokio::time::timeout(DEADLINE, until_the_end)
+        .await
+        .expect("the idle timeout ends the stream, keep-alives or not");
     assert!(keepalives >= 1, "{keepalives}");
     assert_error_event(&error, "upstream_idle_timeout");
     let end = next_frame(&mut body).await;
