@@ -2061,13 +2061,7 @@ async fn sse_keepalives_and_the_error_event_land_only_between_events_whatever_th
         .sse_keepalive(every)
         .text();
     let proxy = start_proxy_with(&text).await;
-    let chat = request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("authorization", &bearer(KEY))],
-        "{}",
-    );
-    let mut body = open(proxy.addr, chat).await.into_body();
+    let mut body = open(proxy.addr, keyed_chat()).await.into_body();
     let mut sender = senders.recv().await.unwrap();
     let stream: &[u8] =
         b"data: a\r\n\r\ndata: b\rdata: c\r\r: note\n\nevent: x\ndata: d\n\r\ndata: e\r\n\r";

@@ -321,6 +321,24 @@ impl Tunnel {
     }
 }
 
+/// Runs `exchange` on the tunnel for twice `IDLE`, each time as soon as the one before it is
+/// done, so the tunnel is silent only for a round trip however slowly the machine runs; then
+/// waits for keygate to close the tunnel, and asserts it did so only after `IDLE` of silence.
+async fn busy_then_silent(tunnel: &mut Tunnel, mut exchange: impl AsyncFnMut(&mut Tunnel)) {
+    let started = Instant::now();
+    let mut last = started;
+    while last - started < 2 * IDLE {
+        last = Instant::now();
+        exchange(tunnel).await;
+    }
+    // Taken before the last exchange began, so keygate's silence began after it.
+    let silence = tunnel.wait_for_close().await - last;
+    assert!(
+        silence >= IDLE,
+        "closed after {silence:?} of silence, before idle_timeout"
+    );
+}
+
 fn has_upgrade_headers(headers: &HeaderMap) -> bool {
     headers.contains_key("upgrade")
         || headers
@@ -547,21 +565,7 @@ async fn tunnel_traffic_keeps_it_open_and_silence_closes_it_after_idle_timeout()
     let upstream = start_ws_upstream().await;
     let proxy = start_proxy_with(&TestConfig::new(upstream.addr).idle_timeout(IDLE).text()).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/ws")).await;
-    // Each echo goes out as soon as the one before it came back, so the tunnel is silent only
-    // for a round trip, however slowly the machine runs, while the traffic as a whole outlasts
-    // the idle timeout twice over.
-    let started = Instant::now();
-    let mut last = started;
-    while last - started < 2 * IDLE {
-        last = Instant::now();
-        tunnel.echo(b"tick").await;
-    }
-    // Taken before the last echo went out, so keygate's silence began after it.
-    let silence = tunnel.wait_for_close().await - last;
-    assert!(
-        silence >= IDLE,
-        "closed after {silence:?} of silence, before idle_timeout"
-    );
+    busy_then_silent(&mut tunnel, async |t| t.echo(b"tick").await).await;
     upstream
         .wait_until("the upstream side of the tunnel to close", |u| {
             u.tunnels_closed() == 1
@@ -575,18 +579,12 @@ async fn upstream_only_traffic_keeps_a_tunnel_open_past_idle_timeout() {
     let upstream = start_ws_upstream().await;
     let proxy = start_proxy_with(&TestConfig::new(upstream.addr).idle_timeout(IDLE).text()).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/push")).await;
-    // The client never writes; the upstream sends a byte as soon as the one before it
-    // arrived, for twice the idle timeout.
-    let started = Instant::now();
-    let mut last = started;
-    while last - started < 2 * IDLE {
-        last = Instant::now();
+    // The client never writes: each byte comes from the upstream.
+    busy_then_silent(&mut tunnel, async |t| {
         upstream.push();
-        assert_eq!(tunnel.read_exact(1).await, b".");
-    }
-    // Taken before the last byte was asked for, so keygate's silence began after it.
-    let silence = tunnel.wait_for_close().await - last;
-    assert!(silence >= IDLE, "closed after {silence:?} of silence");
+        assert_eq!(t.read_exact(1).await, b".");
+    })
+    .await;
     proxy.stop().await;
 }
 

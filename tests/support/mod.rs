@@ -437,6 +437,16 @@ pub fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
 
+/// A chat completion with the default key and an empty JSON body.
+pub fn keyed_chat() -> Request<Full<Bytes>> {
+    request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(KEY))],
+        "{}",
+    )
+}
+
 /// Sends `count` keyed GETs of `path` one after another over one keep-alive connection;
 /// returns how many were answered with 200, each within the deadline.
 pub async fn keyed_gets(addr: SocketAddr, path: String, count: usize) -> usize {
@@ -644,14 +654,7 @@ pub async fn stream_first_event(
     addr: SocketAddr,
     senders: &mut mpsc::UnboundedReceiver<BodySender>,
 ) -> (Incoming, BodySender) {
-    let auth = bearer(KEY);
-    let req = request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("authorization", &auth)],
-        "{}",
-    );
-    let mut body = open(addr, req).await.into_body();
+    let mut body = open(addr, keyed_chat()).await.into_body();
     let mut sender = senders.recv().await.unwrap();
     sender
         .send_data(Bytes::from_static(b"data: 1\n\n"))
@@ -718,13 +721,7 @@ impl KeepaliveClock {
             .sse_keepalive(every)
             .text();
         let proxy = start_proxy_with(&text).await;
-        let chat = request(
-            Method::POST,
-            "/v1/chat/completions",
-            &[("authorization", &bearer(KEY))],
-            "{}",
-        );
-        let body = open(proxy.addr, chat).await.into_body();
+        let body = open(proxy.addr, keyed_chat()).await.into_body();
         let sender = senders.recv().await.unwrap();
         Self {
             body,
