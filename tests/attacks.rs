@@ -1475,33 +1475,23 @@ async fn one_slot_tls(tag: &str) -> OneSlotTls {
 
 #[tokio::test]
 async fn a_tls_client_that_picks_h2_and_never_sends_its_preface_is_cut_at_header_read_timeout() {
-    let OneSlotTls {
-        proxy,
-        ca,
-        _dir,
-        _upstream,
-    } = one_slot_tls("found-h2-silent").await;
+    let tls = one_slot_tls("found-h2-silent").await;
     // The handshake completes with ALPN h2; then the client says nothing at all. The test
     // config's header_read_timeout is 2 s; DEADLINE is 10 s.
-    let mut silent = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
+    let mut silent = support::tls::connect(tls.proxy.addr, &tls.ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
     assert_eq!(silent.get_ref().1.alpn_protocol(), Some(H2_ALPN));
     // Panics if the connection is still open at the deadline (5x header_read_timeout).
     read_to_close(&mut silent).await;
     drop(silent);
-    proxy.stop().await;
+    tls.proxy.stop().await;
 }
 
 #[tokio::test]
 async fn silent_tls_h2_connections_cannot_keep_keyed_clients_out_past_header_read_timeout() {
-    let OneSlotTls {
-        proxy,
-        ca,
-        _dir,
-        _upstream,
-    } = one_slot_tls("found-h2-slot").await;
-    let silent = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
+    let tls = one_slot_tls("found-h2-slot").await;
+    let silent = support::tls::connect(tls.proxy.addr, &tls.ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
     // Keyed clients over TLS/http1.1 are refused with 503 while the slot is held; once the
@@ -1509,7 +1499,7 @@ async fn silent_tls_h2_connections_cannot_keep_keyed_clients_out_past_header_rea
     let auth = bearer(KEY);
     let last = status_once_a_slot_frees(async || {
         let keyed = get("/v1/models", &[("authorization", &auth)]);
-        let got = support::tls::send_tls(proxy.addr, &ca.pem(), &[H1_ALPN], keyed).await;
+        let got = support::tls::send_tls(tls.proxy.addr, &tls.ca.pem(), &[H1_ALPN], keyed).await;
         got.reply.status
     })
     .await;
@@ -1519,20 +1509,15 @@ async fn silent_tls_h2_connections_cannot_keep_keyed_clients_out_past_header_rea
         "one silent h2 connection kept every keyed client out for DEADLINE"
     );
     drop(silent);
-    proxy.stop().await;
+    tls.proxy.stop().await;
 }
 
 #[tokio::test]
 async fn an_idle_tls_h2_connection_that_answers_pings_is_cut_like_an_idle_http1_one() {
-    let OneSlotTls {
-        proxy,
-        ca,
-        _dir,
-        _upstream,
-    } = one_slot_tls("found-h2-idle").await;
+    let tls = one_slot_tls("found-h2-idle").await;
     // A well-behaved h2 client (hyper's) that connects and never sends a request. An idle
     // HTTP/1.1 keep-alive connection is cut by header_read_timeout (2 s); this one must be too.
-    let stream = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
+    let stream = support::tls::connect(tls.proxy.addr, &tls.ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
     let (_sender, conn) =
@@ -1548,7 +1533,7 @@ async fn an_idle_tls_h2_connection_that_answers_pings_is_cut_like_an_idle_http1_
         ended.is_ok(),
         "an idle h2 connection is still open (holding the only max_connections slot) after 5x header_read_timeout"
     );
-    proxy.stop().await;
+    tls.proxy.stop().await;
 }
 
 #[tokio::test]
