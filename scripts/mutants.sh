@@ -41,9 +41,11 @@ fi
 
 target_dir=$(cargo metadata --locked --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-# Mutants build in a copy of the tree; sharing the target directory reuses the built
-# dependencies, so each mutant rebuilds keygate only.
-export CARGO_TARGET_DIR="$target_dir"
+# Mutants build in a copy of the tree, into a target directory of their own: built into the
+# checkout's, a mutant's artifacts would be newer than the checkout's sources, and cargo
+# would take them for up to date there and test the mutant in the next `cargo test`. The
+# first run builds the dependencies once; later runs rebuild keygate only.
+export CARGO_TARGET_DIR="$target_dir/mutants/target"
 
 # The suites of the second pass: the unit tests beside the code, and the integration suites
 # for authentication, key-less routes, header rules, scopes and presets, per-key limits and
