@@ -24,8 +24,8 @@ Run from the repository root after `cargo build --release --locked`:
 keygate runs with its default settings (the config names only the key and the upstream; log
 at info, to a file). nginx (when installed) runs with 1 worker, `proxy_request_buffering off`,
 the same key check and a 600 s read timeout. Every loop is bounded; the script stops only the
-processes it started, by PID. Python 3.11+, standard library only; nothing outside this file
-is read.
+processes it started, by PID. Python 3.11+, standard library only; procs.py beside it starts,
+measures and stops the processes.
 """
 
 from __future__ import annotations
@@ -36,16 +36,18 @@ import os
 import secrets
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-HOST = "127.0.0.1"
+import procs
+
+HOST = procs.HOST
 ORIGIN_BACKLOG = 16
 ORIGIN_ACCEPT_EVERY_S = 0.05
 SAMPLE_EVERY_S = 0.02
@@ -135,73 +137,6 @@ def complete_request(buf: bytearray) -> bool:
 # Processes and sampling
 # --------------------------------------------------------------------------------------
 
-STARTED: list[subprocess.Popen] = []
-
-
-def stop_process(p: subprocess.Popen) -> None:
-    """SIGTERM by PID, SIGKILL after 5 s. Only for processes this script started."""
-    if p.poll() is None:
-        os.kill(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=5)
-
-
-def children(pid: int) -> list[int]:
-    out = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid:
-                    out.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def rss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return total
-
-
-def fd_count(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            total += len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            pass
-    return total
-
-
-def socket_count(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                        total += 1
-                except OSError:
-                    pass
-        except OSError:
-            pass
-    return total
-
-
 class Sampler:
     """Every SAMPLE_EVERY_S: summed VmRSS and socket count. Sockets are counted as descriptors
     minus the descriptors that were not sockets at the start (a full readlink of 10,000
@@ -209,7 +144,7 @@ class Sampler:
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
-        self.not_sockets = fd_count(pids) - socket_count(pids)
+        self.not_sockets = procs.fd_count(pids) - procs.socket_count(pids)
         self.samples: list[tuple[float, int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -222,7 +157,7 @@ class Sampler:
             self._stop.wait(SAMPLE_EVERY_S)
 
     def sample(self) -> tuple[int, int]:
-        rss, sockets = rss_kib(self.pids), fd_count(self.pids) - self.not_sockets
+        rss, sockets = procs.rss_kib(self.pids), procs.fd_count(self.pids) - self.not_sockets
         self.samples.append((time.monotonic(), rss, sockets))
         return rss, sockets
 
@@ -235,28 +170,8 @@ class Sampler:
         return max(r for r, _ in inside), max(s for _, s in inside)
 
 
-def wait_listening(port: int, proc: subprocess.Popen, deadline_s: float = 10.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before listening")
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} within {deadline_s} s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def start_keygate(binary: str, tmp: Path, origin: int, key: str) -> subprocess.Popen:
-    cfg = tmp / "keygate.toml"
-    cfg.write_text(
+    config = (
         "[server]\n"
         'listen = "127.0.0.1:0"\n'
         "[upstream]\n"
@@ -264,26 +179,13 @@ def start_keygate(binary: str, tmp: Path, origin: int, key: str) -> subprocess.P
         "[auth]\n"
         'keys = [{ name = "bench", env = "API_KEY" }]\n'
     )
-    port = free_port()
-    with open(tmp / "keygate.log", "wb") as log:
-        proc = subprocess.Popen(
-            [binary, "--config", str(cfg), "--listen", f"{HOST}:{port}",
-             "--upstream", f"http://{HOST}:{origin}"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, API_KEY=key),
-        )
-    STARTED.append(proc)
+    proc, port, _ = procs.start_keygate(binary, tmp, config, origin, {"API_KEY": key})
     proc.port = port  # type: ignore[attr-defined]
     return proc
 
 
-def start_nginx(nginx: str, tmp: Path, origin: int, key: str) -> subprocess.Popen:
-    d = tmp / "nginx"
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    conf = d / "nginx.conf"
-    conf.write_text(f"""
+def nginx_config(origin: int, key: str) -> Callable[[Path, int], str]:
+    return lambda d, port: f"""
 worker_processes 1;
 worker_rlimit_nofile 20000;
 daemon off;
@@ -313,16 +215,11 @@ http {{
         }}
     }}
 }}
-""")
-    # Run as root, the worker runs as nobody: let it reach its temp dirs.
-    tmp.chmod(0o711)
-    d.chmod(0o711)
-    with open(d / "stdout.log", "wb") as log:
-        proc = subprocess.Popen(
-            [nginx, "-p", str(d), "-c", str(conf), "-e", str(d / "error.log")],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )
-    STARTED.append(proc)
+"""
+
+
+def start_nginx(nginx: str, tmp: Path, origin: int, key: str) -> subprocess.Popen:
+    proc, port, _ = procs.start_nginx(nginx, tmp, nginx_config(origin, key))
     proc.port = port  # type: ignore[attr-defined]
     return proc
 
@@ -351,9 +248,9 @@ def abandon(port: int, request: bytes, seconds: float) -> int:
 
 
 def measure(name: str, proc: subprocess.Popen, key: str, args, origin: SlowOrigin) -> dict:
-    wait_listening(proc.port, proc)  # type: ignore[attr-defined]
+    procs.wait_listening(proc.port, proc)  # type: ignore[attr-defined]
     time.sleep(0.5)
-    pids = children(proc.pid)
+    pids = procs.family(proc.pid)
     sampler = Sampler(pids)
     idle_rss, idle_sockets = sampler.sample()
     head = (
@@ -368,7 +265,7 @@ def measure(name: str, proc: subprocess.Popen, key: str, args, origin: SlowOrigi
     after_rss, after_sockets = sampler.sample()
     sampler.stop()
     peak_rss, peak_sockets = sampler.peaks(t0, t1 + args.after)
-    cpu = cpu_seconds(pids)
+    cpu = procs.cpu_seconds(pids)
     return {
         "proxy": name,
         "requests": requests,
@@ -384,19 +281,6 @@ def measure(name: str, proc: subprocess.Popen, key: str, args, origin: SlowOrigi
         "origin_saw_closed": origin.closed,
         "after_s": args.after,
     }
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / tick
 
 
 def line(r: dict) -> str:
@@ -439,13 +323,12 @@ def main() -> int:
                 try:
                     result = measure(name, proc, key, args, origin)
                 finally:
-                    stop_process(proc)
+                    procs.stop_process(proc)
                     origin.stop()
                 print(line(result), flush=True)
                 results.append(result)
         finally:
-            for proc in STARTED:
-                stop_process(proc)
+            procs.stop_started()
     print(json.dumps({"body_bytes": args.body, "seconds": args.seconds, "results": results}))
     return 0
 

@@ -35,7 +35,8 @@ Run (from the repository root, after `cargo build --release`):
 The temp dir (configs, keygate.log, nginx error.log) is deleted at the end unless --keep-tmp;
 keygate's log lines (level warn) are printed in the report either way.
 
-Python 3.11+, standard library only. Every loop is bounded in count and time; the script
+Python 3.11+, standard library only (procs.py beside it starts, measures and stops the
+processes). Every loop is bounded in count and time; the script
 starts keygate (and nginx) itself and stops only the processes it started, by PID (SIGTERM,
 then SIGKILL after 5 s). Output: one line per figure, then the whole report as one JSON line.
 """
@@ -49,7 +50,6 @@ import os
 import resource
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -59,9 +59,11 @@ import threading
 import time
 from pathlib import Path
 
+import procs
+
 MiB = 1 << 20
 GiB = 1 << 30
-HOST = "127.0.0.1"
+HOST = procs.HOST
 OVERALL_DEADLINE_S = 900  # the whole run, hard bound
 
 # --------------------------------------------------------------------------------------
@@ -468,20 +470,6 @@ def percentile(values: list[float], p: float) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def rss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
-
-
 class RssWatch:
     """Samples summed VmRSS of pids every 20 ms in a thread; samples are (monotonic, KiB)."""
 
@@ -495,7 +483,7 @@ class RssWatch:
     def _run(self) -> None:
         deadline = time.monotonic() + 600  # bounded
         while not self._stop.is_set() and time.monotonic() < deadline:
-            self.samples.append((time.monotonic(), rss_kib(self.pids)))
+            self.samples.append((time.monotonic(), procs.rss_kib(self.pids)))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "RssWatch":
@@ -505,7 +493,7 @@ class RssWatch:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        self.samples.append((time.monotonic(), rss_kib(self.pids)))
+        self.samples.append((time.monotonic(), procs.rss_kib(self.pids)))
 
     def peak(self, t0: float | None = None, t1: float | None = None) -> int:
         vals = [v for t, v in self.samples if (t0 is None or t >= t0) and (t1 is None or t <= t1)]
@@ -517,7 +505,7 @@ async def idle_rss(pids: list[int], settle: float = 0.5) -> int:
     await asyncio.sleep(settle)
     vals = []
     for _ in range(5):
-        vals.append(rss_kib(pids))
+        vals.append(procs.rss_kib(pids))
         await asyncio.sleep(0.02)
     return max(vals)
 
@@ -527,34 +515,8 @@ def mib(kib: int) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Processes we start
+# The proxies under test (procs.py starts and stops them)
 # --------------------------------------------------------------------------------------
-
-STARTED: list[subprocess.Popen] = []
-
-
-def stop_process(p: subprocess.Popen) -> int | None:
-    """SIGTERM by PID, SIGKILL after 5 s. Only for processes this script started."""
-    if p.poll() is None:
-        try:
-            os.kill(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=5)
-    return p.returncode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 async def http_get_status(port: int, path: str, timeout: float = 1.0) -> int:
@@ -597,8 +559,7 @@ class Proxy:
 
 
 def start_keygate(binary: str, tmp: Path, origin_port: int, api_key: str, secret: str) -> tuple[Proxy, Path]:
-    cfg = tmp / "keygate.toml"
-    cfg.write_text(
+    config = (
         "[server]\n"
         'listen = "127.0.0.1:0"\n'
         'max_request_body = "2GiB"\n'
@@ -614,26 +575,14 @@ def start_keygate(binary: str, tmp: Path, origin_port: int, api_key: str, secret
         "[log]\n"
         'level = "warn"\n'
     )
-    port = free_port()
-    log = tmp / "keygate.log"
-    env = dict(os.environ, API_KEY=api_key, SHARED_SECRET=secret)
-    with open(log, "wb") as lf:
-        proc = subprocess.Popen(
-            [binary, "--config", str(cfg), "--listen", f"{HOST}:{port}",
-             "--upstream", f"http://{HOST}:{origin_port}", "--log-format", "json"],
-            stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT, env=env,
-        )
-    STARTED.append(proc)
+    env = {"API_KEY": api_key, "SHARED_SECRET": secret}
+    proc, port, log = procs.start_keygate(binary, tmp, config, origin_port, env, "--log-format", "json")
     return Proxy("keygate", port, proc, lambda: [proc.pid]), log
 
 
 def start_nginx(nginx: str, tmp: Path, origin_port: int, api_key: str, secret: str) -> tuple[Proxy, Path]:
-    d = tmp / "nginx"
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    conf = d / "nginx.conf"
-    conf.write_text(f"""
+    def config(d: Path, port: int) -> str:
+        return f"""
 worker_processes 1;
 worker_rlimit_nofile 8192;
 daemon off;
@@ -672,33 +621,10 @@ http {{
         }}
     }}
 }}
-""")
-    conf.chmod(0o600)
-    # running as root, the worker runs as nobody: let it traverse to its temp dirs
-    tmp.chmod(0o711)
-    d.chmod(0o711)
-    log = d / "error.log"
-    with open(d / "stdout.log", "wb") as lf:
-        proc = subprocess.Popen(
-            [nginx, "-p", str(d), "-c", str(conf), "-e", str(log)],
-            stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
-        )
-    STARTED.append(proc)
+"""
 
-    def pids() -> list[int]:
-        out = [proc.pid]
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        fields = f.read().rsplit(")", 1)[1].split()
-                    if int(fields[1]) == proc.pid:
-                        out.append(int(entry))
-                except (OSError, IndexError, ValueError):
-                    pass
-        return out
-
-    return Proxy("nginx", port, proc, pids), log
+    proc, port, log = procs.start_nginx(nginx, tmp, config)
+    return Proxy("nginx", port, proc, lambda: procs.family(proc.pid)), log
 
 
 # --------------------------------------------------------------------------------------
@@ -1108,7 +1034,7 @@ async def run(args) -> dict:
 
         report["keygate_alive_at_end"] = kg.proc.poll() is None
         report["keygate_rss_at_end_mib"] = mib(await idle_rss(kg.pids(), settle=0.2))
-        rc = stop_process(kg.proc)
+        rc = procs.stop_process(kg.proc)
         report["keygate_exit_code"] = rc
         warn_lines = []
         try:
@@ -1128,7 +1054,7 @@ async def run(args) -> dict:
         await wait_health(kg.port, kg.proc)
         r = k["idle"] = await fig_idle(kg, api_key, 10_000)
         out(line_idle("6. keygate idle (fresh process)", r))
-        stop_process(kg.proc)
+        procs.stop_process(kg.proc)
 
         if args.compare_nginx:
             ng, ng_log = start_nginx(args.nginx, tmp, origin_port, api_key, secret)
@@ -1147,21 +1073,20 @@ async def run(args) -> dict:
                 f" p50 {r['with_held']['p50_ms']} / p99 {r['with_held']['p99_ms']} / max {r['with_held']['max_ms']} ms"
                 f" ({r['held_still_open_after']} still open after {r['held_for_s']} s);"
                 f" RSS {r['rss_idle_mib']} -> {r['rss_peak_held_mib']} MiB ({r['kib_per_held_conn']} KiB/conn)")
-            n["exit_code"] = stop_process(ng.proc)
+            n["exit_code"] = procs.stop_process(ng.proc)
             # A fresh process, as for keygate; its config allows 4096 connections per worker.
             ng, _ = start_nginx(args.nginx, tmp, origin_port, api_key, secret)
             await wait_health(ng.port, ng.proc)
             await asyncio.sleep(0.3)
             r = n["idle"] = await fig_idle(ng, api_key, 3_000)
             out(line_idle("7. nginx idle (fresh process)", r))
-            stop_process(ng.proc)
+            procs.stop_process(ng.proc)
             try:
                 n["error_log"] = ng_log.read_text(errors="replace").splitlines()[:10]
             except OSError:
                 n["error_log"] = []
     finally:
-        for p in STARTED:
-            stop_process(p)
+        procs.stop_started()
         server.close()
         report["origin_requests"] = stats.requests
         if args.keep_tmp:
@@ -1190,8 +1115,7 @@ def main() -> int:
     try:
         report = asyncio.run(bounded())
     finally:
-        for p in STARTED:
-            stop_process(p)
+        procs.stop_started()
     print(json.dumps(report, separators=(",", ":")), flush=True)
     ok = all(report.get("keygate", {}).get(f, {}).get("ok", False)
              for f in ("upload", "download", "sse", "hangup", "probe"))

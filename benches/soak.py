@@ -26,7 +26,7 @@ Run from the repository root after `cargo build --release --locked`:
 
 The origin runs in this process (asyncio, HTTP/1.1 keep-alive, chunked SSE). Every loop is
 bounded in count and time; the script stops only the keygate it started, by PID. Python
-3.11+, standard library only; nothing outside this file is read.
+3.11+, standard library only; procs.py beside it starts, measures and stops keygate.
 """
 
 from __future__ import annotations
@@ -34,17 +34,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
+import procs
+
+HOST = procs.HOST
 OP_TIMEOUT_S = 15.0
 SSE_EVENTS = 20
 SSE_EVERY_S = 0.05
@@ -243,28 +242,8 @@ class Load:
 # --------------------------------------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def sockets(pid: int) -> int:
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                n += 1
-        except OSError:
-            pass
-    return n
-
-
 def start_keygate(binary: str, tmp: Path, origin: int, key: str) -> tuple[subprocess.Popen, int]:
-    cfg = tmp / "keygate.toml"
-    cfg.write_text(
+    config = (
         "[server]\n"
         'listen = "127.0.0.1:0"\n'
         'header_read_timeout = "2s"\n'
@@ -275,41 +254,16 @@ def start_keygate(binary: str, tmp: Path, origin: int, key: str) -> tuple[subpro
         "[log]\n"
         'level = "warn"\n'
     )
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
-    log = open(tmp / "keygate.log", "wb")
-    proc = subprocess.Popen(
-        [binary, "--config", str(cfg), "--listen", f"{HOST}:{port}",
-         "--upstream", f"http://{HOST}:{origin}"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        env=dict(os.environ, API_KEY=key),
-    )
+    proc, port, _ = procs.start_keygate(binary, tmp, config, origin, {"API_KEY": key})
     return proc, port
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+def rss_kib(pid: int) -> int:
+    return procs.rss_kib([pid])
 
 
-async def wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"keygate exited with {proc.returncode}")
-        try:
-            _, writer = await asyncio.open_connection(HOST, port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError("keygate is not listening")
+def sockets(pid: int) -> int:
+    return procs.socket_count([pid])
 
 
 async def run(args) -> dict:
@@ -319,7 +273,7 @@ async def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="keygate-soak-") as tmpdir:
         proc, port = start_keygate(args.keygate, Path(tmpdir), origin.port, key)
         try:
-            await wait_listening(port, proc)
+            await asyncio.to_thread(procs.wait_listening, port, proc)
             await asyncio.sleep(0.5)
             report = {"idle": {"sockets": sockets(proc.pid), "rss_mib": round(rss_kib(proc.pid) / 1024, 1)}}
             print(f"idle     sockets {report['idle']['sockets']:>4} | RSS {report['idle']['rss_mib']:>5.1f} MiB", flush=True)
@@ -362,7 +316,7 @@ async def run(args) -> dict:
             )
             return report
         finally:
-            stop(proc)
+            procs.stop_process(proc)
             if origin.server is not None:
                 origin.server.close()
 

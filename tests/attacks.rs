@@ -1432,17 +1432,40 @@ async fn a_certificate_replaced_before_its_key_keeps_the_old_pair_until_both_mat
     proxy.stop().await;
 }
 
-/// Sends keyed GETs over plain HTTP/1.1 until one is answered 200 or the deadline passes;
-/// the last status seen.
-async fn status_once_a_slot_frees(addr: std::net::SocketAddr) -> http::StatusCode {
-    let auth = bearer(KEY);
+/// Sends `request` (a keyed GET on a new connection) until it is answered 200 or the
+/// deadline passes, polling every 200 ms; the last status seen.
+async fn status_once_a_slot_frees(
+    mut request: impl AsyncFnMut() -> http::StatusCode,
+) -> http::StatusCode {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let reply = send(addr, get("/v1/models", &[("authorization", &auth)])).await;
-        if reply.status == http::StatusCode::OK || tokio::time::Instant::now() >= deadline {
-            return reply.status;
+        let status = request().await;
+        if status == http::StatusCode::OK || tokio::time::Instant::now() >= deadline {
+            return status;
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// keygate over TLS with `max_connections = 1` in front of a recording upstream, and the CA
+/// that signed its certificate.
+struct OneSlotTls {
+    proxy: Proxy,
+    ca: support::tls::Ca,
+    _dir: support::process::TempDir,
+    _upstream: Upstream,
+}
+
+async fn one_slot_tls(tag: &str) -> OneSlotTls {
+    let upstream = start_upstream().await;
+    let (ca, dir) = (support::tls::Ca::new(), support::process::TempDir::new(tag));
+    let config = TestConfig::new(upstream.addr).max_connections(1);
+    let proxy = support::tls::start_tls_proxy(&ca, &dir, config).await;
+    OneSlotTls {
+        proxy,
+        ca,
+        _dir: dir,
+        _upstream: upstream,
     }
 }
 
@@ -1452,75 +1475,49 @@ async fn status_once_a_slot_frees(addr: std::net::SocketAddr) -> http::StatusCod
 
 #[tokio::test]
 async fn a_tls_client_that_picks_h2_and_never_sends_its_preface_is_cut_at_header_read_timeout() {
-    let upstream = start_upstream().await;
-    let (ca, dir) = (
-        support::tls::Ca::new(),
-        support::process::TempDir::new("found-h2-silent"),
-    );
-    let config = TestConfig::new(upstream.addr).max_connections(1);
-    let proxy = support::tls::start_tls_proxy(&ca, &dir, config).await;
+    let tls = one_slot_tls("found-h2-silent").await;
     // The handshake completes with ALPN h2; then the client says nothing at all. The test
     // config's header_read_timeout is 2 s; DEADLINE is 10 s.
-    let mut silent = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
+    let mut silent = support::tls::connect(tls.proxy.addr, &tls.ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
     assert_eq!(silent.get_ref().1.alpn_protocol(), Some(H2_ALPN));
     // Panics if the connection is still open at the deadline (5x header_read_timeout).
     read_to_close(&mut silent).await;
     drop(silent);
-    proxy.stop().await;
+    tls.proxy.stop().await;
 }
 
 #[tokio::test]
 async fn silent_tls_h2_connections_cannot_keep_keyed_clients_out_past_header_read_timeout() {
-    let upstream = start_upstream().await;
-    let (ca, dir) = (
-        support::tls::Ca::new(),
-        support::process::TempDir::new("found-h2-slot"),
-    );
-    let config = TestConfig::new(upstream.addr).max_connections(1);
-    let proxy = support::tls::start_tls_proxy(&ca, &dir, config).await;
-    let silent = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
+    let tls = one_slot_tls("found-h2-slot").await;
+    let silent = support::tls::connect(tls.proxy.addr, &tls.ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
     // Keyed clients over TLS/http1.1 are refused with 503 while the slot is held; once the
     // silent connection is cut (header_read_timeout, 2 s), one must get through.
     let auth = bearer(KEY);
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let last = loop {
-        let got = support::tls::send_tls(
-            proxy.addr,
-            &ca.pem(),
-            &[H1_ALPN],
-            get("/v1/models", &[("authorization", &auth)]),
-        )
-        .await;
-        if got.reply.status == http::StatusCode::OK || tokio::time::Instant::now() >= deadline {
-            break got.reply.status;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
+    let last = status_once_a_slot_frees(async || {
+        let keyed = get("/v1/models", &[("authorization", &auth)]);
+        let got = support::tls::send_tls(tls.proxy.addr, &tls.ca.pem(), &[H1_ALPN], keyed).await;
+        got.reply.status
+    })
+    .await;
     assert_eq!(
         last,
         http::StatusCode::OK,
         "one silent h2 connection kept every keyed client out for DEADLINE"
     );
     drop(silent);
-    proxy.stop().await;
+    tls.proxy.stop().await;
 }
 
 #[tokio::test]
 async fn an_idle_tls_h2_connection_that_answers_pings_is_cut_like_an_idle_http1_one() {
-    let upstream = start_upstream().await;
-    let (ca, dir) = (
-        support::tls::Ca::new(),
-        support::process::TempDir::new("found-h2-idle"),
-    );
-    let config = TestConfig::new(upstream.addr).max_connections(1);
-    let proxy = support::tls::start_tls_proxy(&ca, &dir, config).await;
+    let tls = one_slot_tls("found-h2-idle").await;
     // A well-behaved h2 client (hyper's) that connects and never sends a request. An idle
     // HTTP/1.1 keep-alive connection is cut by header_read_timeout (2 s); this one must be too.
-    let stream = support::tls::connect(proxy.addr, &ca.pem(), &[H2_ALPN])
+    let stream = support::tls::connect(tls.proxy.addr, &tls.ca.pem(), &[H2_ALPN])
         .await
         .unwrap();
     let (_sender, conn) =
@@ -1536,7 +1533,7 @@ async fn an_idle_tls_h2_connection_that_answers_pings_is_cut_like_an_idle_http1_
         ended.is_ok(),
         "an idle h2 connection is still open (holding the only max_connections slot) after 5x header_read_timeout"
     );
-    proxy.stop().await;
+    tls.proxy.stop().await;
 }
 
 #[tokio::test]
@@ -1548,10 +1545,13 @@ async fn an_h2c_client_that_sends_only_the_preface_is_cut_at_header_read_timeout
     tokio::io::AsyncWriteExt::write_all(&mut silent, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         .await
         .unwrap();
-    assert_eq!(
-        status_once_a_slot_frees(proxy.addr).await,
-        http::StatusCode::OK
-    );
+    let auth = bearer(KEY);
+    let last = status_once_a_slot_frees(async || {
+        let keyed = get("/v1/models", &[("authorization", &auth)]);
+        send(proxy.addr, keyed).await.status
+    })
+    .await;
+    assert_eq!(last, http::StatusCode::OK);
     drop(silent);
     proxy.stop().await;
 }
@@ -2053,34 +2053,41 @@ fn sse_between_events(prefix: &[u8]) -> bool {
 
 #[tokio::test]
 async fn sse_keepalives_and_the_error_event_land_only_between_events_whatever_the_line_ends() {
-    const KEEP_ALIVE: &str = ": keep-alive\n\n";
+    let every = std::time::Duration::from_millis(10);
+    let mut clock = KeepaliveClock::start(every).await;
     let (upstream, mut senders) = start_streaming_upstream().await;
     let text = TestConfig::new(upstream.addr)
-        .idle_timeout(std::time::Duration::from_secs(5))
-        .sse_keepalive(std::time::Duration::from_millis(10))
+        .idle_timeout(std::time::Duration::from_secs(60))
+        .sse_keepalive(every)
         .text();
     let proxy = start_proxy_with(&text).await;
-    let chat = request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("authorization", &bearer(KEY))],
-        "{}",
-    );
-    let mut body = open(proxy.addr, chat).await.into_body();
+    let mut body = open(proxy.addr, keyed_chat()).await.into_body();
     let mut sender = senders.recv().await.unwrap();
     let stream: &[u8] =
         b"data: a\r\n\r\ndata: b\rdata: c\r\r: note\n\nevent: x\ndata: d\n\r\ndata: e\r\n\r";
     // One byte at a time: after each, a keep-alive must come when the stream is between
-    // events and nothing may come for three intervals when it is not.
+    // events; when it is not, nothing may come in three intervals, so the next byte must be
+    // the very next frame.
+    let mut between = true;
     for (i, byte) in stream.iter().enumerate() {
         sender
             .send_data(bytes::Bytes::copy_from_slice(&[*byte]))
             .await
             .unwrap();
-        let frame = next_data_after_keepalives(&mut body).await;
-        assert_eq!(frame, [*byte][..]);
+        let frame = if between {
+            next_data_after_keepalives(&mut body).await
+        } else {
+            next_data(&mut body).await
+        };
+        assert_eq!(
+            frame,
+            [*byte][..],
+            "{frame:?} inside an event, after {:?}",
+            String::from_utf8_lossy(&stream[..i])
+        );
         let prefix = &stream[..=i];
-        if sse_between_events(prefix) {
+        between = sse_between_events(prefix);
+        if between {
             let next = next_data(&mut body).await;
             assert_eq!(
                 next,
@@ -2089,13 +2096,7 @@ async fn sse_keepalives_and_the_error_event_land_only_between_events_whatever_th
                 String::from_utf8_lossy(prefix)
             );
         } else {
-            let quiet = std::time::Duration::from_millis(30);
-            if let Ok(frame) = tokio::time::timeout(quiet, body.frame()).await {
-                panic!(
-                    "{frame:?} inside an event, after {:?}",
-                    String::from_utf8_lossy(prefix)
-                );
-            }
+            clock.intervals(3).await;
         }
     }
     // The stream ends between events (its last blank line is a lone CR): the error event

@@ -64,6 +64,15 @@ impl Parking {
         self.release();
         self.next().await
     }
+
+    /// The paths of every request the origin received, in order.
+    fn seen(&self) -> Vec<String> {
+        self.upstream
+            .requests()
+            .into_iter()
+            .map(|s| s.uri)
+            .collect()
+    }
 }
 
 /// keygate with `max_in_flight` in front of `origin`: key `default` (API_KEY) and key `ci`
@@ -75,6 +84,15 @@ fn config(origin: &Parking, max_in_flight: usize) -> TestConfig {
         .response_timeout(HOLD)
         .idle_timeout(HOLD)
         .admin()
+}
+
+/// Starts keygate with `config` (of `max_in_flight = 1`) and fills its one place: a GET of
+/// `/v1/first` with key `default`, held by `origin`. The proxy, and the client's task.
+async fn first_in_flight(config: TestConfig, origin: &mut Parking) -> (Proxy, JoinHandle<Reply>) {
+    let proxy = start_proxy_with(&config.text()).await;
+    let first = spawn_get(proxy.addr, "/v1/first", KEY);
+    assert_eq!(origin.next().await, "/v1/first");
+    (proxy, first)
 }
 
 /// Sends a GET of `path` with `key` on its own connection, answered in the background.
@@ -183,9 +201,7 @@ async fn weights_share_the_releases_one_to_three() {
 #[tokio::test]
 async fn a_queued_client_that_hangs_up_leaves_the_queue_and_never_reaches_the_origin() {
     let mut origin = Parking::start().await;
-    let proxy = start_proxy_with(&config(&origin, 1).text()).await;
-    let first = spawn_get(proxy.addr, "/v1/first", KEY);
-    origin.next().await;
+    let (proxy, first) = first_in_flight(config(&origin, 1), &mut origin).await;
 
     // A body still to come: hyper does not read the socket again until the body is
     // forwarded, so only keygate's hang-up watch can see this client go.
@@ -204,25 +220,15 @@ async fn a_queued_client_that_hangs_up_leaves_the_queue_and_never_reaches_the_or
     origin.release();
     assert_eq!(reply(first).await.status, StatusCode::OK);
     assert_eq!(reply(next).await.status, StatusCode::OK);
-    let seen: Vec<String> = origin
-        .upstream
-        .requests()
-        .into_iter()
-        .map(|s| s.uri)
-        .collect();
-    assert_eq!(seen, ["/v1/first", "/v1/next"]);
+    assert_eq!(origin.seen(), ["/v1/first", "/v1/next"]);
     proxy.stop().await;
 }
 
 #[tokio::test]
 async fn a_request_queued_past_queue_timeout_is_answered_503_with_retry_after() {
     let mut origin = Parking::start().await;
-    let text = config(&origin, 1)
-        .queue_timeout(Duration::from_millis(50))
-        .text();
-    let proxy = start_proxy_with(&text).await;
-    let first = spawn_get(proxy.addr, "/v1/first", KEY);
-    origin.next().await;
+    let short_wait = config(&origin, 1).queue_timeout(Duration::from_millis(50));
+    let (proxy, first) = first_in_flight(short_wait, &mut origin).await;
 
     let late = reply(spawn_get(proxy.addr, "/v1/late", CI_KEY)).await;
     assert_eq!(late.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -243,22 +249,14 @@ async fn a_request_queued_past_queue_timeout_is_answered_503_with_retry_after() 
 
     origin.release();
     assert_eq!(reply(first).await.status, StatusCode::OK);
-    let seen: Vec<String> = origin
-        .upstream
-        .requests()
-        .into_iter()
-        .map(|s| s.uri)
-        .collect();
-    assert_eq!(seen, ["/v1/first"]);
+    assert_eq!(origin.seen(), ["/v1/first"]);
     proxy.stop().await;
 }
 
 #[tokio::test]
 async fn the_probe_and_public_paths_pass_a_full_queue() {
     let mut origin = Parking::start().await;
-    let proxy = start_proxy_with(&config(&origin, 1).text()).await;
-    let first = spawn_get(proxy.addr, "/v1/first", KEY);
-    origin.next().await;
+    let (proxy, first) = first_in_flight(config(&origin, 1), &mut origin).await;
     let queued = spawn_get(proxy.addr, "/v1/queued", CI_KEY);
     wait_for_depth(&proxy, "ci", 1).await;
 
@@ -280,9 +278,7 @@ async fn the_probe_and_public_paths_pass_a_full_queue() {
 #[tokio::test]
 async fn draining_answers_the_queued_at_once_and_lets_the_in_flight_finish() {
     let mut origin = Parking::start().await;
-    let mut proxy = start_proxy_with(&config(&origin, 1).text()).await;
-    let first = spawn_get(proxy.addr, "/v1/first", KEY);
-    origin.next().await;
+    let (mut proxy, first) = first_in_flight(config(&origin, 1), &mut origin).await;
     let queued = spawn_get(proxy.addr, "/v1/queued", CI_KEY);
     wait_for_depth(&proxy, "ci", 1).await;
 
@@ -296,21 +292,13 @@ async fn draining_answers_the_queued_at_once_and_lets_the_in_flight_finish() {
     origin.release();
     assert_eq!(reply(first).await.status, StatusCode::OK);
     assert!(proxy.finished().await);
-    let seen: Vec<String> = origin
-        .upstream
-        .requests()
-        .into_iter()
-        .map(|s| s.uri)
-        .collect();
-    assert_eq!(seen, ["/v1/first"]);
+    assert_eq!(origin.seen(), ["/v1/first"]);
 }
 
 #[tokio::test]
 async fn a_websocket_upgrade_passes_a_full_queue() {
     let mut origin = Parking::start().await;
-    let proxy = start_proxy_with(&config(&origin, 1).text()).await;
-    let first = spawn_get(proxy.addr, "/v1/first", KEY);
-    origin.next().await;
+    let (proxy, first) = first_in_flight(config(&origin, 1), &mut origin).await;
 
     let upgrade = request(
         Method::GET,

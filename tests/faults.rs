@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use support::process::{Running, TempDir, Unread, ENV};
+use support::process::{stalled_log_keygate, Running, StalledLog, TempDir, ENV};
 use support::*;
 
 fn assert_upstream_error(reply: &Reply, status: StatusCode) {
@@ -362,15 +362,10 @@ fn accept_errors_back_off_and_serving_resumes() {
 
 #[test]
 fn a_stalled_log_reader_costs_counted_lines_and_one_warning_once_it_reads_again() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let upstream = runtime.block_on(start_upstream());
-    let dir = TempDir::new("stalled-log");
-    let config = TestConfig::new(upstream.addr)
-        .admin()
-        .log_level("info")
-        .text();
-    let path = dir.write("keygate.toml", &config);
-    let mut keygate = Unread::start(&path, &ENV);
+    let mut stalled = stalled_log_keygate("stalled-log");
+    let StalledLog {
+        runtime, keygate, ..
+    } = &mut stalled;
     let (addr, admin) = (keygate.addr, keygate.admin);
     runtime.block_on(async {
         flood_the_log(addr).await;

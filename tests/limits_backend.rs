@@ -38,10 +38,13 @@ fn options() -> RedisOptions {
     }
 }
 
+/// A replica of the shared limits, once it reaches Redis.
 async fn replica(redis: &RedisServer, options: RedisOptions) -> Limiter {
-    Limiter::redis(&Secret::new(redis.url()), options)
+    let limiter = Limiter::redis(&Secret::new(redis.url()), options)
         .await
-        .unwrap()
+        .unwrap();
+    up(&limiter).await;
+    limiter
 }
 
 async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
@@ -88,8 +91,6 @@ async fn two_replicas_share_one_request_limit() {
         replica(&redis, options()).await,
         replica(&redis, options()).await,
     );
-    up(&a).await;
-    up(&b).await;
     // One request refills every 20 s: none during the test.
     let rpm3 = limits(Some(3), None);
     let mut remaining = Vec::new();
@@ -125,8 +126,6 @@ async fn tokens_debited_by_one_replica_make_the_key_wait_on_another() {
         replica(&redis, options()).await,
         replica(&redis, options()).await,
     );
-    up(&a).await;
-    up(&b).await;
     let l = limits(Some(100), Some(600));
     assert_eq!(a.check("app", &l).await.verdict, Verdict::Allowed);
     // One large request crosses the budget and is charged in full when it ends.
@@ -174,7 +173,6 @@ async fn scripted(l: &Limiter) -> (Vec<Decision>, Duration) {
 async fn the_redis_script_and_the_in_process_arithmetic_agree() {
     let redis = RedisServer::start().await;
     let shared = replica(&redis, options()).await;
-    up(&shared).await;
     let (local, local_span) = scripted(&Limiter::local()).await;
     let (remote, remote_span) = scripted(&shared).await;
     // A refill of one token takes 10 s: the runs can only differ by the time each took.
@@ -223,8 +221,6 @@ async fn concurrency_slots_are_shared_and_given_back() {
         replica(&redis, options()).await,
         replica(&redis, options()).await,
     );
-    up(&a).await;
-    up(&b).await;
     let first = a.acquire_slot("app", 2).await.unwrap();
     let second = b.acquire_slot("app", 2).await.unwrap();
     assert_eq!(
@@ -269,7 +265,6 @@ async fn a_dead_replica_loses_its_slots_after_the_lease() {
     .unwrap();
     let died = Instant::now();
     let survivor = replica(&redis, short).await;
-    up(&survivor).await;
     // The survivor's own renewed lease keeps the key alive: the dead one must be purged.
     let _own = survivor.acquire_slot("app", 2).await.unwrap();
     let refused = survivor.acquire_slot("app", 2).await;
@@ -290,8 +285,6 @@ async fn a_long_holder_keeps_its_lease_by_renewing_it() {
         replica(&redis, short.clone()).await,
         replica(&redis, short).await,
     );
-    up(&a).await;
-    up(&b).await;
     let held = a.acquire_slot("app", 1).await.unwrap();
     let mut conn = redis_conn(&redis).await;
     let first_expiry: Vec<(String, f64)> = redis::cmd("ZRANGE")
@@ -329,8 +322,6 @@ async fn redis_killed_mid_run_falls_back_to_what_each_replica_used_then_recovers
         replica(&redis, quick.clone()).await,
         replica(&redis, quick).await,
     );
-    up(&a).await;
-    up(&b).await;
     let rpm3 = limits(Some(3), None);
     for _ in 0..2 {
         assert_eq!(a.check("app", &rpm3).await.source, Source::Shared);
@@ -394,7 +385,6 @@ async fn a_hung_redis_costs_one_request_the_timeout_and_the_rest_nothing() {
         ..RedisOptions::default()
     };
     let l = replica(&redis, deny).await;
-    up(&l).await;
     let rpm = limits(Some(100), Some(1000));
     assert_eq!(l.check("app", &rpm).await.source, Source::Shared);
 
@@ -589,7 +579,6 @@ async fn admission_latency() {
         },
     )
     .await;
-    up(&shared).await;
     let local = Limiter::local();
     let wide = limits(Some(u32::MAX), Some(u32::MAX));
     for (name, l) in [("in-process", &local), ("redis", &shared)] {

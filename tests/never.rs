@@ -4,7 +4,7 @@
 mod support;
 
 use http::{Method, StatusCode};
-use support::process::{Running, TempDir, Unread, ENV};
+use support::process::{stalled_log_keygate, Running, StalledLog, TempDir, ENV};
 use support::*;
 
 const WRONG_TOKEN: &str = "kg-presented-wrong-token-31337";
@@ -397,15 +397,10 @@ async fn never_a_secret_value_in_a_metric_label() {
 
 #[test]
 fn never_request_handling_waiting_on_the_log() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let upstream = runtime.block_on(start_upstream());
-    let dir = TempDir::new("never-wait-log");
-    let config = TestConfig::new(upstream.addr)
-        .admin()
-        .log_level("info")
-        .text();
-    let path = dir.write("keygate.toml", &config);
-    let mut keygate = Unread::start(&path, &ENV);
+    let mut stalled = stalled_log_keygate("never-wait-log");
+    let StalledLog {
+        runtime, keygate, ..
+    } = &mut stalled;
     let (addr, admin) = (keygate.addr, keygate.admin);
     runtime.block_on(async {
         flood_the_log(addr).await;

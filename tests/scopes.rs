@@ -270,3 +270,16 @@ async fn a_prefix_admits_whole_segments_and_a_path_one_route() {
     assert_eq!(reached, expected, "no refused request reached the upstream");
     proxy.stop().await;
 }
+
+/// A config's debug output names its preset: the name alone, not the route table.
+#[test]
+fn a_preset_shows_as_its_name_in_debug_output() {
+    let upstream = "127.0.0.1:9".parse().unwrap();
+    for preset in &PRESETS {
+        let config = parse_config(&TestConfig::new(upstream).preset(preset.name).text());
+        let debug = format!("{config:?}");
+        let shown = format!("preset: Some({})", preset.name);
+        assert!(debug.contains(&shown), "{shown} in {debug}");
+        assert!(!debug.contains("/v1/chat/completions"), "{debug}");
+    }
+}

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 /// The handshake headers of a WebSocket client (RFC 6455 §4.1; the key is the RFC's example).
@@ -35,19 +35,17 @@ const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// What the upstream writes first on every tunnel, before it echoes.
 const GREETING: &[u8] = b"hello from upstream";
 /// `idle_timeout` in the configs of the idle tests; the base config's 2 s would only slow them.
+/// The traffic that must keep a tunnel open is silent only for a round trip at a time.
 const IDLE: Duration = Duration::from_secs(1);
-/// Spacing of the traffic that must keep a tunnel open: well inside `IDLE`.
-const PACE: Duration = Duration::from_millis(250);
-/// Bytes the upstream pushes on `/push`, one every `PACE`: twice `IDLE` in all.
-const PUSHES: usize = 8;
 
 // ---------------------------------------------------------------- a WebSocket-ish upstream
 
-#[derive(Default)]
 struct Record {
     requests: Mutex<Vec<Seen>>,
     /// Tunnels whose client side the upstream saw end (EOF or error).
     tunnels_closed: AtomicUsize,
+    /// Bytes the `/push` tunnels are to send: one each time the test adds a permit.
+    pushes: Semaphore,
     changed: Notify,
 }
 
@@ -55,8 +53,8 @@ struct Record {
 /// - `/switch`: 101 to websocket whatever was asked (and nothing after);
 /// - `/other`: 101 to a protocol nobody asked for;
 /// - `/decline`: 200, even to an upgrade request;
-/// - `/push`: a WebSocket upgrade request gets 101; then the upstream sends [`GREETING`] and
-///   [`PUSHES`] bytes, one every [`PACE`], and never reads;
+/// - `/push`: a WebSocket upgrade request gets 101; then the upstream sends [`GREETING`], and
+///   a `.` each time the test calls [`WsUpstream::push`]; what the client sends is dropped;
 /// - anything else: a WebSocket upgrade request gets 101, then [`GREETING`], then every byte
 ///   back (echo); any other request gets 200 `ok`.
 ///
@@ -69,7 +67,12 @@ struct WsUpstream {
 async fn start_ws_upstream() -> WsUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let record = Arc::new(Record::default());
+    let record = Arc::new(Record {
+        requests: Mutex::default(),
+        tunnels_closed: AtomicUsize::new(0),
+        pushes: Semaphore::new(0),
+        changed: Notify::new(),
+    });
     let shared = record.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -113,7 +116,8 @@ fn answer(mut req: Request<Incoming>, record: &Arc<Record>) -> Response<UpBody> 
                 let Ok(upgraded) = on_upgrade.await else {
                     return;
                 };
-                serve_tunnel(TokioIo::new(upgraded), push).await;
+                let pushes = push.then_some(&record.pushes);
+                serve_tunnel(TokioIo::new(upgraded), pushes).await;
                 record.tunnels_closed.fetch_add(1, Ordering::SeqCst);
                 record.changed.notify_waiters();
             });
@@ -140,22 +144,28 @@ fn switching(request: &HeaderMap, protocol: &'static str) -> Response<UpBody> {
     response
 }
 
-/// The upstream's side of a tunnel, until the other side ends it.
-async fn serve_tunnel(mut io: TokioIo<Upgraded>, push: bool) {
+/// The upstream's side of a tunnel, until the other side ends it: an echo, or with `pushes`
+/// a byte for each of its permits.
+async fn serve_tunnel(mut io: TokioIo<Upgraded>, pushes: Option<&Semaphore>) {
     if io.write_all(GREETING).await.is_err() {
         return;
     }
     let mut buf = [0u8; 4096];
-    if push {
-        for _ in 0..PUSHES {
-            tokio::time::sleep(PACE).await;
-            if io.write_all(b".").await.is_err() {
-                return;
+    if let Some(pushes) = pushes {
+        let (mut reader, mut writer) = tokio::io::split(io);
+        loop {
+            tokio::select! {
+                permit = pushes.acquire() => {
+                    permit.expect("the semaphore is never closed").forget();
+                    if writer.write_all(b".").await.is_err() {
+                        return;
+                    }
+                }
+                read = reader.read(&mut buf) => if !matches!(read, Ok(n) if n > 0) {
+                    return;
+                },
             }
         }
-        // Silent from here on; the tunnel ends when keygate closes it.
-        while matches!(io.read(&mut buf).await, Ok(n) if n > 0) {}
-        return;
     }
     loop {
         match io.read(&mut buf).await {
@@ -176,6 +186,11 @@ impl WsUpstream {
 
     fn tunnels_closed(&self) -> usize {
         self.record.tunnels_closed.load(Ordering::SeqCst)
+    }
+
+    /// Has a `/push` tunnel send one more byte.
+    fn push(&self) {
+        self.record.pushes.add_permits(1);
     }
 
     async fn wait_until(&self, what: &str, check: impl Fn(&Self) -> bool) {
@@ -304,6 +319,24 @@ impl Tunnel {
         );
         Instant::now()
     }
+}
+
+/// Runs `exchange` on the tunnel for twice `IDLE`, each time as soon as the one before it is
+/// done, so the tunnel is silent only for a round trip however slowly the machine runs; then
+/// waits for keygate to close the tunnel, and asserts it did so only after `IDLE` of silence.
+async fn busy_then_silent(tunnel: &mut Tunnel, mut exchange: impl AsyncFnMut(&mut Tunnel)) {
+    let started = Instant::now();
+    let mut last = started;
+    while last - started < 2 * IDLE {
+        last = Instant::now();
+        exchange(tunnel).await;
+    }
+    // Taken before the last exchange began, so keygate's silence began after it.
+    let silence = tunnel.wait_for_close().await - last;
+    assert!(
+        silence >= IDLE,
+        "closed after {silence:?} of silence, before idle_timeout"
+    );
 }
 
 fn has_upgrade_headers(headers: &HeaderMap) -> bool {
@@ -532,20 +565,7 @@ async fn tunnel_traffic_keeps_it_open_and_silence_closes_it_after_idle_timeout()
     let upstream = start_ws_upstream().await;
     let proxy = start_proxy_with(&TestConfig::new(upstream.addr).idle_timeout(IDLE).text()).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/ws")).await;
-    let started = Instant::now();
-    let mut ticks = tokio::time::interval(PACE);
-    // Traffic spaced by PACE for twice IDLE: each exchange resets the idle timer.
-    while started.elapsed() < 2 * IDLE {
-        ticks.tick().await;
-        tunnel.echo(b"tick").await;
-    }
-    let last = Instant::now();
-    let closed = tunnel.wait_for_close().await;
-    let silence = closed - last;
-    assert!(
-        silence >= IDLE.mul_f32(0.8),
-        "closed after {silence:?} of silence, before idle_timeout"
-    );
+    busy_then_silent(&mut tunnel, async |t| t.echo(b"tick").await).await;
     upstream
         .wait_until("the upstream side of the tunnel to close", |u| {
             u.tunnels_closed() == 1
@@ -559,14 +579,12 @@ async fn upstream_only_traffic_keeps_a_tunnel_open_past_idle_timeout() {
     let upstream = start_ws_upstream().await;
     let proxy = start_proxy_with(&TestConfig::new(upstream.addr).idle_timeout(IDLE).text()).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/push")).await;
-    // The client never writes; the upstream's bytes, PACE apart, span twice IDLE.
-    assert_eq!(tunnel.read_exact(PUSHES).await, vec![b'.'; PUSHES]);
-    let last = Instant::now();
-    let silence = tunnel.wait_for_close().await - last;
-    assert!(
-        silence >= IDLE.mul_f32(0.8),
-        "closed after {silence:?} of silence"
-    );
+    // The client never writes: each byte comes from the upstream.
+    busy_then_silent(&mut tunnel, async |t| {
+        upstream.push();
+        assert_eq!(t.read_exact(1).await, b".");
+    })
+    .await;
     proxy.stop().await;
 }
 
@@ -665,9 +683,9 @@ async fn draining_waits_for_an_open_tunnel_and_ends_when_it_closes() {
     for _ in 0..3 {
         tunnel.echo(b"draining").await;
     }
-    // A negative needs a window: the proxy must not stop while the tunnel is open.
-    let early = tokio::time::timeout(Duration::from_millis(500), proxy.finished()).await;
-    assert!(early.is_err(), "the proxy stopped with a tunnel open");
+    // A drain that did not wait for the tunnel would have ended at once, with nothing else
+    // open, long before these echoes came back.
+    assert!(!proxy.has_stopped(), "the proxy stopped with a tunnel open");
     tunnel.echo(b"still open").await;
     drop(tunnel);
     assert!(
@@ -687,13 +705,13 @@ async fn shutdown_grace_cuts_an_open_tunnel_and_the_proxy_stops() {
         .text();
     let mut proxy = start_proxy_with(&text).await;
     let mut tunnel = open_tunnel(proxy.addr, keyed_websocket("/ws")).await;
-    proxy.begin_shutdown();
+    // Taken before keygate hears of the shutdown, so its grace began after it.
     let began = Instant::now();
-    let mut ticks = tokio::time::interval(PACE);
+    proxy.begin_shutdown();
+    // Echoes back to back until the tunnel is cut: it is never idle for long.
     let mut echoes = 0;
     loop {
         assert!(began.elapsed() < DEADLINE, "the grace never cut the tunnel");
-        ticks.tick().await;
         if !tunnel.echo_or_closed(b"x").await {
             break;
         }
@@ -701,7 +719,7 @@ async fn shutdown_grace_cuts_an_open_tunnel_and_the_proxy_stops() {
     }
     let cut = began.elapsed();
     assert!(
-        cut >= grace.mul_f32(0.8),
+        cut >= grace,
         "cut {cut:?} after shutdown began, before shutdown_grace ({echoes} echoes)"
     );
     assert!(echoes >= 3, "the tunnel carried traffic while draining");

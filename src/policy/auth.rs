@@ -146,10 +146,6 @@ impl KeySet {
         self.keys.iter().map(|k| (&k.name, &*k.policy))
     }
 
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

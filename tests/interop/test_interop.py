@@ -161,13 +161,19 @@ def running_stack(logs: Path):
         yield Stack(keygate_url, key, secret, keygate, keygate_log)
 
 
-def assert_clean_exit(stack: Stack) -> None:
-    """keygate, already sent SIGTERM, exits 0 and never logged a secret or a presented token."""
-    code = wait_or_kill(stack.keygate)
-    log = stack.keygate_log.read_text()
+def assert_exits_cleanly(keygate: subprocess.Popen, log_file: Path, secrets: dict[str, str]) -> None:
+    """keygate, already sent SIGTERM, exits 0 and never logged `secrets` (name: value) or a
+    presented token."""
+    code = wait_or_kill(keygate)
+    log = log_file.read_text()
     assert code == 0, f"keygate exited with {code} after SIGTERM (None: killed after {STOP_DEADLINE_S} s):\n{log}"
-    for name, value in [("API_KEY", stack.key), ("SHARED_SECRET", stack.secret), ("a wrong token", WRONG_TOKEN)]:
+    for name, value in [*secrets.items(), ("a wrong token", WRONG_TOKEN)]:
         assert value not in log, f"keygate logged {name}"
+
+
+def assert_clean_exit(stack: Stack) -> None:
+    """The stack's keygate, already sent SIGTERM, exits 0 and never logged a secret or a presented token."""
+    assert_exits_cleanly(stack.keygate, stack.keygate_log, {"API_KEY": stack.key, "SHARED_SECRET": stack.secret})
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,18 @@ from llama_fixture import (  # noqa: F401 (llama_server, llama_server_bin, tiny_
     tiny_model,
     wait_slots_idle,
 )
-from test_interop import POLL_INTERVAL_S, REPO_ROOT, clean_env, free_ports, keygate_bin, launch, stop, wait_healthy
+from test_interop import (
+    POLL_INTERVAL_S,
+    REPO_ROOT,
+    assert_exits_cleanly,
+    clean_env,
+    free_ports,
+    keygate_bin,
+    launch,
+    stop,
+    terminate,
+    wait_healthy,
+)
 
 CONFIG = "tests/interop/llama/keygate-llama.toml"
 PROMPT = [{"role": "user", "content": "Tell me a long story."}]
@@ -55,6 +66,8 @@ def gate(llama_server, tmp_path_factory):  # noqa: F811
     try:
         wait_healthy(f"{url}/health", keygate, log)
         yield Gate(url, key, llama_server)
+        terminate(keygate)
+        assert_exits_cleanly(keygate, log, {"API_KEY": key})
     finally:
         stop(keygate)
 

@@ -187,6 +187,11 @@ impl Proxy {
     pub async fn finished(&mut self) -> bool {
         tokio::time::timeout(DEADLINE, &mut self.task).await.is_ok()
     }
+
+    /// Whether keygate has stopped by now, without waiting.
+    pub fn has_stopped(&self) -> bool {
+        self.task.is_finished()
+    }
 }
 
 // ---------------------------------------------------------------- metrics
@@ -432,6 +437,16 @@ pub fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
 
+/// A chat completion with the default key and an empty JSON body.
+pub fn keyed_chat() -> Request<Full<Bytes>> {
+    request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(KEY))],
+        "{}",
+    )
+}
+
 /// Sends `count` keyed GETs of `path` one after another over one keep-alive connection;
 /// returns how many were answered with 200, each within the deadline.
 pub async fn keyed_gets(addr: SocketAddr, path: String, count: usize) -> usize {
@@ -639,14 +654,7 @@ pub async fn stream_first_event(
     addr: SocketAddr,
     senders: &mut mpsc::UnboundedReceiver<BodySender>,
 ) -> (Incoming, BodySender) {
-    let auth = bearer(KEY);
-    let req = request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("authorization", &auth)],
-        "{}",
-    );
-    let mut body = open(addr, req).await.into_body();
+    let mut body = open(addr, keyed_chat()).await.into_body();
     let mut sender = senders.recv().await.unwrap();
     sender
         .send_data(Bytes::from_static(b"data: 1\n\n"))
@@ -681,8 +689,60 @@ pub async fn next_data(body: &mut Incoming) -> Bytes {
 pub async fn next_data_after_keepalives(body: &mut Incoming) -> Bytes {
     loop {
         let data = next_data(body).await;
-        if data != ": keep-alive\n\n" {
+        if data != KEEP_ALIVE {
             return data;
+        }
+    }
+}
+
+/// The SSE keep-alive comment.
+pub const KEEP_ALIVE: &str = ": keep-alive\n\n";
+
+/// Time as keygate's own timers count it, for a test that shows something does *not* happen
+/// within some keep-alive intervals: a second keygate in the test's runtime, with
+/// `sse_keepalive`, and one SSE stream through it that stays silent, so a keep-alive comment
+/// comes each interval. In a test's current-thread runtime, timers fire in the order they
+/// fall due and the tasks they wake run in that order: once the clock has sent its second
+/// comment after an event, every timer of the keygate under test that fell due before the
+/// first has fired, its task has run, and what it wrote is on the wire ahead of anything the
+/// test has the upstream send afterwards. No wall-clock window to miss on a loaded machine.
+pub struct KeepaliveClock {
+    body: Incoming,
+    sender: BodySender,
+    _proxy: Proxy,
+    _upstream: Upstream,
+}
+
+impl KeepaliveClock {
+    pub async fn start(every: Duration) -> Self {
+        let (upstream, mut senders) = start_streaming_upstream().await;
+        let text = TestConfig::new(upstream.addr)
+            .idle_timeout(Duration::from_secs(600))
+            .sse_keepalive(every)
+            .text();
+        let proxy = start_proxy_with(&text).await;
+        let body = open(proxy.addr, keyed_chat()).await.into_body();
+        let sender = senders.recv().await.unwrap();
+        Self {
+            body,
+            sender,
+            _proxy: proxy,
+            _upstream: upstream,
+        }
+    }
+
+    /// Returns once `n` keep-alive intervals have passed on the clock's timer since the call.
+    pub async fn intervals(&mut self, n: usize) {
+        // An event restarts the clock's interval, and marks the end of the comments sent
+        // before the call.
+        const TICK: &str = "data: tick\n\n";
+        self.sender
+            .send_data(Bytes::from_static(TICK.as_bytes()))
+            .await
+            .unwrap();
+        while next_data(&mut self.body).await != TICK {}
+        for _ in 0..n {
+            assert_eq!(next_data(&mut self.body).await, KEEP_ALIVE);
         }
     }
 }

@@ -328,3 +328,31 @@ impl Drop for Unread {
         }
     }
 }
+
+/// An [`Unread`] keygate (an admin listener, logging at `info`) in front of a recording
+/// upstream, and the runtime that serves the upstream and the test's clients: the set-up of
+/// every test of a log reader that stalled.
+pub struct StalledLog {
+    pub runtime: tokio::runtime::Runtime,
+    pub keygate: Unread,
+    _upstream: super::Upstream,
+    _dir: TempDir,
+}
+
+/// Starts a [`StalledLog`]; `tag` names its temporary directory.
+pub fn stalled_log_keygate(tag: &str) -> StalledLog {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let upstream = runtime.block_on(super::start_upstream());
+    let dir = TempDir::new(tag);
+    let config = super::TestConfig::new(upstream.addr)
+        .admin()
+        .log_level("info")
+        .text();
+    let keygate = Unread::start(&dir.write("keygate.toml", &config), &ENV);
+    StalledLog {
+        runtime,
+        keygate,
+        _upstream: upstream,
+        _dir: dir,
+    }
+}
