@@ -4,6 +4,9 @@
 //! forward. This is the one place where a [`ProxyError`] becomes a response and an access
 //! log line.
 //!
+//! A key's `models` and the token usage of keyed requests are read on the way ([`inspect`]):
+//! the body before the request waits in the queue, so a refused model never takes a place.
+//!
 //! Only keyed requests wait in the upstream queue. The probe and the public paths pass it,
 //! so a full queue never makes a load balancer think keygate is down; CORS preflights are
 //! answered here and never reach the upstream; and WebSocket upgrades pass it, since a
@@ -11,21 +14,26 @@
 //! most of the time), leaving the upstream's capacity to requests one tunnel at a time. A
 //! key's tunnels are bounded by its `max_concurrent`, as its requests are.
 
+mod inspect;
+
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use crate::config::secrets::SecretSource;
 use crate::config::{reload_file_keys, Config, FileKey, KeySpec, WatchedFiles};
 use crate::error::ProxyError;
-use crate::forward::body::{Body, RequestBody};
+use crate::forward::body::Body;
 use crate::forward::rewrite::{self, Origin, Peer, Rules};
 use crate::forward::sse::{self, Sse};
 use crate::forward::upgrade;
@@ -274,7 +282,7 @@ impl Gateway {
             None => self.forward(peer, req, &request_id, &mut log).await,
         };
         let mut response = match forwarded {
-            Ok((upstream, lease)) => {
+            Ok((upstream, lease, inspection)) => {
                 let (mut parts, body) = upstream.into_parts();
                 self.rules.response(&mut parts.headers, &request_id);
                 if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -288,6 +296,7 @@ impl Gateway {
                     let counters = self.metrics.sse_counters(log.key.as_ref());
                     Sse::new(self.sse_keepalive, counters)
                 });
+                let filter = inspection.and_then(|i| i.response(parts.status, &mut parts.headers));
                 let body = Body::upstream(
                     body,
                     self.upstream.idle_timeout,
@@ -295,13 +304,15 @@ impl Gateway {
                     self.rules.clone(),
                     sse,
                     lease,
+                    filter,
                 );
                 Response::from_parts(parts, body)
             }
             Err(e) => {
                 log.status = e.status();
                 let response = error_response(&e, request_id);
-                log.finish(e.body().len() as u64, Outcome::Failed(&e));
+                let sent = response.body().size_hint().exact().unwrap_or(0);
+                log.finish(sent, Outcome::Failed(&e));
                 response
             }
         };
@@ -315,7 +326,14 @@ impl Gateway {
         mut req: Request<Incoming>,
         request_id: &HeaderValue,
         log: &mut AccessLog,
-    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+    ) -> Result<
+        (
+            Response<Incoming>,
+            Option<Lease>,
+            Option<inspect::Inspection>,
+        ),
+        ProxyError,
+    > {
         if req.method() == Method::TRACE || req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -365,10 +383,24 @@ impl Gateway {
         // with the hop-by-hop ones.
         let websocket =
             (key.is_some() && upgrade::wants_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let plan = inspect::plan(
+            key.as_ref(),
+            self.preset.as_ref(),
+            &parts,
+            websocket.is_some(),
+            body.is_end_stream(),
+        )?;
+        let limits = inspect::Limits {
+            max_request_body: self.max_request_body,
+            timeout: self.upstream.response_timeout,
+            metrics: &self.metrics,
+        };
+        let (body, inspection) =
+            inspect::read(plan, &mut parts.headers, body, log, &limits).await?;
         if let (Some(queue), Some(key), None) = (&self.queue, &key, &websocket) {
             log.held_upstream = Some(Box::new(self.wait_for_upstream(queue, key, log).await?));
         }
-        let (mut parts, body) = req.into_parts();
         let host = parts.headers.remove(HOST).or_else(|| {
             parts
                 .uri
@@ -388,12 +420,11 @@ impl Gateway {
             upgrade::restore_headers(&mut parts.headers);
         }
         parts.uri = uri;
-        let upstream_req = Request::from_parts(
-            parts,
-            RequestBody::new(body, self.max_request_body, self.metrics.clone()),
-        );
+        let upstream_req = Request::from_parts(parts, body);
         let sent = Instant::now();
-        let (mut response, lease) = self.upstream.send(upstream_req).await.inspect_err(|e| {
+        let exchanged = self.upstream.send(upstream_req).await;
+        inspect::note(inspection.as_ref(), log);
+        let (mut response, lease) = exchanged.inspect_err(|e| {
             let answered = !e.upstream_unanswered();
             self.upstream_answered.store(answered, Ordering::Relaxed);
         })?;
@@ -409,12 +440,12 @@ impl Gateway {
                     peer.tunnel
                         .put(upgrade::tunnel(client, upstream, idle, slot));
                     lease.into_tunnel();
-                    return Ok((response, None));
+                    return Ok((response, None, None));
                 }
                 _ => return Err(ProxyError::UnexpectedUpgrade),
             }
         }
-        Ok((response, Some(lease)))
+        Ok((response, Some(lease), inspection))
     }
 
     /// Whether the key may send this request now: the preset lists the route, the key's
@@ -479,7 +510,11 @@ impl Gateway {
 }
 
 pub(crate) fn error_response(e: &ProxyError, request_id: HeaderValue) -> Response<Body> {
-    let mut response = Response::new(Body::fixed(e.body()));
+    let body = match e.body() {
+        Cow::Borrowed(text) => Bytes::from_static(text.as_bytes()),
+        Cow::Owned(text) => Bytes::from(text),
+    };
+    let mut response = Response::new(Body::fixed(body));
     *response.status_mut() = e.status();
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

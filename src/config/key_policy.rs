@@ -2,9 +2,12 @@
 //! use, its limits and its expiry. Plain data; `policy::scope` decides with it.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::Method;
+
+use crate::config::models::Models;
 
 /// A key's scope and limits. The default allows everything a key could do before scopes
 /// existed.
@@ -22,6 +25,8 @@ pub struct KeyPolicy {
     /// [`MAX_WEIGHT`]: a key of weight 3 is let through three times as often as one of
     /// weight 1 while both wait.
     pub weight: u32,
+    /// The models the key may use, if limited: every request body must name one of them.
+    pub models: Option<Arc<Models>>,
 }
 
 impl Default for KeyPolicy {
@@ -32,6 +37,7 @@ impl Default for KeyPolicy {
             max_concurrent: None,
             not_after: None,
             weight: 1,
+            models: None,
         }
     }
 }

@@ -115,8 +115,8 @@ pub(super) fn auth(
     })
 }
 
-/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent`, `not_after` and
-/// `weight`.
+/// A key's scope and limits, from its `allow`, `routes`, `max_concurrent`, `not_after`,
+/// `weight` and `models`.
 pub(super) fn policy(
     k: &KeyFile,
     preset: Option<&Preset>,
@@ -169,12 +169,19 @@ pub(super) fn policy(
         }
         parsed
     });
+    let models = k.models.as_ref().and_then(|names| {
+        Models::new(names)
+            .map(Arc::new)
+            .map_err(|e| problem(format!("models: {e}")))
+            .ok()
+    });
     KeyPolicy {
         allow,
         routes,
         max_concurrent: k.max_concurrent,
         not_after,
         weight: key_weight(k.weight, problem),
+        models,
     }
 }
 

@@ -9,6 +9,7 @@ mod file;
 mod inject;
 pub mod key_policy;
 mod keys;
+pub mod models;
 mod problems;
 pub mod secrets;
 mod server;
@@ -35,6 +36,7 @@ use crate::config::secrets::{Secret, SecretSource};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
 use crate::preset::{Preset, PRESETS};
 use key_policy::{Classes, KeyPolicy, Paths, Rule, MAX_WEIGHT};
+use models::Models;
 use tls_files::{Certificate, Which};
 
 use file::*;

@@ -177,6 +177,7 @@ mod tests {
             max_concurrent,
             not_after,
             weight: 1,
+            models: None,
         }))
     }
 
