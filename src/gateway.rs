@@ -296,7 +296,7 @@ impl Gateway {
                     let counters = self.metrics.sse_counters(log.key.as_ref());
                     Sse::new(self.sse_keepalive, counters)
                 });
-                let filter = inspection.and_then(|i| i.response(parts.status, &mut parts.headers));
+                let filter = inspection.and_then(|i| i.response(&mut parts.headers));
                 let body = Body::upstream(
                     body,
                     self.upstream.idle_timeout,
@@ -445,6 +445,13 @@ impl Gateway {
                 _ => return Err(ProxyError::UnexpectedUpgrade),
             }
         }
+        let inspection = match inspection {
+            Some(i) => Some(
+                i.answered(&mut response, self.upstream.idle_timeout)
+                    .await?,
+            ),
+            None => None,
+        };
         Ok((response, Some(lease), inspection))
     }
 

@@ -7,7 +7,8 @@
 //!
 //! For a key with `models`:
 //! - `GET /v1/models` and `GET /models` (llama.cpp): the origin's list, filtered to the key's
-//!   models ([`filter_model_list`]).
+//!   models ([`filter_model_list`]). The list is read whole (at most [`MODEL_LIST_CAP`]) before
+//!   the client is answered, so a list that cannot be read is a 502, never the whole list.
 //! - `GET /v1/models/{name}` (SGLang): the name in the path must be allowed.
 //! - A request with a body: the body must be one JSON object whose top-level `model` is
 //!   allowed, read the way the origin reads it ([`crate::policy::models`]); otherwise 404
@@ -48,7 +49,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -370,24 +371,55 @@ fn phrase(why: Undecidable) -> &'static str {
 pub(super) enum Inspection {
     /// Its model list filtered.
     List(Arc<Models>),
+    /// The filtered list, read from the upstream's answer.
+    Listed(Bytes),
     /// Its usage read.
     Usage(Arc<Mutex<Decided>>),
 }
 
 impl Inspection {
-    /// The filter for the response with `status` and `headers` (whose `Content-Length` goes
-    /// when the body changes), or `None` when it is passed on as it is.
-    pub(super) fn response(
+    /// The upstream answered: a model list is read whole (each wait at most `idle_timeout`)
+    /// and filtered, leaving `response`'s body at its end.
+    pub(super) async fn answered(
         self,
-        status: StatusCode,
-        headers: &mut HeaderMap,
-    ) -> Option<Box<dyn ResponseFilter>> {
+        response: &mut Response<Incoming>,
+        idle_timeout: Duration,
+    ) -> Result<Self, ProxyError> {
+        let Inspection::List(models) = self else {
+            return Ok(self);
+        };
+        if response.status() != StatusCode::OK {
+            return Ok(Inspection::List(models));
+        }
+        let mut list = BytesMut::new();
+        let body = response.body_mut();
+        loop {
+            let frame = match tokio::time::timeout(idle_timeout, body.frame()).await {
+                Err(_) => return Err(ProxyError::UpstreamIdle),
+                Ok(None) => break,
+                Ok(Some(frame)) => frame.map_err(ProxyError::UpstreamBody)?,
+            };
+            if let Ok(data) = frame.into_data() {
+                if list.len() + data.len() > MODEL_LIST_CAP {
+                    return Err(ProxyError::ModelListUnreadable);
+                }
+                list.extend_from_slice(&data);
+            }
+        }
+        let filtered =
+            filter_model_list(&list, &models).map_err(|_| ProxyError::ModelListUnreadable)?;
+        Ok(Inspection::Listed(Bytes::from(filtered)))
+    }
+
+    /// The filter for the response with `headers` (whose `Content-Length` is changed when
+    /// the body changes), or `None` when it is passed on as it is.
+    pub(super) fn response(self, headers: &mut HeaderMap) -> Option<Box<dyn ResponseFilter>> {
+        let mut length = None;
         let filter: Box<dyn ResponseFilter> = match self {
-            Inspection::List(models) if status == StatusCode::OK => Box::new(ListFilter {
-                models,
-                body: BytesMut::new(),
-                too_large: false,
-            }),
+            Inspection::Listed(list) => {
+                length = Some(HeaderValue::from(list.len()));
+                Box::new(ListFilter(Some(list)))
+            }
             Inspection::List(_) => return None,
             Inspection::Usage(decided) => {
                 let reader = if sse::is_event_stream(headers) {
@@ -404,6 +436,9 @@ impl Inspection {
         };
         if !filter.keeps_length() {
             headers.remove(CONTENT_LENGTH);
+        }
+        if let Some(length) = length {
+            headers.insert(CONTENT_LENGTH, length);
         }
         Some(filter)
     }
@@ -464,31 +499,16 @@ impl ResponseFilter for UsageFilter {
     }
 }
 
-/// Collects a model list (at most [`MODEL_LIST_CAP`]) and passes on the filtered list.
-struct ListFilter {
-    models: Arc<Models>,
-    body: BytesMut,
-    too_large: bool,
-}
+/// Passes on the filtered model list once the upstream's body (already read) has ended.
+struct ListFilter(Option<Bytes>);
 
 impl ResponseFilter for ListFilter {
-    fn chunk(&mut self, chunk: Bytes) -> Bytes {
-        if self.body.len() + chunk.len() > MODEL_LIST_CAP {
-            self.too_large = true;
-            self.body = BytesMut::new();
-        } else if !self.too_large {
-            self.body.extend_from_slice(&chunk);
-        }
+    fn chunk(&mut self, _chunk: Bytes) -> Bytes {
         Bytes::new()
     }
 
     fn end(&mut self) -> Result<Bytes, ProxyError> {
-        if self.too_large {
-            return Err(ProxyError::ModelListUnreadable);
-        }
-        filter_model_list(&self.body, &self.models)
-            .map(Bytes::from)
-            .map_err(|_| ProxyError::ModelListUnreadable)
+        Ok(self.0.take().unwrap_or_default())
     }
 
     fn keeps_length(&self) -> bool {

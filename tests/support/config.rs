@@ -350,6 +350,7 @@ pub struct Key {
     max_concurrent: Option<usize>,
     not_after: Option<SystemTime>,
     weight: Option<u32>,
+    models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -386,6 +387,7 @@ impl Key {
             max_concurrent: None,
             not_after: None,
             weight: None,
+            models: None,
         }
     }
 
@@ -416,6 +418,12 @@ impl Key {
 
     pub fn weight(mut self, weight: u32) -> Self {
         self.weight = Some(weight);
+        self
+    }
+
+    /// The models the key may name: exact names or a trailing `*`.
+    pub fn models(mut self, models: &[&str]) -> Self {
+        self.models = Some(models.iter().map(|m| (*m).to_owned()).collect());
         self
     }
 
@@ -461,6 +469,9 @@ impl Key {
         }
         if let Some(weight) = self.weight {
             fields.push(format!("weight = {weight}"));
+        }
+        if let Some(models) = &self.models {
+            fields.push(format!("models = {}", strings(models)));
         }
         format!("{{ {} }}", fields.join(", "))
     }
