@@ -384,20 +384,22 @@ impl Gateway {
         let websocket =
             (key.is_some() && upgrade::wants_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let plan = inspect::plan(
-            key.as_ref(),
-            self.preset.as_ref(),
-            &parts,
-            websocket.is_some(),
-            body.is_end_stream(),
-        )?;
         let limits = inspect::Limits {
             max_request_body: self.max_request_body,
             timeout: self.upstream.response_timeout,
             metrics: &self.metrics,
         };
-        let (body, inspection) =
-            inspect::read(plan, &mut parts.headers, body, log, &limits).await?;
+        let (key_ref, preset) = (key.as_ref(), self.preset.as_ref());
+        let (body, inspection) = inspect::read(
+            key_ref,
+            preset,
+            websocket.is_some(),
+            &mut parts,
+            body,
+            log,
+            &limits,
+        )
+        .await?;
         if let (Some(queue), Some(key), None) = (&self.queue, &key, &websocket) {
             log.held_upstream = Some(Box::new(self.wait_for_upstream(queue, key, log).await?));
         }

@@ -34,9 +34,16 @@
 //! sent on while it is read: every byte goes upstream as soon as it is scanned, except the top-
 //! level object's closing `}` and what follows it, held back until the decision; a refusal ends
 //! the upstream request abnormally, so the upstream never holds a complete body. Such a body
-//! goes chunked, since an insertion may change its length. Memory per request: the read-ahead
-//! (at most [`READ_AHEAD`] plus one frame, of which nothing is copied), the scanner's 2 KiB,
-//! and in the response at most [`crate::forward::usage::EVENT_HOLD_CAP`] of one SSE event or
+//! goes chunked, since an insertion may change its length.
+//!
+//! A refused body is read on to its end, up to the read-ahead, before the refusal is sent: a
+//! client still sending it would otherwise find its connection closed (hyper closes a
+//! connection whose request body was not read) and might never read the answer. A longer body
+//! refused before its end ends that way, as any early answer to an upload does.
+//!
+//! Memory per request: the read-ahead (at most [`READ_AHEAD`] plus one frame, of which nothing
+//! is copied), the scanner's 2 KiB, and in the response at most
+//! [`crate::forward::usage::EVENT_HOLD_CAP`] of one SSE event or
 //! [`crate::policy::models::MODEL_LIST_CAP`] of a model list.
 //!
 //! For a key without `models` a body that is not JSON is forwarded unchanged, and its usage
@@ -50,6 +57,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -86,7 +94,7 @@ pub(super) enum Plan {
 
 /// What a request needs, or why it is refused before anything is read. `websocket`: the
 /// request asks for an upgrade; `bodiless`: it has no body at all.
-pub(super) fn plan(
+fn plan(
     key: Option<&KeyId>,
     preset: Option<&Table>,
     parts: &Parts,
@@ -161,15 +169,26 @@ pub(super) struct Limits<'a> {
     pub metrics: &'a Arc<Metrics>,
 }
 
-/// The body to send upstream for `plan`, and what the response will need. A refusal names
-/// the model in `log` when the body named one.
+/// The body to send upstream for the request (`key` matched, a `websocket` asked for), and
+/// what the response will need. A refusal names the model in `log` when the body named one.
 pub(super) async fn read(
-    plan: Plan,
-    headers: &mut HeaderMap,
+    key: Option<&KeyId>,
+    preset: Option<&Table>,
+    websocket: bool,
+    parts: &mut Parts,
     mut body: Incoming,
     log: &mut AccessLog,
     limits: &Limits<'_>,
 ) -> Result<(RequestBody, Option<Inspection>), ProxyError> {
+    let deadline = tokio::time::Instant::now() + limits.timeout;
+    let plan = match plan(key, preset, parts, websocket, body.is_end_stream()) {
+        Ok(plan) => plan,
+        Err(e) => {
+            linger(&mut body, 0, deadline).await;
+            return Err(e);
+        }
+    };
+    let headers = &mut parts.headers;
     let (models, ask_usage) = match plan {
         Plan::Pass => {
             let body = RequestBody::new(body, limits.max_request_body, limits.metrics.clone());
@@ -198,7 +217,6 @@ pub(super) async fn read(
     };
     let mut ahead = VecDeque::new();
     let mut remaining = limits.max_request_body;
-    let deadline = tokio::time::Instant::now() + limits.timeout;
     let mut read = 0;
     let ended = loop {
         if read >= READ_AHEAD {
@@ -228,6 +246,7 @@ pub(super) async fn read(
             Ok(pass) => ahead.push_back(pass),
             Err(e) => {
                 log.model = scan.model();
+                linger(&mut body, read, deadline).await;
                 return Err(e);
             }
         }
@@ -247,6 +266,17 @@ pub(super) async fn read(
     };
     let body = RequestBody::read_ahead(body, remaining, limits.metrics.clone(), ahead, filter);
     Ok((body, Some(Inspection::Usage(decided))))
+}
+
+/// Reads and discards the rest of a refused body until it ends, [`READ_AHEAD`] bytes have
+/// been read in all (`read` so far), or `deadline`.
+async fn linger(body: &mut Incoming, mut read: usize, deadline: tokio::time::Instant) {
+    while read < READ_AHEAD {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => read += frame.data_ref().map_or(0, Bytes::len),
+            _ => return,
+        }
+    }
 }
 
 /// After the upstream exchange, sent or refused: the model the body named, for the log.
