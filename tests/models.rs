@@ -287,6 +287,92 @@ async fn a_long_body_is_sent_on_while_read_and_a_refusal_aborts_it_upstream() {
     proxy.stop().await;
 }
 
+/// An upstream that never answers and reports, per connection, every byte it received
+/// until keygate closed the connection.
+async fn start_raw_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let _ = stream.read_to_end(&mut received).await;
+                let _ = tx.send(received);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The body bytes of a chunked HTTP/1.1 request as far as they arrived.
+fn dechunk(raw: &[u8]) -> Vec<u8> {
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a request head")
+        + 4;
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut rest = &raw[head_end..];
+    let mut body = Vec::new();
+    while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+        let data = &rest[line_end + 2..];
+        body.extend_from_slice(&data[..size.min(data.len())]);
+        if size == 0 || data.len() < size + 2 {
+            break;
+        }
+        rest = &data[size + 2..];
+    }
+    body
+}
+
+#[tokio::test]
+async fn the_upstream_never_holds_the_whole_of_a_refused_body() {
+    let (upstream, mut received) = start_raw_upstream().await;
+    let config = TestConfig::new(upstream)
+        .max_request_body("4MiB")
+        .keys([Key::env("default", "API_KEY").models(&MODELS)]);
+    let proxy = start_proxy_with(&config.text()).await;
+    for body in [
+        long_body("", ""),
+        long_body(r#""model":"lora-a","#, r#","model":"lora-b""#),
+        long_body("", r#","model":"secret""#),
+        long_body(r#""model":"lora-a","#, "").replace("}]}", "}]} x"),
+    ] {
+        // The last chunk holds nothing but the closing brace: without the hold-back it would
+        // go upstream before the end of the body is known.
+        let (head, tail) = body.split_at(body.len() - 1);
+        let mut chunks = cut(head, 16 * 1024);
+        chunks.push(Bytes::copy_from_slice(tail.as_bytes()));
+        let reply = post_chunks(proxy.addr, chunks).await;
+        assert!(
+            matches!(reply.status.as_u16(), 400 | 404),
+            "{}",
+            reply.status
+        );
+        let raw = tokio::time::timeout(DEADLINE, received.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let sent = dechunk(&raw);
+        assert!(sent.len() > 64 * 1024, "the body was sent on while read");
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&sent).is_err(),
+            "the upstream got a complete JSON body"
+        );
+        assert!(!sent.ends_with(b"}") && body.as_bytes().starts_with(&sent));
+    }
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_long_body_over_http2_is_decided_as_over_http1() {
     let upstream = start_upstream().await;
