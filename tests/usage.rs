@@ -232,15 +232,16 @@ async fn model_labels_are_minted_only_from_answers_and_bounded_per_key() {
     })
     .await;
     let proxy = proxy(&upstream).await;
+    // Sent first, while the key could still mint labels.
+    for model in ["missing", "line\nbreak\"} 1\nforged_total 1"] {
+        let body = serde_json::json!({ "model": model }).to_string();
+        send(proxy.addr, post("/v1/completions", KEY, body)).await;
+    }
     let sent = MODEL_LABELS_PER_KEY + 8;
     for i in 0..sent {
         let body = serde_json::json!({"model": format!("model-{i}")}).to_string();
         let reply = send(proxy.addr, post("/v1/completions", KEY, body)).await;
         assert_eq!(reply.status, StatusCode::OK);
-    }
-    for model in ["missing", "line\nbreak\"} 1\nforged_total 1"] {
-        let body = serde_json::json!({ "model": model }).to_string();
-        send(proxy.addr, post("/v1/completions", KEY, body)).await;
     }
     let other = tokens("default", "(other)", "prompt");
     let text = wait_for_sample(&proxy, &other, 9.0).await;
