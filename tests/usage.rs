@@ -191,7 +191,7 @@ async fn routes_that_do_not_honour_include_usage_are_left_alone() {
 async fn a_body_that_is_not_json_is_forwarded_unchanged_for_a_key_without_models() {
     let upstream = start_upstream_with(|_| answer("application/json", VLLM_JSON)).await;
     let proxy = proxy(&upstream).await;
-    let long = format!("{{\"x\":\"{}\"", "y".repeat(200 * 1024));
+    let long = format!("binary {}", "y".repeat(200 * 1024));
     let bodies = [
         "plain text".to_owned(),
         r#"{"stream":true,"stream":true} x"#.to_owned(),
@@ -204,6 +204,8 @@ async fn a_body_that_is_not_json_is_forwarded_unchanged_for_a_key_without_models
     let seen = upstream.wait_for_requests(bodies.len()).await;
     for (seen, body) in seen.iter().zip(&bodies) {
         assert!(seen.body == body.as_bytes());
+        // Unread from its first bad byte, so its length stays known.
+        assert_eq!(seen.headers["content-length"], body.len().to_string());
     }
     // The answers carried usage and named their model, which the requests did not.
     let prompt = tokens("default", "Qwen/Qwen3-0.6B", "prompt");

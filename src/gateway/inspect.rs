@@ -261,6 +261,9 @@ pub(super) async fn read(
         }
         log.model = scan.model();
         None
+    } else if scan.hold.is_none() {
+        // Not JSON, for a key without models: the rest passes unread, at its own length.
+        None
     } else {
         Some(Box::new(scan))
     };
