@@ -214,6 +214,32 @@ async fn a_body_that_is_not_json_is_forwarded_unchanged_for_a_key_without_models
 }
 
 #[tokio::test]
+async fn bodies_that_are_not_json_flow_unread_and_their_answers_still_count() {
+    let upstream = start_upstream_with(|_| answer("application/json", VLLM_JSON)).await;
+    let proxy = proxy(&upstream).await;
+    let form = "model=m&stream=true&prompt=hi";
+    for content_type in [
+        "application/x-www-form-urlencoded",
+        "application/octet-stream",
+    ] {
+        let req = Request::post("/v1/completions")
+            .header("host", "keygate.test")
+            .header("authorization", bearer(KEY))
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from_static(form.as_bytes())))
+            .unwrap();
+        assert_eq!(send(proxy.addr, req).await.status, StatusCode::OK);
+    }
+    for seen in upstream.wait_for_requests(3).await {
+        assert_eq!(seen.body, form.as_bytes());
+        assert_eq!(seen.headers["content-length"], form.len().to_string());
+    }
+    let prompt = tokens("default", "Qwen/Qwen3-0.6B", "prompt");
+    wait_for_sample(&proxy, &prompt, 63.0).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn model_labels_are_minted_only_from_answers_and_bounded_per_key() {
     // Answers any model with usage, naming it back, as llama.cpp does; refuses `missing`.
     let upstream = start_upstream_with(|seen| {

@@ -20,11 +20,14 @@
 //! - Any other bodiless request (`GET /props`, `GET /v1/responses/{id}`, …) is forwarded: it
 //!   names no model to run.
 //!
-//! For every keyed request with a body (with a preset: on its inference routes), multipart
-//! aside, the response's token usage is read, and a streamed chat completion or completion
-//! that did not ask for `stream_options.include_usage` gets it asked for, the usage-only event
-//! being removed from what the client receives ([`crate::forward::usage`]). The client's
-//! `Accept-Encoding` is dropped from those requests, so the usage arrives uncompressed.
+//! For every keyed request with a body (with a preset: on its inference routes), the
+//! response's token usage is read. The body of a key without `models` is read only when it is a
+//! POST, not multipart; any other body (an upload, a form) is forwarded unread, as it comes,
+//! and so is the rest of a body from its first byte that cannot be JSON. A streamed chat
+//! completion or completion that did not ask for `stream_options.include_usage` gets it asked
+//! for, the usage-only event being removed from what the client receives
+//! ([`crate::forward::usage`]). The client's `Accept-Encoding` is dropped from those requests,
+//! so the usage arrives uncompressed.
 //!
 //! # Reading the body
 //!
@@ -46,8 +49,8 @@
 //! [`crate::forward::usage::EVENT_HOLD_CAP`] of one SSE event or
 //! [`crate::policy::models::MODEL_LIST_CAP`] of a model list.
 //!
-//! For a key without `models` a body that is not JSON is forwarded unchanged, and its usage
-//! read if the response has one.
+//! For a key without `models` a body that turns out not to be JSON is forwarded unchanged, and
+//! its usage read if the response has one.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -84,6 +87,8 @@ pub(super) enum Plan {
     Pass,
     /// A model list, to be filtered.
     List(Arc<Models>),
+    /// The body forwarded unread, the response read for usage.
+    Count,
     /// A body to read: for its model when `models` is set, and for usage.
     Body {
         models: Option<Arc<Models>>,
@@ -117,13 +122,15 @@ fn plan(
     let ask_usage = path.rsplit('/').next() == Some("completions");
     let Some(models) = key.policy.models.clone() else {
         let admin = preset.and_then(|t| t.class(method, path)) == Some(Class::Admin);
-        return Ok(if websocket || bodiless || multipart || admin {
+        return Ok(if websocket || bodiless || admin {
             Plan::Pass
-        } else {
+        } else if *method == Method::POST && !multipart {
             Plan::Body {
                 models: None,
                 ask_usage,
             }
+        } else {
+            Plan::Count
         });
     };
     if websocket {
@@ -199,6 +206,12 @@ pub(super) async fn read(
             let body = RequestBody::new(body, limits.max_request_body, limits.metrics.clone());
             return Ok((body, Some(Inspection::List(models))));
         }
+        Plan::Count => {
+            headers.remove(ACCEPT_ENCODING);
+            let body = RequestBody::new(body, limits.max_request_body, limits.metrics.clone());
+            let decided = Arc::new(Mutex::new(Decided::default()));
+            return Ok((body, Some(Inspection::Usage(decided))));
+        }
         Plan::Body { models, ask_usage } => (models, ask_usage),
     };
     headers.remove(ACCEPT_ENCODING);
@@ -243,6 +256,11 @@ pub(super) async fn read(
         limits.metrics.body_bytes_in(len);
         read += data.len();
         match scan.chunk(data) {
+            // Not JSON, for a key without models: nothing more to wait for.
+            Ok(pass) if scan.hold.is_none() => {
+                ahead.push_back(pass);
+                break false;
+            }
             Ok(pass) => ahead.push_back(pass),
             Err(e) => {
                 log.model = scan.model();
@@ -262,7 +280,7 @@ pub(super) async fn read(
         log.model = scan.model();
         None
     } else if scan.hold.is_none() {
-        // Not JSON, for a key without models: the rest passes unread, at its own length.
+        // The rest passes unread, at its own length.
         None
     } else {
         Some(Box::new(scan))
