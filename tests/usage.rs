@@ -221,6 +221,7 @@ async fn bodies_that_are_not_json_flow_unread_and_their_answers_still_count() {
     for content_type in [
         "application/x-www-form-urlencoded",
         "application/octet-stream",
+        "multipart/form-data; boundary=x",
     ] {
         let req = Request::post("/v1/completions")
             .header("host", "keygate.test")
