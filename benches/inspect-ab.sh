@@ -6,10 +6,12 @@
 # rounds (default 2).
 #   benches/inspect-ab.sh target/release/keygate
 # Variants, each POSTing to a key with access log on:
-#   chat/pass     2 KB chat body sent as multipart/form-data: forwarded unread (the baseline)
+#   chat/pass     2 KB chat body sent as multipart/form-data: the body forwarded unread (the
+#                 baseline; its answer is read for usage, as every keyed answer is)
 #   chat/usage    the same body as JSON, a key without models: read ahead, usage read
 #   chat/models   the same, a key with models: the model decided as well
-#   stream/pass   a streamed chat (22 events) sent as multipart: passed on unread
+#   stream/pass   a streamed chat (22 events) sent as multipart: the body unread, the events
+#                 counted and passed on
 #   stream/strip  the same as JSON without include_usage: asked for, the usage event removed
 #   1mb/pass      a 1 MiB body as multipart (peak RSS: the streaming path)
 #   1mb/models    a 1 MiB JSON body naming its model last, a key with models
