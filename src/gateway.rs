@@ -4,7 +4,7 @@
 //! forward. This is the one place where a [`ProxyError`] becomes a response and an access
 //! log line.
 //!
-//! A key's `models` and the token usage of keyed requests are read on the way ([`inspect`]):
+//! A key's `models` and the token usage of keyed requests are read on the way (`inspect`):
 //! the body before the request waits in the queue, so a refused model never takes a place.
 //!
 //! Only keyed requests wait in the upstream queue. The probe and the public paths pass it,
