@@ -1,9 +1,13 @@
 //! The one request-error enum. Every way a request can fail short of a proxied response is a
 //! variant here; `handler` turns it into exactly one response and one log line.
 //!
-//! Bodies are constant JSON in the shape OpenAI client libraries parse
-//! (`{"error":{"message","type","code"}}`), so no variant can ever echo client input or a secret.
+//! Bodies are JSON in the shape OpenAI client libraries parse
+//! (`{"error":{"message","type","code"}}`), constant per variant but for one: a refused model
+//! is named in its message, as OpenAI names it, JSON-escaped and at most
+//! [`crate::policy::models::MODEL_CAP`] bytes. That name is the client's own input, never a
+//! secret of keygate's; no other variant echoes anything the client sent.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -67,6 +71,14 @@ pub enum ProxyError {
     UpstreamBody(hyper::Error),
     /// The client's request body ended abnormally (client hung up or sent bad framing).
     ClientBody(BoxError),
+    /// A key with `models` named a model outside its list (the name, decoded): never
+    /// forwarded.
+    ModelNotFound(Box<str>),
+    /// A key with `models` sent a request whose model cannot be decided with certainty; the
+    /// phrase says why, in words for the client.
+    ModelUndecidable(&'static str),
+    /// The upstream's model list, to be filtered for a key with `models`, could not be read.
+    ModelListUnreadable,
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -82,7 +94,10 @@ impl ProxyError {
             Self::OutOfScope => StatusCode::FORBIDDEN,
             Self::RouteNotInPreset => StatusCode::NOT_FOUND,
             Self::KeyBusy | Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::BadRequest | Self::ClientBody(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest | Self::ClientBody(_) | Self::ModelUndecidable(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
             Self::Draining
@@ -92,7 +107,8 @@ impl ProxyError {
             Self::UpstreamUnreachable(_)
             | Self::UpstreamFailed(_)
             | Self::UpstreamBody(_)
-            | Self::UnexpectedUpgrade => StatusCode::BAD_GATEWAY,
+            | Self::UnexpectedUpgrade
+            | Self::ModelListUnreadable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout | Self::UpstreamIdle => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -123,6 +139,9 @@ impl ProxyError {
             Self::UpstreamIdle => "upstream_idle_timeout",
             Self::UpstreamBody(_) => "upstream_stream_broken",
             Self::ClientBody(_) => "client_body_error",
+            Self::ModelNotFound(_) => "model_not_allowed",
+            Self::ModelUndecidable(_) => "model_undecidable",
+            Self::ModelListUnreadable => "upstream_model_list_unreadable",
         }
     }
 
@@ -143,12 +162,34 @@ impl ProxyError {
                 | Self::UpstreamFailed(_)
                 | Self::UpstreamBody(_)
                 | Self::ClientBody(_)
+                | Self::ModelUndecidable(_)
         )
     }
 
-    /// The JSON body, constant per variant.
-    pub fn body(&self) -> &'static str {
+    /// A copy of a refusal that the request body raised on its way upstream, which hyper
+    /// hands back wrapped in its own error; `None` for anything else.
+    pub fn refusal(&self) -> Option<Self> {
         match self {
+            Self::ModelNotFound(model) => Some(Self::ModelNotFound(model.clone())),
+            Self::ModelUndecidable(why) => Some(Self::ModelUndecidable(why)),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Cow<'static, str> {
+        match self {
+            Self::ModelNotFound(model) => {
+                let mut message = String::from("The model `");
+                json_escape(&mut message, model);
+                message.push_str("` does not exist or you do not have access to it.");
+                Cow::Owned(format!(
+                    r#"{{"error":{{"message":"{message}","type":"invalid_request_error","code":"model_not_found"}}}}"#
+                ))
+            }
+            Self::ModelUndecidable(why) => Cow::Owned(format!(
+                r#"{{"error":{{"message":"The model of this request cannot be decided: {why}. Send one JSON object with exactly one top-level string `model`.","type":"invalid_request_error","code":"model_undecidable"}}}}"#
+            )),
             Self::MethodNotAllowed => json!(
                 "Method not allowed.",
                 "invalid_request_error",
@@ -249,6 +290,11 @@ impl ProxyError {
                 "upstream_error",
                 "upstream_idle_timeout"
             ),
+            Self::ModelListUnreadable => json!(
+                "The upstream server's model list could not be read.",
+                "upstream_error",
+                "upstream_model_list_unreadable"
+            ),
         }
     }
 
@@ -284,10 +330,23 @@ impl ProxyError {
     }
 }
 
-/// Builds the constant OpenAI-shaped error body at compile time.
+/// Appends `s` to a JSON string's contents: quotes, backslashes and control characters
+/// escaped.
+fn json_escape(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Builds a constant OpenAI-shaped error body at compile time.
 macro_rules! json {
     ($message:literal, $type:literal, $code:literal) => {
-        concat!(
+        Cow::Borrowed(concat!(
             r#"{"error":{"message":""#,
             $message,
             r#"","type":""#,
@@ -295,7 +354,7 @@ macro_rules! json {
             r#"","code":""#,
             $code,
             r#""}}"#
-        )
+        ))
     };
 }
 use json;
@@ -311,6 +370,7 @@ impl fmt::Display for ProxyError {
             Self::UpstreamUnreachable(e) | Self::ClientBody(e) => {
                 write!(f, "{}: {}", self.reason(), ErrorChain(&**e))
             }
+            Self::ModelUndecidable(why) => write!(f, "{}: {why}", self.reason()),
             _ => f.write_str(self.reason()),
         }
     }
@@ -469,6 +529,24 @@ mod tests {
                 "upstream_error",
                 "upstream_idle_timeout",
             ),
+            (
+                ProxyError::ModelNotFound("lora-x".into()),
+                S::NOT_FOUND,
+                request,
+                "model_not_found",
+            ),
+            (
+                ProxyError::ModelUndecidable("the body has two `model` members"),
+                S::BAD_REQUEST,
+                request,
+                "model_undecidable",
+            ),
+            (
+                ProxyError::ModelListUnreadable,
+                S::BAD_GATEWAY,
+                "upstream_error",
+                "upstream_model_list_unreadable",
+            ),
         ]
     }
 
@@ -493,7 +571,7 @@ mod tests {
     #[test]
     fn every_body_is_json_with_the_openai_error_shape() {
         for (e, status, kind, code) in all() {
-            let [message, found_kind, found_code] = fields(e.body());
+            let [message, found_kind, found_code] = fields(&e.body());
             assert!(!message.is_empty(), "{e}");
             assert_eq!(
                 (found_kind.as_str(), found_code.as_str()),
@@ -513,7 +591,7 @@ mod tests {
             ProxyError::KeyExpired,
         ] {
             assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
-            let [_, kind, code] = fields(e.body());
+            let [_, kind, code] = fields(&e.body());
             assert_eq!(kind, "authentication_error");
             assert_eq!(code, "invalid_api_key");
             assert!(e.challenge().is_some());
@@ -541,7 +619,7 @@ mod tests {
     fn scope_refusals_are_403_and_limits_429_with_retry_after() {
         let scope = ProxyError::OutOfScope;
         assert_eq!(scope.status(), StatusCode::FORBIDDEN);
-        let [_, kind, _] = fields(scope.body());
+        let [_, kind, _] = fields(&scope.body());
         assert_eq!(kind, "permission_error");
         assert_eq!(
             scope.challenge().unwrap(),
@@ -573,10 +651,34 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_model_is_named_in_openai_words_whatever_its_characters() {
+        for model in [
+            "Qwen/Qwen3-0.6B",
+            "a\"b\\c",
+            "line\nbreak\u{1}",
+            "caf\u{e9} \u{1f600}",
+        ] {
+            let e = ProxyError::ModelNotFound(model.into());
+            let [message, kind, code] = fields(&e.body());
+            assert_eq!(
+                message,
+                format!("The model `{model}` does not exist or you do not have access to it.")
+            );
+            assert_eq!(
+                (kind.as_str(), code.as_str()),
+                ("invalid_request_error", "model_not_found")
+            );
+            assert_eq!(e.status(), StatusCode::NOT_FOUND);
+            assert!(e.refusal().is_some());
+        }
+        assert!(ProxyError::ModelListUnreadable.refusal().is_none());
+    }
+
+    #[test]
     fn a_queue_timeout_is_a_503_server_error_with_retry_after() {
         let e = ProxyError::QueueTimeout;
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let [_, kind, _] = fields(e.body());
+        let [_, kind, _] = fields(&e.body());
         assert_eq!(kind, "server_error");
         assert_eq!(e.retry_after().unwrap(), "1");
     }

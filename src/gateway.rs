@@ -5,6 +5,9 @@
 //! a response and an access log line, and where a rate-limited key's `x-ratelimit-*` headers
 //! are put on its response.
 //!
+//! A key's `models` and the token usage of keyed requests are read on the way (`inspect`):
+//! the body before the request waits in the queue, so a refused model never takes a place.
+//!
 //! Only keyed requests wait in the upstream queue. The probe and the public paths pass it,
 //! so a full queue never makes a load balancer think keygate is down; CORS preflights are
 //! answered here and never reach the upstream; and WebSocket upgrades pass it, since a
@@ -12,19 +15,24 @@
 //! most of the time), leaving the upstream's capacity to requests one tunnel at a time. A
 //! key's tunnels are bounded by its `max_concurrent`, as its requests are.
 
+mod inspect;
+
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, ORIGIN, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use crate::config::secrets::SecretSource;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::forward::body::{Body, RequestBody};
+use crate::forward::body::Body;
 use crate::forward::rewrite::{self, Origin, Peer, Rules};
 use crate::forward::sse::{self, Sse};
 use crate::forward::upgrade;
@@ -271,7 +279,7 @@ impl Gateway {
             }
         };
         let mut response = match forwarded {
-            Ok((upstream, lease)) => {
+            Ok((upstream, lease, inspection)) => {
                 let (mut parts, body) = upstream.into_parts();
                 self.rules.response(&mut parts.headers, &request_id);
                 if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -285,6 +293,7 @@ impl Gateway {
                     let counters = self.metrics.sse_counters(log.key.as_ref());
                     Sse::new(self.sse_keepalive, counters)
                 });
+                let filter = inspection.and_then(|i| i.response(&mut parts.headers));
                 let body = Body::upstream(
                     body,
                     self.upstream.idle_timeout,
@@ -292,13 +301,15 @@ impl Gateway {
                     self.rules.clone(),
                     sse,
                     lease,
+                    filter,
                 );
                 Response::from_parts(parts, body)
             }
             Err(e) => {
                 log.status = e.status();
                 let response = error_response(&e, request_id);
-                log.finish(e.body().len() as u64, Outcome::Failed(&e));
+                let sent = response.body().size_hint().exact().unwrap_or(0);
+                log.finish(sent, Outcome::Failed(&e));
                 response
             }
         };
@@ -316,7 +327,14 @@ impl Gateway {
         request_id: &HeaderValue,
         log: &mut AccessLog,
         rates: &mut Option<RateHeaders>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), ProxyError> {
+    ) -> Result<
+        (
+            Response<Incoming>,
+            Option<Lease>,
+            Option<inspect::Inspection>,
+        ),
+        ProxyError,
+    > {
         if req.method() == Method::TRACE || req.method() == Method::CONNECT {
             return Err(ProxyError::MethodNotAllowed);
         }
@@ -367,10 +385,26 @@ impl Gateway {
         // with the hop-by-hop ones.
         let websocket =
             (key.is_some() && upgrade::wants_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let limits = inspect::Limits {
+            max_request_body: self.max_request_body,
+            timeout: self.upstream.response_timeout,
+            metrics: &self.metrics,
+        };
+        let (key_ref, preset) = (key.as_ref(), self.preset.as_ref());
+        let (body, inspection) = inspect::read(
+            key_ref,
+            preset,
+            websocket.is_some(),
+            &mut parts,
+            body,
+            log,
+            &limits,
+        )
+        .await?;
         if let (Some(queue), Some(key), None) = (&self.queue, &key, &websocket) {
             log.held_upstream = Some(Box::new(self.wait_for_upstream(queue, key, log).await?));
         }
-        let (mut parts, body) = req.into_parts();
         let host = parts.headers.remove(HOST).or_else(|| {
             parts
                 .uri
@@ -390,12 +424,11 @@ impl Gateway {
             upgrade::restore_headers(&mut parts.headers);
         }
         parts.uri = uri;
-        let upstream_req = Request::from_parts(
-            parts,
-            RequestBody::new(body, self.max_request_body, self.metrics.clone()),
-        );
+        let upstream_req = Request::from_parts(parts, body);
         let sent = Instant::now();
-        let (mut response, lease) = self.upstream.send(upstream_req).await.inspect_err(|e| {
+        let exchanged = self.upstream.send(upstream_req).await;
+        inspect::note(inspection.as_ref(), log);
+        let (mut response, lease) = exchanged.inspect_err(|e| {
             let answered = !e.upstream_unanswered();
             self.upstream_answered.store(answered, Ordering::Relaxed);
         })?;
@@ -411,12 +444,19 @@ impl Gateway {
                     peer.tunnel
                         .put(upgrade::tunnel(client, upstream, idle, slot));
                     lease.into_tunnel();
-                    return Ok((response, None));
+                    return Ok((response, None, None));
                 }
                 _ => return Err(ProxyError::UnexpectedUpgrade),
             }
         }
-        Ok((response, Some(lease)))
+        let inspection = match inspection {
+            Some(i) => Some(
+                i.answered(&mut response, self.upstream.idle_timeout)
+                    .await?,
+            ),
+            None => None,
+        };
+        Ok((response, Some(lease), inspection))
     }
 
     /// Whether the key may send this request: the preset lists the route and the key's
@@ -475,7 +515,11 @@ impl Gateway {
 }
 
 pub(crate) fn error_response(e: &ProxyError, request_id: HeaderValue) -> Response<Body> {
-    let mut response = Response::new(Body::fixed(e.body()));
+    let body = match e.body() {
+        Cow::Borrowed(text) => Bytes::from_static(text.as_bytes()),
+        Cow::Owned(text) => Bytes::from(text),
+    };
+    let mut response = Response::new(Body::fixed(body));
     *response.status_mut() = e.status();
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

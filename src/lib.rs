@@ -19,7 +19,8 @@
 //!    [`policy::limits`] in process or through Redis). Failed authentication is slowed per
 //!    client ([`policy::throttle`]). [`policy::fair`] (fair admission to the upstream),
 //!    [`policy::models`] and [`policy::json_scan`] (the request body's `model`) complete the
-//!    per-key policy layer.
+//!    per-key policy layer; the gateway's `inspect` module applies a key's `models`
+//!    ([`config::models`]) and reads token usage on the way.
 //! 3. [`forward`] applies the header rules ([`forward::rewrite`]), sends the request over a
 //!    pooled upstream connection ([`forward::upstream`], TLS by [`forward::tls_client`]),
 //!    streams both bodies frame by frame ([`forward::body`]), adds SSE keep-alives and error

@@ -4,6 +4,7 @@
 mod support;
 
 use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use support::process::{stalled_log_keygate, Running, StalledLog, TempDir, ENV};
 use support::*;
 
@@ -392,6 +393,178 @@ async fn never_a_secret_value_in_a_metric_label() {
             "a secret value in the metrics:\n{text}"
         );
     }
+    proxy.stop().await;
+}
+
+/// How a body reaches keygate.
+#[derive(Debug, Clone, Copy)]
+enum Delivery {
+    /// One frame over HTTP/1.1.
+    Whole,
+    /// One byte per frame over HTTP/1.1.
+    Bytes,
+    /// Padded past the read-ahead and sent in 16 KiB frames, so keygate sends it on while
+    /// it reads it.
+    Long,
+    /// One request over HTTP/2.
+    H2,
+    /// Padded, over HTTP/2.
+    LongH2,
+}
+
+/// `body` with 200 KiB of padding in a leading member.
+fn padded(body: &str) -> String {
+    let (bom, rest) = match body.strip_prefix('\u{feff}') {
+        Some(rest) => ("\u{feff}", rest),
+        None => ("", body),
+    };
+    let rest = rest.strip_prefix('{').expect("an object");
+    format!("{bom}{{\"pad\":\"{}\",{rest}", "x".repeat(200 * 1024))
+}
+
+/// Sends `body` as key `default`'s chat request: the status, or `None` when keygate answered
+/// and closed the connection before the client could send the whole body and read the answer.
+async fn send_body(
+    addr: std::net::SocketAddr,
+    body: &str,
+    content_type: &str,
+    how: Delivery,
+) -> Option<StatusCode> {
+    let body = match how {
+        Delivery::Long | Delivery::LongH2 => padded(body),
+        _ => body.to_owned(),
+    };
+    let chunks: Vec<bytes::Bytes> = match how {
+        Delivery::Bytes => body
+            .as_bytes()
+            .chunks(1)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect(),
+        _ => body
+            .as_bytes()
+            .chunks(16 * 1024)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect(),
+    };
+    let (mut tx, channel) = http_body_util::channel::Channel::<bytes::Bytes>::new(4);
+    let req = http::Request::post("/v1/chat/completions")
+        .header("host", "keygate.test")
+        .header("authorization", bearer(KEY))
+        .header("content-type", content_type)
+        .body(channel)
+        .unwrap();
+    let feeding = tokio::spawn(async move {
+        for chunk in chunks {
+            if tx.send_data(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let response = match how {
+        Delivery::H2 | Delivery::LongH2 => Some(open_h2(addr, req).await),
+        _ => {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            tokio::time::timeout(DEADLINE, sender.send_request(req))
+                .await
+                .expect("an answer or a closed connection within the deadline")
+                .ok()
+        }
+    };
+    let status = response.as_ref().map(http::Response::status);
+    if let Some(response) = response {
+        let _ = tokio::time::timeout(DEADLINE, response.into_body().collect()).await;
+    }
+    feeding.await.unwrap();
+    status
+}
+
+#[tokio::test]
+async fn never_a_key_with_a_models_list_reaching_a_model_outside_it() {
+    let upstream = start_upstream().await;
+    let config = TestConfig::new(upstream.addr)
+        .max_request_body("4MiB")
+        .keys([Key::env("default", "API_KEY").models(&["Qwen/Qwen3-0.6B", "lora-*"])]);
+    let proxy = start_proxy_with(&config.text()).await;
+    let spellings = [
+        r#"{"model":"secret-base"}"#,
+        r#"{"mod\u0065l":"secret-base"}"#,
+        r#"{"\u006d\u006f\u0064\u0065\u006c":"secret-base"}"#,
+        r#"{"model":"secret\u002dbase"}"#,
+        r#"{"model":"Qwen\/Qwen3-0.6B-secret"}"#,
+        r#"{"model":"lora-a","model":"secret-base"}"#,
+        r#"{"model":"secret-base","model":"lora-a"}"#,
+        r#"{"model":"lora-a","mod\u0065l":"secret-base"}"#,
+        r#"{"messages":[{"model":"lora-a"}],"model":"secret-base"}"#,
+        r#"{"messages":[{"model":"lora-a"}]}"#,
+        r#"{"model":"lora-a" , "x":1,"model" : "secret-base"}"#,
+        r#"{"model":"LORA-a"}"#,
+        r#"{"model":"lora-a\ud800"}"#,
+        r#"{"model":["lora-a"]}"#,
+        r#"{"model":"lora-a"}{"model":"secret-base"}"#,
+        "\u{feff}{\"model\":\"secret-base\"}",
+        "\u{feff}{\"model\":\"lora-a\",\"model\":\"secret-base\"}",
+    ];
+    let content_types = [
+        "application/json",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ];
+    let deliveries = [
+        Delivery::Whole,
+        Delivery::Bytes,
+        Delivery::Long,
+        Delivery::H2,
+        Delivery::LongH2,
+    ];
+    for body in spellings {
+        for content_type in content_types {
+            for how in deliveries {
+                let status = send_body(proxy.addr, body, content_type, how).await;
+                // A long body refused before its end may find its connection closed.
+                let cut_off = status.is_none() && matches!(how, Delivery::Long);
+                assert!(
+                    cut_off
+                        || status == Some(StatusCode::NOT_FOUND)
+                        || status == Some(StatusCode::BAD_REQUEST),
+                    "{body} as {content_type}, {how:?}: {status:?}"
+                );
+            }
+        }
+    }
+    // A multipart form naming an allowed model is refused too: its field is not read.
+    let form = "--x\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nlora-a\r\n--x--\r\n";
+    let status = send_body(
+        proxy.addr,
+        form,
+        "multipart/form-data; boundary=x",
+        Delivery::Whole,
+    )
+    .await;
+    assert_eq!(status, Some(StatusCode::BAD_REQUEST));
+    // Every upstream connection that saw the start of a long body was cut before its end.
+    upstream
+        .wait_until("every upstream connection closed", |u| {
+            u.connections_closed() == u.connections_opened()
+        })
+        .await;
+    assert!(
+        upstream.connections_opened() > 0,
+        "no body was sent on while read"
+    );
+    assert!(upstream.requests().is_empty(), "{:?}", upstream.requests());
+    // The same key, the same ways, with an allowed model: it does reach the upstream.
+    for how in deliveries {
+        let status = send_body(proxy.addr, r#"{"model":"lora-a"}"#, "application/json", how).await;
+        assert_eq!(status, Some(StatusCode::OK), "{how:?}");
+    }
+    assert_eq!(
+        upstream.wait_for_requests(deliveries.len()).await.len(),
+        deliveries.len()
+    );
     proxy.stop().await;
 }
 

@@ -251,7 +251,6 @@ async fn tokens_per_minute_admits_while_the_budget_lasts() {
 /// The whole token loop: usage read from the response, charged when it ends, the key
 /// refused until the debt is paid back.
 #[tokio::test]
-#[ignore = "needs the usage accounting of the response path, which sets the access log's prompt_tokens and completion_tokens"]
 async fn a_response_that_crosses_the_token_budget_is_charged_in_full_and_the_key_waits() {
     let upstream = start_upstream_with(|_| {
         let mut response = fixed(

@@ -20,12 +20,15 @@ fn sse_config(upstream: std::net::SocketAddr) -> TestConfig {
         .idle_timeout(Duration::from_secs(5))
 }
 
+/// A streamed chat completion that asks for its usage itself, so keygate passes each byte on
+/// as it comes (in a stream whose usage keygate asked for, an event is held until it cannot be
+/// the usage event: see tests/usage.rs).
 fn chat() -> http::Request<http_body_util::Full<Bytes>> {
     request(
         Method::POST,
         "/v1/chat/completions",
         &[("authorization", &bearer(KEY))],
-        r#"{"stream":true}"#,
+        r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
     )
 }
 

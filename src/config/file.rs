@@ -123,6 +123,8 @@ pub(super) struct KeyFile {
     pub(super) tokens_per_minute: Option<i64>,
     /// The key's share of the upstream under `[upstream] max_in_flight`.
     pub(super) weight: Option<i64>,
+    /// The models the key may name in a request body: exact names or a trailing `*`.
+    pub(super) models: Option<Vec<String>>,
     /// RFC 3339, as a string or a TOML date-time.
     pub(super) not_after: Option<toml::Value>,
 }

@@ -4,9 +4,12 @@
 
 use std::fmt;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::Method;
+
+use crate::config::models::Models;
 
 /// A key's scope and limits. The default allows everything a key could do before scopes
 /// existed.
@@ -26,6 +29,8 @@ pub struct KeyPolicy {
     /// [`MAX_WEIGHT`]: a key of weight 3 is let through three times as often as one of
     /// weight 1 while both wait.
     pub weight: u32,
+    /// The models the key may use, if limited: every request body must name one of them.
+    pub models: Option<Arc<Models>>,
 }
 
 impl Default for KeyPolicy {
@@ -37,6 +42,7 @@ impl Default for KeyPolicy {
             rates: KeyLimits::default(),
             not_after: None,
             weight: 1,
+            models: None,
         }
     }
 }

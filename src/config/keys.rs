@@ -145,7 +145,7 @@ pub(super) fn auth(
 }
 
 /// A key's scope and limits, from its `allow`, `routes`, `max_concurrent`,
-/// `requests_per_minute`, `tokens_per_minute`, `not_after` and `weight`.
+/// `requests_per_minute`, `tokens_per_minute`, `not_after`, `weight` and `models`.
 pub(super) fn policy(
     k: &KeyFile,
     preset: Option<&Preset>,
@@ -202,6 +202,12 @@ pub(super) fn policy(
         requests_per_minute: rate(k.requests_per_minute, "requests_per_minute", 600, problem),
         tokens_per_minute: rate(k.tokens_per_minute, "tokens_per_minute", 200_000, problem),
     };
+    let models = k.models.as_ref().and_then(|names| {
+        Models::new(names)
+            .map(Arc::new)
+            .map_err(|e| problem(format!("models: {e}")))
+            .ok()
+    });
     KeyPolicy {
         allow,
         routes,
@@ -209,6 +215,7 @@ pub(super) fn policy(
         rates,
         not_after,
         weight: key_weight(k.weight, problem),
+        models,
     }
 }
 

@@ -10,6 +10,7 @@ mod inject;
 pub mod key_policy;
 mod keys;
 pub mod limits;
+pub mod models;
 mod problems;
 mod registry;
 pub mod secrets;
@@ -37,6 +38,7 @@ use crate::config::secrets::{Secret, SecretSource};
 use crate::headers::{FORWARDING, HOP_BY_HOP, REQUEST_REPLACED, X_REQUEST_ID};
 use crate::preset::{Preset, PRESETS};
 use key_policy::{Classes, KeyLimits, KeyPolicy, Paths, Rule, MAX_WEIGHT};
+use models::Models;
 use tls_files::{Certificate, Which};
 
 use file::*;

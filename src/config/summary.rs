@@ -160,6 +160,9 @@ pub(super) fn policy_summary(policy: &KeyPolicy, preset: bool, now: SystemTime) 
         let rules: Vec<String> = policy.allow.iter().map(ToString::to_string).collect();
         parts.push(format!("allow {}", rules.join(", ")));
     }
+    if let Some(models) = &policy.models {
+        parts.push(format!("models {models}"));
+    }
     if let Some(n) = policy.max_concurrent {
         parts.push(format!("max_concurrent {n}"));
     }

@@ -1,14 +1,17 @@
 //! Bodies on the proxied path. Both directions stream frame by frame; nothing is collected.
 //!
 //! - [`RequestBody`]: the client's body on its way upstream, counted against
-//!   `max_request_body`, with request trailers dropped.
-//! - [`Body`]: what the client receives: either keygate's own constant JSON, or the
+//!   `max_request_body`, with request trailers dropped; what keygate read of it ahead of
+//!   sending the request goes first, and a [`RequestFilter`] may hold back or add bytes.
+//! - [`Body`]: what the client receives: either keygate's own JSON, or the
 //!   upstream's body with an idle timeout, a byte count, the response header rules applied
-//!   to its trailers, and the access log line written when it ends. An error from it makes
+//!   to its trailers, a [`ResponseFilter`] if the gateway set one, and the access log line
+//!   written when it ends. An error from it makes
 //!   hyper end the response abnormally (HTTP/1.1: the connection closes without the final
 //!   chunk; HTTP/2: RST_STREAM), so a truncated stream never looks complete. An SSE stream
 //!   also gets what [`sse`](crate::forward::sse) adds: keep-alive comments and a final error event.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,6 +31,35 @@ use crate::forward::upstream::Lease;
 use crate::observe::access::{AccessLog, Outcome};
 use crate::observe::metrics::Metrics;
 
+/// What the gateway does to a request body on its way upstream beyond counting it (reading
+/// it for its model, asking for token usage): it sees every chunk and says what to send.
+pub trait RequestFilter: Send {
+    /// The bytes to send upstream now for `chunk`, possibly none. An error ends the body
+    /// abnormally, which aborts the upstream request: the upstream never sees all of it.
+    fn chunk(&mut self, chunk: Bytes) -> Result<Bytes, ProxyError>;
+
+    /// The client's body has ended: the bytes still to send, or why the request is refused.
+    fn end(&mut self) -> Result<Bytes, ProxyError>;
+}
+
+/// What the gateway does to a response body beyond passing it on (reading its token usage,
+/// removing the usage event it asked for, filtering a model list). A filtered response
+/// loses its trailers, which would have to follow bytes the filter may still hold.
+pub trait ResponseFilter: Send {
+    /// The bytes to pass to the client for the upstream's `chunk`, possibly none.
+    fn chunk(&mut self, chunk: Bytes) -> Bytes;
+
+    /// The upstream's body has ended: the bytes still to pass on, or why the response
+    /// cannot be completed.
+    fn end(&mut self) -> Result<Bytes, ProxyError>;
+
+    /// Whether the client gets exactly the upstream's bytes, so that its length holds.
+    fn keeps_length(&self) -> bool;
+
+    /// Puts what the filter read into the access log, just before the line is written.
+    fn record(&mut self, log: &mut AccessLog);
+}
+
 pin_project! {
     /// The client's request body, forwarded upstream.
     pub struct RequestBody {
@@ -35,16 +67,42 @@ pin_project! {
         inner: Incoming,
         remaining: u64,
         metrics: Arc<Metrics>,
+        // Bytes read and counted before the request was sent; they go first.
+        ahead: VecDeque<Bytes>,
+        filter: Option<Box<dyn RequestFilter>>,
+        // The client's body has ended (and the filter's end has been taken).
+        done: bool,
     }
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64, metrics: Arc<Metrics>) -> Self {
+        Self::read_ahead(inner, limit, metrics, VecDeque::new(), None)
+    }
+
+    /// A body of which `ahead` was read already (and counted); `remaining` is what
+    /// `max_request_body` still allows. With a `filter`, the body's length is not known
+    /// until it ends, so it goes chunked.
+    pub fn read_ahead(
+        inner: Incoming,
+        remaining: u64,
+        metrics: Arc<Metrics>,
+        ahead: VecDeque<Bytes>,
+        filter: Option<Box<dyn RequestFilter>>,
+    ) -> Self {
+        let done = inner.is_end_stream() && filter.is_none();
         Self {
             inner,
-            remaining: limit,
+            remaining,
             metrics,
+            ahead,
+            filter,
+            done,
         }
+    }
+
+    fn ahead_len(&self) -> u64 {
+        self.ahead.iter().map(|b| b.len() as u64).sum()
     }
 }
 
@@ -58,12 +116,30 @@ impl http_body::Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
         let mut this = self.project();
         loop {
+            if let Some(data) = this.ahead.pop_front() {
+                if data.is_empty() {
+                    continue;
+                }
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if *this.done {
+                return Poll::Ready(None);
+            }
             let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
-                None => return Poll::Ready(None),
+                None => {
+                    *this.done = true;
+                    if let Some(filter) = this.filter.as_mut() {
+                        match filter.end() {
+                            Ok(tail) => this.ahead.push_back(tail),
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                        }
+                    }
+                    continue;
+                }
                 Some(Err(e)) => return Poll::Ready(Some(Err(ProxyError::ClientBody(e.into())))),
                 Some(Ok(frame)) => frame,
             };
-            let Some(data) = frame.data_ref() else {
+            let Ok(data) = frame.into_data() else {
                 // Request trailers are dropped: they would bypass the header rules.
                 continue;
             };
@@ -73,16 +149,42 @@ impl http_body::Body for RequestBody {
             }
             *this.remaining -= len;
             this.metrics.body_bytes_in(len);
-            return Poll::Ready(Some(Ok(frame)));
+            let data = match this.filter.as_mut() {
+                Some(filter) => match filter.chunk(data) {
+                    Ok(data) if data.is_empty() => continue,
+                    Ok(data) => data,
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                },
+                None => data,
+            };
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ahead.is_empty()
+            && (self.done || (self.filter.is_none() && self.inner.is_end_stream()))
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.filter.is_some() && !self.done {
+            return SizeHint::default();
+        }
+        let ahead = self.ahead_len();
+        let rest = if self.done || self.inner.is_end_stream() {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        };
+        if let Some(exact) = rest.exact() {
+            return SizeHint::with_exact(exact + ahead);
+        }
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ahead);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ahead);
+        }
+        hint
     }
 }
 
@@ -90,7 +192,7 @@ pin_project! {
     /// The body of a response to the client.
     #[project = BodyProj]
     pub enum Body {
-        /// keygate's own answer: a constant JSON error or nothing.
+        /// keygate's own answer: a JSON error or nothing.
         Fixed { data: Option<Bytes> },
         /// The upstream's body, streamed.
         Upstream { #[pin] stream: UpstreamBody },
@@ -98,9 +200,10 @@ pin_project! {
 }
 
 impl Body {
-    pub fn fixed(data: &'static str) -> Self {
+    pub fn fixed(data: impl Into<Bytes>) -> Self {
+        let data = data.into();
         Self::Fixed {
-            data: (!data.is_empty()).then(|| Bytes::from_static(data.as_bytes())),
+            data: (!data.is_empty()).then_some(data),
         }
     }
 
@@ -112,6 +215,7 @@ impl Body {
         rules: Arc<Rules>,
         sse: Option<Sse>,
         lease: Option<Lease>,
+        filter: Option<Box<dyn ResponseFilter>>,
     ) -> Self {
         Self::Upstream {
             stream: UpstreamBody {
@@ -124,6 +228,8 @@ impl Body {
                 sse,
                 failed: None,
                 lease,
+                filter,
+                drained: false,
             },
         }
     }
@@ -146,7 +252,11 @@ impl http_body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Fixed { data } => data.is_none(),
-            Self::Upstream { stream } => stream.failed.is_none() && stream.inner.is_end_stream(),
+            Self::Upstream { stream } => {
+                stream.failed.is_none()
+                    && stream.inner.is_end_stream()
+                    && (stream.filter.is_none() || stream.drained)
+            }
         }
     }
 
@@ -157,7 +267,12 @@ impl http_body::Body for Body {
             }
             // An SSE stream may gain comments and an error event: its length is not the
             // upstream's, so hyper must not announce it.
-            Self::Upstream { stream } if stream.sse.is_some() => SizeHint::default(),
+            Self::Upstream { stream }
+                if stream.sse.is_some()
+                    || stream.filter.as_ref().is_some_and(|f| !f.keeps_length()) =>
+            {
+                SizeHint::default()
+            }
             Self::Upstream { stream } => stream.inner.size_hint(),
         }
     }
@@ -179,6 +294,9 @@ pin_project! {
         failed: Option<Failed>,
         // The upstream connection, back to the pool if the body ends cleanly.
         lease: Option<Lease>,
+        filter: Option<Box<dyn ResponseFilter>>,
+        // The upstream's body has ended and the filter's last bytes have been passed on.
+        drained: bool,
     }
 
     impl PinnedDrop for UpstreamBody {
@@ -196,19 +314,34 @@ pin_project! {
             } else {
                 Outcome::ClientClosed
             };
-            finish_log(this.log, this.sse.as_ref(), *this.bytes, outcome);
+            let ended = Ended {
+                sse: this.sse.as_ref(),
+                filter: this.filter.as_deref_mut(),
+                bytes: *this.bytes,
+            };
+            finish_log(this.log, ended, outcome);
         }
     }
 }
 
+/// What the response body knows when it ends.
+struct Ended<'a> {
+    sse: Option<&'a Sse>,
+    filter: Option<&'a mut (dyn ResponseFilter + 'static)>,
+    bytes: u64,
+}
+
 /// Writes the access line, once: the first call takes the log, later ones find none.
-fn finish_log(log: &mut Option<AccessLog>, sse: Option<&Sse>, bytes: u64, outcome: Outcome<'_>) {
+fn finish_log(log: &mut Option<AccessLog>, ended: Ended<'_>, outcome: Outcome<'_>) {
     if let Some(mut log) = log.take() {
-        if let Some(sse) = sse {
+        if let Some(sse) = ended.sse {
             log.sse_keepalives = sse.keepalives;
             log.sse_error_event = sse.error_event;
         }
-        log.finish(bytes, outcome);
+        if let Some(filter) = ended.filter {
+            filter.record(&mut log);
+        }
+        log.finish(ended.bytes, outcome);
     }
 }
 
@@ -238,39 +371,70 @@ impl UpstreamBody {
             Some(Failed::Flushed(e)) => return Poll::Ready(Some(Err(e))),
             None => {}
         }
-        let result = match this.inner.poll_frame(cx) {
-            Poll::Ready(Some(Ok(mut frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.bytes += data.len() as u64;
-                    if let Some(sse) = this.sse.as_mut() {
-                        sse.forwarded(data);
+        let result = loop {
+            if *this.drained {
+                break None;
+            }
+            match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(mut frame))) => {
+                    this.idle
+                        .as_mut()
+                        .reset(Instant::now() + *this.idle_timeout);
+                    if let Some(filter) = this.filter.as_mut() {
+                        // Trailers are dropped: a filter may still hold bytes that must
+                        // come before them.
+                        let Ok(data) = frame.into_data() else {
+                            continue;
+                        };
+                        let out = filter.chunk(data);
+                        if out.is_empty() {
+                            continue;
+                        }
+                        frame = Frame::data(out);
+                    }
+                    if let Some(data) = frame.data_ref() {
+                        *this.bytes += data.len() as u64;
+                        if let Some(sse) = this.sse.as_mut() {
+                            sse.forwarded(data);
+                        }
+                    }
+                    if let Some(trailers) = frame.trailers_mut() {
+                        this.rules.response_trailers(trailers);
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(None) => {
+                    if let Some(lease) = this.lease.take() {
+                        lease.release();
+                    }
+                    let Some(filter) = this.filter.as_mut() else {
+                        break None;
+                    };
+                    *this.drained = true;
+                    match filter.end() {
+                        Ok(tail) if tail.is_empty() => break None,
+                        Ok(tail) => {
+                            *this.bytes += tail.len() as u64;
+                            if let Some(sse) = this.sse.as_mut() {
+                                sse.forwarded(&tail);
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(tail))));
+                        }
+                        Err(e) => break Some(e),
                     }
                 }
-                if let Some(trailers) = frame.trailers_mut() {
-                    this.rules.response_trailers(trailers);
-                }
-                this.idle
-                    .as_mut()
-                    .reset(Instant::now() + *this.idle_timeout);
-                return Poll::Ready(Some(Ok(frame)));
+                Poll::Ready(Some(Err(e))) => break Some(ProxyError::UpstreamBody(e)),
+                // A keep-alive comment leaves the idle timer alone: the upstream is still silent.
+                Poll::Pending => match this.idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => break Some(ProxyError::UpstreamIdle),
+                    Poll::Pending => {
+                        let sse = this.sse.as_mut().map(|sse| sse.poll_keepalive(cx));
+                        let comment = ready!(sse.unwrap_or(Poll::Pending));
+                        *this.bytes += comment.len() as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(comment))));
+                    }
+                },
             }
-            Poll::Ready(None) => {
-                if let Some(lease) = this.lease.take() {
-                    lease.release();
-                }
-                None
-            }
-            Poll::Ready(Some(Err(e))) => Some(ProxyError::UpstreamBody(e)),
-            // A keep-alive comment leaves the idle timer alone: the upstream is still silent.
-            Poll::Pending => match this.idle.poll(cx) {
-                Poll::Ready(()) => Some(ProxyError::UpstreamIdle),
-                Poll::Pending => {
-                    let sse = this.sse.as_mut().map(|sse| sse.poll_keepalive(cx));
-                    let comment = ready!(sse.unwrap_or(Poll::Pending));
-                    *this.bytes += comment.len() as u64;
-                    return Poll::Ready(Some(Ok(Frame::data(comment))));
-                }
-            },
         };
         let event = match (&result, this.sse.as_mut()) {
             (Some(e), Some(sse)) => sse.error_event(e),
@@ -280,7 +444,12 @@ impl UpstreamBody {
             *this.bytes += event.len() as u64;
         }
         let outcome = result.as_ref().map_or(Outcome::Complete, Outcome::Failed);
-        finish_log(this.log, this.sse.as_ref(), *this.bytes, outcome);
+        let ended = Ended {
+            sse: this.sse.as_ref(),
+            filter: this.filter.as_deref_mut(),
+            bytes: *this.bytes,
+        };
+        finish_log(this.log, ended, outcome);
         match (result, event) {
             (Some(e), Some(event)) => {
                 *this.failed = Some(Failed::Announced(e));

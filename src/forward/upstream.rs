@@ -46,7 +46,7 @@ pub struct Upstream {
     scheme: Scheme,
     authority: Authority,
     path_prefix: String,
-    response_timeout: Duration,
+    pub response_timeout: Duration,
     connect_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -365,11 +365,16 @@ impl Lease {
 }
 
 /// Names a failure of a sent request. A failure caused by the client's own body (too large,
-/// or the client hung up mid-upload) is the client's, not the upstream's.
+/// the client hung up mid-upload, or a model refused while the body was on its way) is the
+/// client's, not the upstream's.
 fn classify(e: hyper::Error) -> ProxyError {
     let mut source = std::error::Error::source(&e);
     while let Some(cause) = source {
-        match cause.downcast_ref::<ProxyError>() {
+        let proxy_error = cause.downcast_ref::<ProxyError>();
+        if let Some(refusal) = proxy_error.and_then(ProxyError::refusal) {
+            return refusal;
+        }
+        match proxy_error {
             Some(ProxyError::BodyTooLarge) => return ProxyError::BodyTooLarge,
             Some(ProxyError::ClientBody(_)) => return ProxyError::ClientBody(Box::new(e)),
             _ => source = cause.source(),

@@ -3,6 +3,9 @@
 //! ([`JsonUsage`]) or of the SSE event that carries a `usage` object ([`SseUsage`]), read with
 //! the same tokenizer as request bodies ([`crate::policy::json_scan`]).
 //!
+//! Both also keep the top-level `model` the origin answered with (in an SSE stream, that of the
+//! event carrying the usage), for a request that named none itself.
+//!
 //! Counts are non-negative JSON integers; `null` or a missing count is 0 (embeddings report no
 //! `completion_tokens`). A usage object with a count of any other form (negative, fractional,
 //! exponent, string, over `u64`) yields no usage: the origin's figure cannot be read exactly.
@@ -41,6 +44,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use crate::policy::json_scan::{Capture, Handler, Kind, Scalar, Text, Tokenizer};
+use crate::policy::models::MODEL_CAP;
 
 /// The most bytes of one event held back while it might be the usage-only event.
 pub const EVENT_HOLD_CAP: usize = 64 * 1024;
@@ -81,6 +85,7 @@ enum Top {
     Other,
     Usage,
     Choices,
+    Model,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,6 +124,10 @@ struct UsageFields {
     prompt: Count,
     completion: Count,
     choices: Choices,
+    /// The top-level `model` string, valid when `has_model`; the buffer is reused from event
+    /// to event, so a stream's token events cost no allocation for it.
+    model: String,
+    has_model: bool,
 }
 
 /// Digits of the largest `u64`, plus one so that a longer number reads as too long.
@@ -139,9 +148,16 @@ impl Handler for UsageFields {
                         self.choices = Choices::Absent;
                         Top::Choices
                     }
+                    Text::Whole(b"model") => {
+                        self.has_model = false;
+                        Top::Model
+                    }
                     _ => Top::Other,
                 };
-                Capture::Skip
+                match self.top {
+                    Top::Model => Capture::Text { cap: MODEL_CAP },
+                    _ => Capture::Skip,
+                }
             }
             2 if self.in_usage => {
                 self.count_key = match key {
@@ -164,6 +180,15 @@ impl Handler for UsageFields {
                 Top::Usage if value == Scalar::Null => self.usage = UsageValue::Null,
                 Top::Usage => self.usage = UsageValue::Other,
                 Top::Choices => self.choices = Choices::Other,
+                Top::Model => {
+                    if let Scalar::String(Text::Whole(name)) = value {
+                        if let Ok(name) = std::str::from_utf8(name) {
+                            self.model.clear();
+                            self.model.push_str(name);
+                            self.has_model = true;
+                        }
+                    }
+                }
                 Top::Other => {}
             },
             2 if self.in_usage => match self.count_key {
@@ -187,7 +212,7 @@ impl Handler for UsageFields {
                 (Top::Usage, Kind::Array) => self.usage = UsageValue::Other,
                 (Top::Choices, Kind::Array) => self.choices = Choices::Open,
                 (Top::Choices, Kind::Object) => self.choices = Choices::Other,
-                (Top::Other, _) => {}
+                (Top::Model | Top::Other, _) => {}
             },
             3 if self.in_usage => match self.count_key.take() {
                 Some(CountKey::Prompt) => self.prompt = Count::Invalid,
@@ -210,6 +235,20 @@ impl Handler for UsageFields {
 }
 
 impl UsageFields {
+    /// Ready for the next document, keeping the model buffer.
+    fn reset(&mut self) {
+        let mut model = std::mem::take(&mut self.model);
+        model.clear();
+        *self = Self {
+            model,
+            ..Self::default()
+        };
+    }
+
+    fn model(&self) -> Option<&str> {
+        self.has_model.then_some(self.model.as_str())
+    }
+
     fn usage(&self) -> Option<Usage> {
         if self.usage != UsageValue::Object {
             return None;
@@ -260,6 +299,11 @@ impl JsonUsage {
         self.tokenizer.finish().ok()?;
         self.fields.usage()
     }
+
+    /// The top-level `model` read so far.
+    pub fn model(&self) -> Option<&str> {
+        self.fields.model()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,7 +341,7 @@ impl Event {
     fn reset(&mut self) {
         self.started = false;
         self.tokenizer.reset();
-        self.fields = UsageFields::default();
+        self.fields.reset();
         self.data_lines = 0;
         self.json_failed = false;
         self.other_lines = false;
@@ -397,6 +441,8 @@ pub struct SseUsage {
     holding: bool,
     held: BytesMut,
     usage: Option<Usage>,
+    /// The `model` of the event that carried `usage`.
+    model: Option<String>,
     stripped: u32,
 }
 
@@ -420,6 +466,7 @@ impl SseUsage {
             holding: false,
             held: BytesMut::new(),
             usage: None,
+            model: None,
             stripped: 0,
         }
     }
@@ -428,6 +475,11 @@ impl SseUsage {
     /// `continuous_usage_stats` carry a running total in every event; the last is the total.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// The `model` of the event whose usage [`SseUsage::usage`] reports, if it named one.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     /// How many usage-only events were removed.
@@ -599,6 +651,14 @@ impl SseUsage {
         if complete {
             if let Some(u) = self.event.fields.usage() {
                 self.usage = Some(u);
+                match self.event.fields.model() {
+                    Some(m) => {
+                        let kept = self.model.get_or_insert_with(String::new);
+                        kept.clear();
+                        kept.push_str(m);
+                    }
+                    None => self.model = None,
+                }
             }
         }
         if self.holding {
@@ -680,6 +740,33 @@ mod tests {
             json_every_split(r#"{"usage":{"prompt_tokens":1},"usage":{"completion_tokens":3}}"#),
             usage(0, 3)
         );
+    }
+
+    #[test]
+    fn the_model_the_origin_answered_with_is_kept() {
+        let mut u = JsonUsage::new();
+        u.push(VLLM_JSON.as_bytes());
+        assert_eq!(u.model(), Some("Qwen/Qwen3-0.6B"));
+        let mut u = JsonUsage::new();
+        u.push(br#"{"model":1,"usage":{"prompt_tokens":1}}"#);
+        assert_eq!(u.model(), None);
+        let mut u = JsonUsage::new();
+        u.push(br#"{"model":"a","model":"b\u0063"}"#);
+        assert_eq!(u.model(), Some("bc"));
+
+        let (before, usage_event, after) = llamacpp_stream();
+        let mut sse = SseUsage::stripping();
+        run(
+            &mut sse,
+            &[format!("{before}{usage_event}{after}").as_bytes()],
+        );
+        assert_eq!(sse.model(), Some("tiny"));
+        // Only the event carrying the usage names the model.
+        let mut sse = SseUsage::counting();
+        let stream = "data: {\"model\":\"a\",\"choices\":[{}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n";
+        run(&mut sse, &[stream.as_bytes()]);
+        assert_eq!(sse.usage(), usage(1, 0));
+        assert_eq!(sse.model(), None);
     }
 
     #[test]

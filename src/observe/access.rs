@@ -76,7 +76,10 @@ pub struct AccessLog {
     pub sse_keepalives: u32,
     /// Whether an SSE stream that broke got the final error event.
     pub sse_error_event: bool,
-    /// The response's token usage, when the upstream reported it.
+    /// The model the request named (read from its body), or else the one the response named.
+    pub model: Option<Arc<str>>,
+    /// The tokens the response reported in its `usage`; `None` when it reported none that
+    /// could be read. Both are set together, before [`AccessLog::finish`].
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     /// Charges the usage to the key's token budget when the line is written; only for a
@@ -126,6 +129,7 @@ impl AccessLog {
             queue_wait: None,
             sse_keepalives: 0,
             sse_error_event: false,
+            model: None,
             prompt_tokens: None,
             completion_tokens: None,
             debit: None,
@@ -164,6 +168,8 @@ impl AccessLog {
             duration,
             upstream_ttfb: self.upstream_ttfb,
             bytes_out: bytes,
+            model: self.model.as_ref(),
+            tokens: self.prompt_tokens.zip(self.completion_tokens),
             error: match outcome {
                 Outcome::Failed(e) => Some(e),
                 _ => None,
@@ -294,6 +300,18 @@ impl Fields<'_> {
         if l.sse_error_event {
             out.push_str(r#","sse_error_event":true"#);
         }
+        if let Some(model) = &l.model {
+            out.push_str(r#","model":"#);
+            json_str(out, model);
+        }
+        if let Some(n) = l.prompt_tokens {
+            out.push_str(r#","prompt_tokens":"#);
+            push_int(out, n);
+        }
+        if let Some(n) = l.completion_tokens {
+            out.push_str(r#","completion_tokens":"#);
+            push_int(out, n);
+        }
         if let Some(e) = self.error() {
             out.push_str(r#","error":"#);
             json_str(out, &e.to_string());
@@ -334,6 +352,17 @@ impl Fields<'_> {
         }
         if l.sse_error_event {
             out.push_str(" sse_error_event=true");
+        }
+        if let Some(model) = &l.model {
+            // Quoted: a model name may hold spaces and any other character.
+            out.push_str(" model=");
+            json_str(out, model);
+        }
+        if let Some(n) = l.prompt_tokens {
+            let _ = write!(out, " prompt_tokens={n}");
+        }
+        if let Some(n) = l.completion_tokens {
+            let _ = write!(out, " completion_tokens={n}");
         }
         if let Some(e) = self.error() {
             let _ = write!(out, " error=\"{e}\"");
@@ -550,6 +579,46 @@ mod tests {
         let (log, charged) = debited(None, None);
         log.finish(10, Outcome::Complete);
         assert_eq!(charged.try_iter().count(), 0);
+    }
+
+    #[test]
+    fn model_and_tokens_appear_when_known() {
+        let mut log = access_log("/v1/chat/completions");
+        let fields = |log: &AccessLog| {
+            let f = Fields {
+                log,
+                bytes: 1,
+                outcome: Outcome::Complete,
+                duration: Duration::ZERO,
+            };
+            let (mut json, mut text) = (String::new(), String::new());
+            f.json(&mut json);
+            f.text(&mut text);
+            (json, text)
+        };
+        let (json, text) = fields(&log);
+        assert!(
+            !json.contains("model") && !json.contains("tokens"),
+            "{json}"
+        );
+        assert!(
+            !text.contains("model") && !text.contains("tokens"),
+            "{text}"
+        );
+        log.model = Some("lora \"x\"\n".into());
+        log.prompt_tokens = Some(9);
+        log.completion_tokens = Some(0);
+        let (json, text) = fields(&log);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["model"], "lora \"x\"\n");
+        assert_eq!(v["prompt_tokens"], 9);
+        assert_eq!(v["completion_tokens"], 0);
+        assert!(
+            text.ends_with(
+                " model=\"lora \\\"x\\\"\\u000a\" prompt_tokens=9 completion_tokens=0\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Prometheus metrics, served by `admin` on its own listener. Every label takes a bounded set
-//! of values: key names from the config, method classes, status codes and fixed reason words.
+//! of values: key names from the config, method classes, status codes and fixed reason words,
+//! and on `keygate_tokens_total` model names, bounded per key (see [`MODEL_LABELS_PER_KEY`]).
 //! No path, token or header value ever becomes a label.
 //!
 //! Requests are counted where their access line is written (`access`), so a metric and a log
 //! line always agree.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use http::Method;
@@ -43,6 +46,13 @@ struct KeyReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    key: Arc<str>,
+    model: Arc<str>,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -69,6 +79,9 @@ pub struct Metrics {
     key_not_after: Family<KeyLabels, Gauge>,
     sse_keepalives: Family<KeyLabels, Counter>,
     sse_error_events: Family<KeyLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    /// The model label values each key has minted so far, at most [`MODEL_LABELS_PER_KEY`].
+    token_models: Mutex<HashMap<Arc<str>, Vec<Arc<str>>>>,
     upstream_ttfb: Histogram,
     duration: Histogram,
     bytes_in: Counter,
@@ -114,6 +127,7 @@ impl Default for Metrics {
         let key_not_after = Family::default();
         let sse_keepalives = Family::default();
         let sse_error_events = Family::default();
+        let tokens = Family::default();
         // 1 ms to about 9 minutes: from a cached answer to a long time to first token.
         let upstream_ttfb = Histogram::new(exponential_buckets(0.001, 2.0, 20));
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 22));
@@ -174,6 +188,11 @@ impl Default for Metrics {
             "sse_error_events",
             "Error events sent before an SSE stream that broke was ended, by key",
             sse_error_events.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens the upstream reported in its responses' usage, by key, model and kind (prompt or completion)",
+            tokens.clone(),
         );
         registry.register(
             "upstream_ttfb_seconds",
@@ -237,6 +256,8 @@ impl Default for Metrics {
             key_not_after,
             sse_keepalives,
             sse_error_events,
+            tokens,
+            token_models: Mutex::default(),
             upstream_ttfb,
             duration,
             bytes_in,
@@ -260,8 +281,22 @@ pub struct Finished<'a> {
     pub duration: Duration,
     pub upstream_ttfb: Option<Duration>,
     pub bytes_out: u64,
+    /// The model named by the request or, failing that, by the response.
+    pub model: Option<&'a Arc<str>>,
+    /// Prompt and completion tokens, when the response reported them.
+    pub tokens: Option<(u64, u64)>,
     pub error: Option<&'a ProxyError>,
 }
+
+/// The model label values one key may mint on `keygate_tokens_total`; further models are
+/// counted under [`OTHER_MODELS`]. Model names come from request bodies and the origin's
+/// answers, and llama.cpp answers to any name, so without a bound a client could add series
+/// at will.
+pub const MODEL_LABELS_PER_KEY: usize = 32;
+
+/// The model label of a key's tokens beyond its [`MODEL_LABELS_PER_KEY`] models, and of a
+/// name that holds a control character.
+pub const OTHER_MODELS: &str = "(other)";
 
 impl Metrics {
     /// Adds the fair queue's series, for a gateway with `[upstream] max_in_flight`; without
@@ -377,6 +412,9 @@ impl Metrics {
             self.upstream_ttfb.observe(ttfb.as_secs_f64());
         }
         self.bytes_out.inc_by(r.bytes_out);
+        if let (Some(key), Some((prompt, completion))) = (r.key, r.tokens) {
+            self.count_tokens(key, r.model, prompt, completion);
+        }
         let Some(e) = r.error else { return };
         match e {
             ProxyError::MissingCredentials => self.auth_failure("missing"),
@@ -392,6 +430,9 @@ impl Metrics {
             ProxyError::RateLimited(_) => self.key_refusal(key, "rate_limit"),
             ProxyError::LimitsUnavailable(_) => self.key_refusal(key, "limits_unavailable"),
             ProxyError::QueueTimeout => self.key_refusal(key, "queue_timeout"),
+            ProxyError::ModelNotFound(_) => self.key_refusal(key, "model_not_allowed"),
+            ProxyError::ModelUndecidable(_) => self.key_refusal(key, "model_undecidable"),
+            ProxyError::ModelListUnreadable => self.upstream_error("model_list"),
             ProxyError::UpstreamUnreachable(_) => self.upstream_error("refused"),
             ProxyError::UpstreamFailed(_) | ProxyError::UpstreamBody(_) => {
                 self.upstream_error("reset")
@@ -401,6 +442,51 @@ impl Metrics {
             ProxyError::UpstreamIdle => self.upstream_error("idle_timeout"),
             _ => {}
         }
+    }
+
+    fn count_tokens(&self, key: &Arc<str>, model: Option<&Arc<str>>, prompt: u64, completion: u64) {
+        let model = self.model_label(key, model);
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    key: key.clone(),
+                    model: model.clone(),
+                    kind,
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// The label value for `model` among `key`'s, minted if the key has room for one more.
+    /// The exposition format is written without escaping, so `\` and `"` are escaped here
+    /// and a name with a control character (a line break would start a forged sample) is
+    /// never a label.
+    fn model_label(&self, key: &Arc<str>, model: Option<&Arc<str>>) -> Arc<str> {
+        static OTHER: OnceLock<Arc<str>> = OnceLock::new();
+        let other = || OTHER.get_or_init(|| Arc::from(OTHER_MODELS)).clone();
+        let name = model.map_or("-", |m| &**m);
+        if name.chars().any(char::is_control) {
+            return other();
+        }
+        let label = if name.contains(['\\', '"']) {
+            Cow::Owned(name.replace('\\', "\\\\").replace('"', "\\\""))
+        } else {
+            Cow::Borrowed(name)
+        };
+        let mut minted = self
+            .token_models
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let models = minted.entry(key.clone()).or_default();
+        if let Some(known) = models.iter().find(|m| ***m == *label) {
+            return known.clone();
+        }
+        if models.len() >= MODEL_LABELS_PER_KEY {
+            return other();
+        }
+        let label: Arc<str> = Arc::from(&*label);
+        models.push(label.clone());
+        label
     }
 
     fn auth_failure(&self, reason: &'static str) {
@@ -566,6 +652,8 @@ mod tests {
             duration: Duration::from_millis(3),
             upstream_ttfb: Some(Duration::from_millis(2)),
             bytes_out: 10,
+            model: None,
+            tokens: None,
             error: None,
         });
         let text = m.encode();
@@ -592,11 +680,90 @@ mod tests {
             duration: Duration::ZERO,
             upstream_ttfb: None,
             bytes_out: 0,
+            model: None,
+            tokens: None,
             error: Some(&ProxyError::UpstreamTimeout),
         });
         assert!(m
             .encode()
             .contains(r#"keygate_upstream_errors_total{kind="timeout"} 1"#));
+    }
+
+    fn tokens(m: &Metrics, key: &Arc<str>, model: Option<&str>, prompt: u64, completion: u64) {
+        let model: Option<Arc<str>> = model.map(Arc::from);
+        m.request_started();
+        m.request_finished(Finished {
+            key: Some(key),
+            method: &Method::POST,
+            status: 200,
+            duration: Duration::ZERO,
+            upstream_ttfb: None,
+            bytes_out: 0,
+            model: model.as_ref(),
+            tokens: Some((prompt, completion)),
+            error: None,
+        });
+    }
+
+    #[test]
+    fn tokens_are_counted_by_key_model_and_kind() {
+        let m = Metrics::default();
+        let key: Arc<str> = Arc::from("app");
+        tokens(&m, &key, Some("Qwen/Qwen3-0.6B"), 12, 3);
+        tokens(&m, &key, Some("Qwen/Qwen3-0.6B"), 1, 2);
+        tokens(&m, &key, None, 4, 0);
+        let text = m.encode();
+        for line in [
+            r#"keygate_tokens_total{key="app",model="Qwen/Qwen3-0.6B",kind="prompt"} 13"#,
+            r#"keygate_tokens_total{key="app",model="Qwen/Qwen3-0.6B",kind="completion"} 5"#,
+            r#"keygate_tokens_total{key="app",model="-",kind="prompt"} 4"#,
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn model_labels_are_bounded_per_key_and_cannot_forge_samples() {
+        let m = Metrics::default();
+        let (greedy, other): (Arc<str>, Arc<str>) = (Arc::from("greedy"), Arc::from("other"));
+        for i in 0..MODEL_LABELS_PER_KEY + 10 {
+            tokens(&m, &greedy, Some(&format!("m{i}")), 1, 1);
+        }
+        tokens(&m, &other, Some("m0"), 1, 1);
+        tokens(&m, &greedy, Some("m0"), 1, 1);
+        tokens(&m, &greedy, Some("x\"} 1\nkeygate_forged 1\n"), 1, 1);
+        tokens(&m, &greedy, Some("a\\b\"c"), 1, 1);
+        let text = m.encode();
+        let greedy_series = text
+            .lines()
+            .filter(|l| {
+                l.starts_with(r#"keygate_tokens_total{key="greedy""#) && l.contains("prompt")
+            })
+            .count();
+        assert_eq!(greedy_series, MODEL_LABELS_PER_KEY + 1, "{text}");
+        assert!(
+            text.contains(r#"keygate_tokens_total{key="greedy",model="(other)",kind="prompt"} 12"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"keygate_tokens_total{key="greedy",model="m0",kind="prompt"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"keygate_tokens_total{key="other",model="m0",kind="prompt"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("keygate_forged"), "{text}");
+        // A backslash and a quote are escaped, as the exposition format wants them.
+        let fresh = Metrics::default();
+        tokens(&fresh, &greedy, Some("a\\b\"c"), 1, 1);
+        assert!(
+            fresh
+                .encode()
+                .contains(r#"model="a\\b\"c",kind="prompt"} 1"#),
+            "{}",
+            fresh.encode()
+        );
     }
 
     #[test]

@@ -409,6 +409,7 @@ pub struct Key {
     tokens_per_minute: Option<u32>,
     not_after: Option<SystemTime>,
     weight: Option<u32>,
+    models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -447,6 +448,7 @@ impl Key {
             tokens_per_minute: None,
             not_after: None,
             weight: None,
+            models: None,
         }
     }
 
@@ -487,6 +489,12 @@ impl Key {
 
     pub fn weight(mut self, weight: u32) -> Self {
         self.weight = Some(weight);
+        self
+    }
+
+    /// The models the key may name: exact names or a trailing `*`.
+    pub fn models(mut self, models: &[&str]) -> Self {
+        self.models = Some(models.iter().map(|m| (*m).to_owned()).collect());
         self
     }
 
@@ -538,6 +546,9 @@ impl Key {
         }
         if let Some(weight) = self.weight {
             fields.push(format!("weight = {weight}"));
+        }
+        if let Some(models) = &self.models {
+            fields.push(format!("models = {}", strings(models)));
         }
         format!("{{ {} }}", fields.join(", "))
     }
