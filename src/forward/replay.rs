@@ -6,7 +6,8 @@
 //! (llama-server closes after every stream, without `Connection: close`). The request then
 //! fails before any byte of a response. The pool's look at an idle connection catches most
 //! of these; the rest are resent, as Pingora does: only from a reused connection, only once,
-//! and only a body no larger than the limit.
+//! and only a body whose declared length is within the limit (a body of unknown length goes
+//! out as it comes, unkept).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -23,16 +24,24 @@ use crate::forward::body::RequestBody;
 /// requests are far below it.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
-/// The body sent upstream: first what a resend gives again, then the client's body, whose
-/// frames are kept on the tape as they go.
-pub struct Outgoing {
-    again: VecDeque<Bytes>,
-    tape: Arc<Mutex<Tape>>,
+/// The body sent upstream: the client's body as it comes, or, when it may be resent, first
+/// what a resend gives again and then the client's body, its frames kept on the tape.
+pub enum Outgoing {
+    Direct(RequestBody),
+    Taped {
+        again: VecDeque<Bytes>,
+        tape: Arc<Mutex<Tape>>,
+    },
 }
 
 impl Outgoing {
-    /// The client's body, and the tape it is kept on.
-    pub fn recording(body: RequestBody) -> (Self, Arc<Mutex<Tape>>) {
+    /// The client's body, and the tape it is kept on if its declared length is within
+    /// [`REPLAY_LIMIT`].
+    pub fn recording(body: RequestBody) -> (Self, Option<Arc<Mutex<Tape>>>) {
+        let declared = http_body::Body::size_hint(&body).exact();
+        if declared.is_none_or(|len| len > REPLAY_LIMIT as u64) {
+            return (Self::Direct(body), None);
+        }
         let tape = Arc::new(Mutex::new(Tape {
             body,
             kept: Vec::new(),
@@ -40,11 +49,11 @@ impl Outgoing {
             ended: false,
             spoilt: false,
         }));
-        let outgoing = Self {
+        let outgoing = Self::Taped {
             again: VecDeque::new(),
             tape: tape.clone(),
         };
-        (outgoing, tape)
+        (outgoing, Some(tape))
     }
 }
 
@@ -64,7 +73,7 @@ impl Tape {
     /// The body once more, from its start, unless it could not be kept.
     pub fn replay(tape: &Arc<Mutex<Tape>>) -> Option<Outgoing> {
         let locked = lock(tape);
-        (!locked.spoilt).then(|| Outgoing {
+        (!locked.spoilt).then(|| Outgoing::Taped {
             again: locked.kept.iter().cloned().collect(),
             tape: tape.clone(),
         })
@@ -96,11 +105,14 @@ impl http_body::Body for Outgoing {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
-        let this = self.get_mut();
-        if let Some(data) = this.again.pop_front() {
+        let (again, tape) = match self.get_mut() {
+            Self::Direct(body) => return Pin::new(body).poll_frame(cx),
+            Self::Taped { again, tape } => (again, tape),
+        };
+        if let Some(data) = again.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        let mut tape = lock(&this.tape);
+        let mut tape = lock(tape);
         if tape.ended {
             return Poll::Ready(None);
         }
@@ -118,13 +130,21 @@ impl http_body::Body for Outgoing {
     }
 
     fn is_end_stream(&self) -> bool {
-        let tape = lock(&self.tape);
-        self.again.is_empty() && (tape.ended || tape.body.is_end_stream())
+        match self {
+            Self::Direct(body) => body.is_end_stream(),
+            Self::Taped { again, tape } => {
+                let tape = lock(tape);
+                again.is_empty() && (tape.ended || tape.body.is_end_stream())
+            }
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let tape = lock(&self.tape);
-        let again: u64 = self.again.iter().map(|b| b.len() as u64).sum();
+        let (again, tape) = match self {
+            Self::Direct(body) => return body.size_hint(),
+            Self::Taped { again, tape } => (again, lock(tape)),
+        };
+        let again: u64 = again.iter().map(|b| b.len() as u64).sum();
         let rest = if tape.ended {
             SizeHint::with_exact(0)
         } else {

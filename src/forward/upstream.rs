@@ -174,7 +174,7 @@ impl Upstream {
                         let error = failed.into_error();
                         let again = head
                             .filter(|_| lost_with_the_connection(&error))
-                            .and_then(|head| Some((head, Tape::replay(&tape)?)));
+                            .and_then(|head| Some((head, Tape::replay(tape.as_ref()?)?)));
                         let Some((head, body)) = again else {
                             return Err(classify(error));
                         };
