@@ -1949,8 +1949,10 @@ async fn a_max_concurrent_slot_comes_back_after_resets_hang_ups_and_refused_bodi
     let declared = format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 2000000\r\nConnection: close\r\n\r\n");
     assert_eq!(raw(proxy.addr, declared.as_bytes()).await.0, 413);
     assert!(one_slot_comes_back(proxy.addr).await, "declared too large");
+    // To an upstream that reads the body and never answers, so the limit, not an early
+    // answer, ends the exchange.
     let mut h1 = TcpStream::connect(proxy.addr).await.unwrap();
-    let head = format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let head = format!("POST /v1/responses/hang HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n");
     h1.write_all(head.as_bytes()).await.unwrap();
     let chunk = [b'a'; 64 * 1024];
     for _ in 0..20 {
