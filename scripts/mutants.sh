@@ -36,6 +36,8 @@ if [ ${#files[@]} -eq 0 ]; then
     src/policy/scope.rs
     src/preset.rs
     src/path.rs
+    src/gateway/inspect.rs
+    src/policy/admission.rs
   )
 fi
 
@@ -49,7 +51,8 @@ export CARGO_TARGET_DIR="$target_dir/mutants/target"
 
 # The suites of the second pass: the unit tests beside the code, and the integration suites
 # for authentication, key-less routes, header rules, scopes and presets, per-key limits and
-# expiry, key reloads, the config summary, the "never" rules and the attacks on them. Naming
+# expiry, models and rates, key reloads, the config summary, the "never" rules and the
+# attacks on them. Naming
 # the targets in every cargo call keeps the other suites out of each mutant's build.
 targets=(
   --lib
@@ -59,7 +62,9 @@ targets=(
   --test=headers
   --test=key_reload
   --test=limits
+  --test=models
   --test=never
+  --test=rates
   --test=routing
   --test=scopes
 )
