@@ -1,15 +1,13 @@
 //! Prometheus metrics, served by `admin` on its own listener. Every label takes a bounded set
 //! of values: key names from the config, method classes, status codes and fixed reason words,
-//! and on `keygate_tokens_total` model names, bounded per key (see [`MODEL_LABELS_PER_KEY`]).
+//! and on `keygate_tokens_total` model names, bounded per key (see [`crate::observe::model_labels`]).
 //! No path, token or header value ever becomes a label.
 //!
 //! Requests are counted where their access line is written (`access`), so a metric and a log
 //! line always agree.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use http::Method;
@@ -21,6 +19,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::ProxyError;
+use crate::observe::model_labels::ModelLabels;
+pub use crate::observe::model_labels::MODEL_LABELS_PER_KEY;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -80,8 +80,8 @@ pub struct Metrics {
     sse_keepalives: Family<KeyLabels, Counter>,
     sse_error_events: Family<KeyLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
-    /// The model label values each key has minted so far, at most [`MODEL_LABELS_PER_KEY`].
-    token_models: Mutex<HashMap<Arc<str>, Vec<Arc<str>>>>,
+    /// The model label values each key has minted so far.
+    token_models: ModelLabels,
     upstream_ttfb: Histogram,
     duration: Histogram,
     bytes_in: Counter,
@@ -257,7 +257,7 @@ impl Default for Metrics {
             sse_keepalives,
             sse_error_events,
             tokens,
-            token_models: Mutex::default(),
+            token_models: ModelLabels::default(),
             upstream_ttfb,
             duration,
             bytes_in,
@@ -287,16 +287,6 @@ pub struct Finished<'a> {
     pub tokens: Option<(u64, u64)>,
     pub error: Option<&'a ProxyError>,
 }
-
-/// The model label values one key may mint on `keygate_tokens_total`; further models are
-/// counted under [`OTHER_MODELS`]. Model names come from request bodies and the origin's
-/// answers, and llama.cpp answers to any name, so without a bound a client could add series
-/// at will.
-pub const MODEL_LABELS_PER_KEY: usize = 32;
-
-/// The model label of a key's tokens beyond its [`MODEL_LABELS_PER_KEY`] models, and of a
-/// name that holds a control character.
-pub const OTHER_MODELS: &str = "(other)";
 
 impl Metrics {
     /// Adds the fair queue's series, for a gateway with `[upstream] max_in_flight`; without
@@ -445,7 +435,7 @@ impl Metrics {
     }
 
     fn count_tokens(&self, key: &Arc<str>, model: Option<&Arc<str>>, prompt: u64, completion: u64) {
-        let model = self.model_label(key, model);
+        let model = self.token_models.label(key, model);
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
             self.tokens
                 .get_or_create(&TokenLabels {
@@ -455,38 +445,6 @@ impl Metrics {
                 })
                 .inc_by(n);
         }
-    }
-
-    /// The label value for `model` among `key`'s, minted if the key has room for one more.
-    /// The exposition format is written without escaping, so `\` and `"` are escaped here
-    /// and a name with a control character (a line break would start a forged sample) is
-    /// never a label.
-    fn model_label(&self, key: &Arc<str>, model: Option<&Arc<str>>) -> Arc<str> {
-        static OTHER: OnceLock<Arc<str>> = OnceLock::new();
-        let other = || OTHER.get_or_init(|| Arc::from(OTHER_MODELS)).clone();
-        let name = model.map_or("-", |m| &**m);
-        if name.chars().any(char::is_control) {
-            return other();
-        }
-        let label = if name.contains(['\\', '"']) {
-            Cow::Owned(name.replace('\\', "\\\\").replace('"', "\\\""))
-        } else {
-            Cow::Borrowed(name)
-        };
-        let mut minted = self
-            .token_models
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let models = minted.entry(key.clone()).or_default();
-        if let Some(known) = models.iter().find(|m| ***m == *label) {
-            return known.clone();
-        }
-        if models.len() >= MODEL_LABELS_PER_KEY {
-            return other();
-        }
-        let label: Arc<str> = Arc::from(&*label);
-        models.push(label.clone());
-        label
     }
 
     fn auth_failure(&self, reason: &'static str) {

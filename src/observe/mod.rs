@@ -4,3 +4,4 @@
 pub mod access;
 pub mod logging;
 pub mod metrics;
+pub mod model_labels;
