@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Instructions per proxied request, a figure that does not move with CPU contention: each
 # binary (or `nginx`) runs under callgrind and serves a fixed number of keep-alive keyed GETs
-# (benches/requests.py: 64 connections) to a static nginx origin, and the
-# proxy's instructions (all its threads, user space, callgrind's Ir) are divided by the
-# requests answered. A warm-up of REQUESTS/4 requests runs first with instrumentation off.
+# (benches/requests.py) to a static nginx origin, and the proxy's instructions (all its
+# threads, user space, callgrind's Ir) are divided by the requests answered. A warm-up of
+# REQUESTS/4 requests runs first with instrumentation off. CONNECTIONS (default 64, as the
+# harness) send at once; with 64, how many requests one wake-up finds moves the figure by
+# about 1.5 % between runs, with CONNECTIONS=1 it repeats within 0.1 %.
 #   benches/instructions.sh nginx target/base/release/keygate target/release/keygate
 #   REQUESTS=20000 benches/instructions.sh target/release/keygate
 # KEEP=DIR keeps each callgrind profile there (callgrind_annotate DIR/NAME.out shows it).
@@ -60,7 +62,7 @@ start() {
   candidate=$!
   wait_port 18113 $candidate
 }
-load() { timeout 600 python3 benches/requests.py 18113 "$1"; }
+load() { timeout 600 python3 benches/requests.py 18113 "$1" --connections "${CONNECTIONS:-64}"; }
 for bin in "$@"; do
   rm -f "$dir"/callgrind.out*
   start "$bin"
