@@ -25,7 +25,7 @@ use crate::config::{self, Config};
 use crate::forward::rewrite::Peer;
 use crate::gateway::Gateway;
 use crate::listener::admin;
-use crate::listener::hangup::{ClientGone, ClientSocket, Hangup};
+use crate::listener::hangup::{ClientGone, ClientSocket, Hangup, Watched};
 use crate::listener::preface::{self, Protocol, Rewind};
 use crate::listener::redirect::Redirector;
 use crate::listener::streams::{Streams, Tracked};
@@ -285,7 +285,11 @@ async fn housekeeping(
 struct Connections {
     gateway: Arc<Gateway>,
     tls: Option<Arc<ServerTls>>,
+    /// For TLS connections.
     http1: http1::Builder,
+    /// For plain connections: with `half_close`, since the response body watches for the
+    /// client's hang-up there ([`Watched`]).
+    http1_plain: http1::Builder,
     /// For connections over `max_connections`: one request, then close.
     http1_over_capacity: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
@@ -309,6 +313,8 @@ impl Connections {
             .keep_alive_timeout(H2_PING_TIMEOUT);
         let mut h1_over_capacity = h1.clone();
         h1_over_capacity.keep_alive(false);
+        let mut h1_plain = h1.clone();
+        h1_plain.half_close(true);
         let gateway = Arc::new(Gateway::new(config, clock));
         let tls = match &s.tls {
             Some(t) => Some(Arc::new(
@@ -320,6 +326,7 @@ impl Connections {
             gateway,
             tls,
             http1: h1,
+            http1_plain: h1_plain,
             http1_over_capacity: h1_over_capacity,
             http2: h2,
             header_read_timeout: s.header_read_timeout,
@@ -390,8 +397,10 @@ impl Connections {
         let gateway = self.gateway.clone();
         let http1 = if client.over_capacity {
             &self.http1_over_capacity
-        } else {
+        } else if client.tls {
             &self.http1
+        } else {
+            &self.http1_plain
         };
         let client = Arc::new(client);
         let handler_client = client.clone();
@@ -399,6 +408,7 @@ impl Connections {
         let streams = (protocol == Protocol::Http2).then(Streams::new);
         let service_streams = streams.clone();
         let hangup = (protocol == Protocol::Http1).then_some(hangup);
+        let watch_body = !client.tls;
         let service = service_fn(move |req| {
             let gateway = gateway.clone();
             let client = handler_client.clone();
@@ -409,7 +419,10 @@ impl Connections {
                     Some(hangup) => hangup.unless_gone(gateway.handle(&client, req)).await?,
                     None => gateway.handle(&client, req).await,
                 };
-                Ok::<_, ClientGone>(response.map(|body| Tracked::new(body, stream)))
+                let hangup = hangup.filter(|_| watch_body);
+                Ok::<_, ClientGone>(
+                    response.map(|body| Tracked::new(Watched::new(body, hangup), stream)),
+                )
             }
         });
         let idle_timeout = self.header_read_timeout;
