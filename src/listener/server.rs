@@ -300,8 +300,11 @@ impl Connections {
     fn new(config: &Config, clock: Clock) -> io::Result<Self> {
         let s: &config::Server = &config.server;
         let mut h1 = http1::Builder::new();
+        // `max_header_size` makes the limit exact: `max_buf_size` alone is checked only while
+        // a head is incomplete, and one read can take the buffer past it with a whole head.
         h1.timer(TokioTimer::new())
             .header_read_timeout(s.header_read_timeout)
+            .max_header_size(MAX_HEADER_BYTES)
             .max_buf_size(MAX_HEADER_BYTES);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
