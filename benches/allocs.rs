@@ -1,5 +1,6 @@
 //! Heap use of keygate on the proxied path, counted by the allocator: allocations and bytes
-//! per proxied request, and live heap per idle keep-alive connection and per open SSE stream.
+//! per proxied request, and live heap per idle keep-alive connection (once parked) and per
+//! open SSE stream.
 //! Counts, not times, so the figures do not move when other work shares the CPU.
 //!
 //! keygate runs in this process on a current-thread runtime (as on one core), with its
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use keygate::config::secrets::MapSecrets;
 use keygate::config::Overrides;
+use keygate::listener::h1::PARK_AFTER;
 use keygate::{Config, Listeners};
 
 #[global_allocator]
@@ -134,10 +136,9 @@ fn main() {
 /// streams are still open, or with `--streams 0` while the idle connections are.
 fn measure(proxy: SocketAddr, args: &Args, profiler: dhat::Profiler) -> Vec<String> {
     let mut report = Vec::with_capacity(4);
-    let request = format!(
-        "GET /v1/models HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n\r\n"
-    )
-    .into_bytes();
+    let request =
+        format!("GET /v1/models HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n\r\n")
+            .into_bytes();
     let sse_request =
         format!("GET /sse HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n\r\n")
             .into_bytes();
@@ -169,6 +170,8 @@ fn measure(proxy: SocketAddr, args: &Args, profiler: dhat::Profiler) -> Vec<Stri
         exchange(&mut c, &request, &mut buf);
         held.push(c);
     }
+    // Every connection idle for PARK_AFTER is parked; the timer may fire up to that late.
+    std::thread::sleep(2 * PARK_AFTER);
     let after = settled();
     report.push(live_per(
         "idle keep-alive connection, each answered once",
@@ -178,7 +181,13 @@ fn measure(proxy: SocketAddr, args: &Args, profiler: dhat::Profiler) -> Vec<Stri
     ));
     let mut profiler = Some(profiler);
     if args.streams == 0 {
-        end_profile(&mut profiler, args, &mut report, "the idle connections open");
+        end_profile(
+            &mut profiler,
+            args,
+            &mut report,
+            "the idle connections open",
+        );
+        return report;
     }
     held.clear();
 

@@ -179,6 +179,15 @@ impl Hangup {
         Box::pin(behind_unread_bytes(stream)).await
     }
 
+    /// Waits for the client's next bytes and says how many wait, without taking them; 0 when
+    /// the client has closed its side (or the connection is gone).
+    pub async fn peek(&self) -> io::Result<usize> {
+        let Some(stream) = self.0.upgrade() else {
+            return Ok(0);
+        };
+        stream.peek(&mut [0u8; 1]).await
+    }
+
     /// Whether the client has hung up, for a response body waiting for its next bytes; if
     /// not, the task is woken at the socket's next readiness. `unread` keeps the watch of
     /// [`behind_unread_bytes`] once bytes wait in the socket.

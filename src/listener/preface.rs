@@ -10,6 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
@@ -50,7 +51,7 @@ pin_project! {
     /// alone, the prefix made hyper read twice for the first head, and its second read
     /// doubled the connection's read buffer to 16 KiB for the connection's life.
     pub struct Rewind<IO> {
-        prefix: Vec<u8>,
+        prefix: Bytes,
         consumed: usize,
         failed: Option<io::Error>,
         #[pin]
@@ -59,13 +60,23 @@ pin_project! {
 }
 
 impl<IO> Rewind<IO> {
-    pub fn new(prefix: Vec<u8>, io: IO) -> Self {
+    pub fn new(prefix: impl Into<Bytes>, io: IO) -> Self {
         Self {
-            prefix,
+            prefix: prefix.into(),
             consumed: 0,
             failed: None,
             io,
         }
+    }
+
+    /// Whether some of the prefix is still to be read.
+    pub fn has_unread(&self) -> bool {
+        self.consumed < self.prefix.len()
+    }
+
+    /// The prefix bytes not yet read, and the stream.
+    pub fn into_parts(self) -> (Bytes, IO) {
+        (self.prefix.slice(self.consumed..), self.io)
     }
 }
 

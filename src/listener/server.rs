@@ -1,8 +1,9 @@
 //! The listener: accept under a connection limit, complete the TLS handshake when TLS is on,
 //! choose the protocol (ALPN over TLS; HTTP/1.1 or h2c by the first bytes otherwise), serve
-//! each connection with hyper, drop an HTTP/1.1 request whose client hangs up before its
-//! response ([`hangup`](crate::listener::hangup)), run a WebSocket tunnel once its connection hands it
-//! the socket, and drain gracefully when the shutdown future completes.
+//! each connection with hyper (HTTP/1.1 through [`h1`], which parks idle connections and
+//! hands a WebSocket tunnel its socket), drop an HTTP/1.1 request whose client hangs up
+//! before its response ([`hangup`](crate::listener::hangup)), and drain gracefully when the
+//! shutdown future completes.
 
 use std::future::Future;
 use std::io;
@@ -11,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Response;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,14 +25,15 @@ use tracing::{debug, info, warn};
 
 use crate::config::secrets::ProcessSecrets;
 use crate::config::{self, Config};
+use crate::forward::body::Body;
 use crate::forward::rewrite::Peer;
 use crate::gateway::Gateway;
-use crate::listener::admin;
 use crate::listener::hangup::{ClientGone, ClientSocket, Hangup, Watched};
 use crate::listener::preface::{self, Protocol, Rewind};
 use crate::listener::redirect::Redirector;
 use crate::listener::streams::{Streams, Tracked};
 use crate::listener::tls::ServerTls;
+use crate::listener::{admin, h1};
 use crate::observe::access;
 use crate::observe::metrics::Metrics;
 use crate::policy::scope::Clock;
@@ -354,10 +358,11 @@ impl Connections {
                 }
                 Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
             };
-            let io = TokioIo::new(Rewind::new(prefix, stream));
             // Boxed, like the TLS one below: inline, every connection's task would reserve
             // room for the larger of the two (twice this one's size) for as long as it is open.
-            return Box::pin(self.serve_http(io, protocol, client, hangup, draining)).await;
+            let prefix = Bytes::from(prefix);
+            return Box::pin(self.serve_http(stream, prefix, protocol, client, hangup, draining))
+                .await;
         };
         // The handshake is bounded like a request head: a client that stalls in it is cut.
         let handshake =
@@ -378,17 +383,18 @@ impl Connections {
             _ => Protocol::Http1,
         };
         client.tls = true;
-        let io = TokioIo::new(stream);
-        Box::pin(self.serve_http(io, protocol, client, hangup, draining)).await;
+        Box::pin(self.serve_http(stream, Bytes::new(), protocol, client, hangup, draining)).await;
     }
 
     /// Serves HTTP on an open connection until it closes, or, when draining starts, until its
-    /// requests in flight are answered; then runs the WebSocket tunnel the connection handed
-    /// over, if any. An HTTP/1.1 request whose client hangs up before its response is dropped
-    /// and the connection closed; HTTP/2 sees that by itself.
+    /// requests in flight are answered; an HTTP/1.1 connection may become a WebSocket tunnel
+    /// ([`h1::serve`]). `prefix` is what the protocol sniff read. An HTTP/1.1 request whose
+    /// client hangs up before its response is dropped and the connection closed; HTTP/2 sees
+    /// that by itself.
     async fn serve_http<I>(
         &self,
-        io: TokioIo<I>,
+        io: I,
+        prefix: Bytes,
         protocol: Protocol,
         client: Peer,
         hangup: Hangup,
@@ -410,64 +416,67 @@ impl Connections {
         // HTTP/1.1 idles out by hyper's header timer; HTTP/2 by its open streams.
         let streams = (protocol == Protocol::Http2).then(Streams::new);
         let service_streams = streams.clone();
-        let hangup = (protocol == Protocol::Http1).then_some(hangup);
+        let request_hangup = (protocol == Protocol::Http1).then(|| hangup.clone());
         let watch_body = !client.tls;
-        let service = service_fn(move |req| {
+        // Each request's future is boxed: hyper keeps room for one in every connection for as
+        // long as it is open, and parking an HTTP/1.1 connection needs it `Unpin`.
+        let service = service_fn(move |req| -> ServiceFuture {
             let gateway = gateway.clone();
             let client = handler_client.clone();
             let stream = service_streams.as_ref().map(Streams::opened);
-            let hangup = hangup.clone();
-            async move {
+            let hangup = request_hangup.clone();
+            Box::pin(async move {
                 let response = match &hangup {
                     Some(hangup) => hangup.unless_gone(gateway.handle(&client, req)).await?,
                     None => gateway.handle(&client, req).await,
                 };
                 let hangup = hangup.filter(|_| watch_body);
-                Ok::<_, ClientGone>(
-                    response.map(|body| Tracked::new(Watched::new(body, hangup), stream)),
-                )
-            }
+                Ok(response.map(|body| Tracked::new(Watched::new(body, hangup), stream)))
+            })
         });
-        let idle_timeout = self.header_read_timeout;
-        // Completes when the connection should close, with how long it may take to: a drain
-        // has the shutdown grace, an idle connection (maybe one that never finished its
-        // HTTP/2 handshake, which a graceful close would wait for) gets the idle timeout.
-        let drain = async move {
-            let draining = async {
-                let _ = draining.wait_for(|&draining| draining).await;
-            };
-            match streams {
-                Some(streams) => tokio::select! {
-                    () = draining => None,
-                    () = streams.idle(idle_timeout) => {
-                        debug!(%peer, "idle HTTP/2 connection; closing");
-                        Some(idle_timeout)
+        let served = match (protocol, streams) {
+            (Protocol::Http2, Some(streams)) => {
+                let idle_timeout = self.header_read_timeout;
+                // Completes when the connection should close, with how long it may take to: a
+                // drain has the shutdown grace, an idle connection (maybe one that never
+                // finished its HTTP/2 handshake, which a graceful close would wait for) gets
+                // the idle timeout.
+                let drain = async move {
+                    tokio::select! {
+                        _ = draining.wait_for(|&draining| draining) => None,
+                        () = streams.idle(idle_timeout) => {
+                            debug!(%peer, "idle HTTP/2 connection; closing");
+                            Some(idle_timeout)
+                        }
                     }
-                },
-                None => {
-                    draining.await;
-                    None
-                }
-            }
-        };
-        let served = match protocol {
-            Protocol::Http1 => {
-                let connection = http1.serve_connection(io, service).with_upgrades();
-                until_drained(connection, drain, |c| c.graceful_shutdown()).await
-            }
-            Protocol::Http2 => {
+                };
+                let io = TokioIo::new(Rewind::new(prefix, io));
                 let connection = self.http2.serve_connection(io, service);
-                until_drained(connection, drain, |c| c.graceful_shutdown()).await
+                // Boxed: inline, HTTP/2's state would make every HTTP/1.1 connection's future
+                // as large, parked ones included.
+                Box::pin(until_drained(connection, drain, |c| c.graceful_shutdown())).await
+            }
+            _ => {
+                let connection = h1::Connection {
+                    socket: &hangup,
+                    tunnel: &client.tunnel,
+                    metrics: self.gateway.metrics(),
+                    draining: &mut draining,
+                };
+                h1::serve(http1, io, prefix, service, connection).await
             }
         };
         if let Err(e) = served {
             debug!(%peer, error = %e, "connection ended with an error");
         }
-        if let Some(tunnel) = client.tunnel.take() {
-            tunnel.await;
-        }
     }
 }
+
+/// What the service answers: the gateway's response with its body watched (for the client's
+/// hang-up, HTTP/1.1) and tracked (for the idle timer, HTTP/2), or nothing when the client
+/// hung up before the response.
+type ServiceFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Tracked<Watched<Body>>>, ClientGone>> + Send>>;
 
 /// Drives a connection; once `drain` completes (shutdown, or an idle HTTP/2 connection), asks
 /// it to finish the requests it has and close, then waits for that, at most as long as
