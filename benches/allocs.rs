@@ -15,17 +15,20 @@
 //! cargo bench --bench allocs -- --dhat /tmp/heap.json   # also a DHAT profile (dh_view.html)
 //! ```
 //!
-//! With `--dhat`, the profile ends while the streams are open (with `--streams 0`: while the
-//! idle connections are), so its "at t-end" figures are their memory by allocation site. The
-//! run is bounded: each socket read waits at most 30 s, and nothing waits for anything else.
+//! With `--dhat`, the profile ends while the idle connections are open (with `--idle 0`: while
+//! the streams are), so its "at t-end" figures are their memory by allocation site. The run
+//! is bounded: each socket read waits at most 30 s, and nothing waits for anything else.
 //!
+//! Before the streams and the idle connections are counted, as many connections are opened,
+//! answered and closed, which grows what all connections share (tokio's slab of socket
+//! registrations, the set of connection tasks) as in a process that has served that many.
 //! The live-heap figures leave out what the allocator rounds up and what the kernel holds for
 //! the sockets; `benches/memory.py` measures the whole process (RSS) the same way.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use keygate::config::secrets::MapSecrets;
@@ -47,13 +50,16 @@ const SSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n
 const SSE_EVENT: &[u8] = b"data: first\n\n";
 const SSE_END: &[u8] = b"0\r\n\r\n";
 
-/// Set once the streams have been counted: the origin ends them.
-static RELEASE: AtomicBool = AtomicBool::new(false);
+/// Rounds of streams the origin has been told to end: a stream started in round `r` ends
+/// once this exceeds `r`.
+static RELEASED: AtomicUsize = AtomicUsize::new(0);
 
 struct Args {
     requests: usize,
     idle: usize,
     streams: usize,
+    /// Connections opened, answered and closed before the counts (default: the most held).
+    warm: Option<usize>,
     dhat: Option<String>,
 }
 
@@ -62,6 +68,7 @@ fn args() -> Args {
         requests: 10_000,
         idle: 2_000,
         streams: 256,
+        warm: None,
         dhat: None,
     };
     let mut given = std::env::args().skip(1);
@@ -71,6 +78,7 @@ fn args() -> Args {
             "--requests" => args.requests = value().parse().expect("--requests N"),
             "--idle" => args.idle = value().parse().expect("--idle N"),
             "--streams" => args.streams = value().parse().expect("--streams N"),
+            "--warm" => args.warm = Some(value().parse().expect("--warm N")),
             "--dhat" => args.dhat = Some(value()),
             // `cargo bench` passes --bench; other flags are for other harnesses.
             _ => {}
@@ -133,7 +141,7 @@ fn main() {
 }
 
 /// The three figures, as report lines. The profiler is dropped (its file written) while the
-/// streams are still open, or with `--streams 0` while the idle connections are.
+/// idle connections are open, or with `--idle 0` while the streams are.
 fn measure(proxy: SocketAddr, args: &Args, profiler: dhat::Profiler) -> Vec<String> {
     let mut report = Vec::with_capacity(4);
     let request =
@@ -164,53 +172,92 @@ fn measure(proxy: SocketAddr, args: &Args, profiler: dhat::Profiler) -> Vec<Stri
         (after.total_bytes - before.total_bytes) as f64 / n,
     ));
 
-    let before = settled();
-    for _ in 0..args.idle {
+    // Grows what all connections share (tokio's slab of socket registrations, the set of
+    // connection tasks) to the number held below, as a process serving that many has.
+    for _ in 0..args.warm.unwrap_or(args.idle.max(args.streams)) {
         let mut c = connect(proxy);
         exchange(&mut c, &request, &mut buf);
         held.push(c);
     }
-    // Every connection idle for PARK_AFTER is parked; the timer may fire up to that late.
-    std::thread::sleep(2 * PARK_AFTER);
-    let after = settled();
-    report.push(live_per(
-        "idle keep-alive connection, each answered once",
-        args.idle,
-        &before,
-        &after,
-    ));
+    held.clear();
+    reap_closed(proxy, &request, &mut buf);
+
     let mut profiler = Some(profiler);
-    if args.streams == 0 {
+    if args.streams > 0 {
+        let before = settled();
+        open_streams(proxy, args.streams, &sse_request, &mut buf, &mut held);
+        let after = settled();
+        report.push(live_per(
+            "open SSE stream (client and upstream connection)",
+            args.streams,
+            &before,
+            &after,
+        ));
+        if args.idle == 0 {
+            end_profile(&mut profiler, args, &mut report, "the streams open");
+        }
+        end_streams(&mut held, &mut buf);
+        if args.idle > 0 {
+            reap_closed(proxy, &request, &mut buf);
+        }
+    }
+    if args.idle > 0 {
+        let before = settled();
+        for _ in 0..args.idle {
+            let mut c = connect(proxy);
+            exchange(&mut c, &request, &mut buf);
+            held.push(c);
+        }
+        // Every connection idle for PARK_AFTER is parked; the timer may fire up to that late.
+        std::thread::sleep(2 * PARK_AFTER);
+        let after = settled();
+        report.push(live_per(
+            "idle keep-alive connection, each answered once (parked)",
+            args.idle,
+            &before,
+            &after,
+        ));
         end_profile(
             &mut profiler,
             args,
             &mut report,
             "the idle connections open",
         );
-        return report;
-    }
-    held.clear();
-
-    let before = settled();
-    for _ in 0..args.streams {
-        let mut c = connect(proxy);
-        c.write_all(&sse_request).expect("send");
-        read_until(&mut c, &mut buf, |got| find(got, SSE_EVENT).is_some());
-        held.push(c);
-    }
-    let after = settled();
-    report.push(live_per(
-        "open SSE stream (client and upstream connection)",
-        args.streams,
-        &before,
-        &after,
-    ));
-    end_profile(&mut profiler, args, &mut report, "the streams open");
-    RELEASE.store(true, Ordering::Relaxed);
-    for c in &mut held {
-        read_until(c, &mut buf, |got| find(got, SSE_END).is_some());
     }
     report
+}
+
+/// keygate frees the tasks of closed connections when it accepts the next connection: one
+/// more connection, so that they are not freed while the next figure is counted.
+fn reap_closed(proxy: SocketAddr, request: &[u8], buf: &mut [u8]) {
+    let _ = settled();
+    let mut c = connect(proxy);
+    exchange(&mut c, request, buf);
+}
+
+/// Opens `n` SSE streams through keygate and reads each one's first event.
+fn open_streams(
+    proxy: SocketAddr,
+    n: usize,
+    request: &[u8],
+    buf: &mut [u8],
+    held: &mut Vec<TcpStream>,
+) {
+    for _ in 0..n {
+        let mut c = connect(proxy);
+        c.write_all(request).expect("send");
+        read_until(&mut c, buf, |got| find(got, SSE_EVENT).is_some());
+        held.push(c);
+    }
+}
+
+/// Has the origin end the open streams, reads each to its end and closes it.
+fn end_streams(held: &mut Vec<TcpStream>, buf: &mut [u8]) {
+    RELEASED.fetch_add(1, Ordering::Relaxed);
+    for c in held.iter_mut() {
+        read_until(c, buf, |got| find(got, SSE_END).is_some());
+    }
+    held.clear();
 }
 
 /// Drops the profiler, which writes the DHAT file if one was asked for.
@@ -343,11 +390,12 @@ fn serve(mut c: TcpStream, buf: &mut [u8], json: &[u8]) {
             }
         };
         let answer = if buf[..head].starts_with(b"GET /sse ") {
+            let round = RELEASED.load(Ordering::Relaxed);
             if c.write_all(SSE_HEAD).is_err() {
                 return;
             }
             let deadline = Instant::now() + READ_TIMEOUT;
-            while !RELEASE.load(Ordering::Relaxed) && Instant::now() < deadline {
+            while RELEASED.load(Ordering::Relaxed) == round && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
             SSE_END
