@@ -340,7 +340,7 @@ impl Connections {
         })
     }
 
-    async fn serve(&self, stream: TcpStream, mut client: Peer, draining: watch::Receiver<bool>) {
+    async fn serve(&self, stream: TcpStream, client: Peer, draining: watch::Receiver<bool>) {
         let peer = client.addr;
         let _open = OpenConnection::new(self.gateway.metrics());
         // Small SSE events must leave at once, never corked behind Nagle's algorithm.
@@ -348,23 +348,33 @@ impl Connections {
             debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
         let (mut stream, hangup) = ClientSocket::new(stream);
-        let Some(tls) = &self.tls else {
-            let sniffed =
-                tokio::time::timeout(self.header_read_timeout, preface::sniff(&mut stream));
-            let (protocol, prefix) = match sniffed.await {
-                Ok(Ok(sniffed)) => sniffed,
-                Ok(Err(e)) => {
-                    return debug!(%peer, error = %e, "connection closed before a request")
-                }
-                Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
-            };
-            // Boxed, like the TLS one below: inline, every connection's task would reserve
-            // room for the larger of the two (twice this one's size) for as long as it is open.
-            let prefix = Bytes::from(prefix);
-            return Box::pin(self.serve_http(stream, prefix, protocol, client, hangup, draining))
-                .await;
+        if let Some(tls) = &self.tls {
+            // Boxed: the handshake's state is large, and inline every connection's task
+            // would keep room for it for as long as the connection is open.
+            return Box::pin(self.serve_tls(tls, stream, client, hangup, draining)).await;
+        }
+        let sniffed = tokio::time::timeout(self.header_read_timeout, preface::sniff(&mut stream));
+        let (protocol, prefix) = match sniffed.await {
+            Ok(Ok(sniffed)) => sniffed,
+            Ok(Err(e)) => return debug!(%peer, error = %e, "connection closed before a request"),
+            Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
         };
-        // The handshake is bounded like a request head: a client that stalls in it is cut.
+        // Boxed, for the same reason.
+        let prefix = Bytes::from(prefix);
+        Box::pin(self.serve_http(stream, prefix, protocol, client, hangup, draining)).await;
+    }
+
+    /// The TLS handshake, bounded like a request head (a client that stalls in it is cut),
+    /// then HTTP on the protocol ALPN chose.
+    async fn serve_tls(
+        &self,
+        tls: &ServerTls,
+        stream: ClientSocket,
+        mut client: Peer,
+        hangup: Hangup,
+        draining: watch::Receiver<bool>,
+    ) {
+        let peer = client.addr;
         let handshake =
             tokio::time::timeout(self.header_read_timeout, tls.acceptor().accept(stream));
         let stream = match handshake.await {
@@ -383,7 +393,8 @@ impl Connections {
             _ => Protocol::Http1,
         };
         client.tls = true;
-        Box::pin(self.serve_http(stream, Bytes::new(), protocol, client, hangup, draining)).await;
+        self.serve_http(stream, Bytes::new(), protocol, client, hangup, draining)
+            .await;
     }
 
     /// Serves HTTP on an open connection until it closes, or, when draining starts, until its
