@@ -155,28 +155,10 @@ impl Hangup {
         request: F,
     ) -> impl Future<Output = Result<F::Output, ClientGone>> + 'a {
         UnlessGone {
-            gone: self.wait(),
+            hangup: self,
+            unread: None,
             request,
         }
-    }
-
-    /// Completes once the client has closed its side of the connection (or reset it), or
-    /// the connection is gone already.
-    pub async fn wait(&self) {
-        let Some(stream) = self.0.upgrade() else {
-            return;
-        };
-        // The common case: nothing waits in the socket, and the connection's own readiness
-        // says when the client closes it (or sends more).
-        match stream.ready(Interest::READABLE).await {
-            Ok(ready) if ready.is_read_closed() => return,
-            Ok(_) => {}
-            // Only when the runtime shuts down, which ends the request anyway.
-            Err(_) => return pending().await,
-        }
-        // Bytes wait that hyper does not read yet (a request body held back while the
-        // upstream is slow). Boxed: rare, and it would grow every request's future.
-        Box::pin(behind_unread_bytes(stream)).await
     }
 
     /// Waits for the client's next bytes and says how many wait, without taking them; 0 when
@@ -294,21 +276,22 @@ where
 pin_project! {
     /// A request raced against its client's hang-up. A struct rather than `select!` in an
     /// async fn, which would hold the request future twice (as the argument and in its own
-    /// slot): hyper keeps this future's room allocated for the life of each connection.
-    struct UnlessGone<G, F> {
-        #[pin]
-        gone: G,
+    /// slot). The socket is watched through the connection's own registration (as
+    /// [`Watched`] does), which costs nothing while the client sends nothing.
+    struct UnlessGone<'a, F> {
+        hangup: &'a Hangup,
+        unread: Option<Watch>,
         #[pin]
         request: F,
     }
 }
 
-impl<G: Future<Output = ()>, F: Future> Future for UnlessGone<G, F> {
+impl<F: Future> Future for UnlessGone<'_, F> {
     type Output = Result<F::Output, ClientGone>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if this.gone.poll(cx).is_ready() {
+        if this.hangup.poll_gone(cx, this.unread) {
             return Poll::Ready(Err(ClientGone));
         }
         this.request.poll(cx).map(Ok)
