@@ -258,8 +258,8 @@ impl HeadWaits {
         };
         w.deadline = Some(deadline);
         self.park.store(false, Ordering::Relaxed);
-        let park_at = Some(Instant::now() + PARK_AFTER)
-            .filter(|park_at| w.in_session >= 2 && *park_at < deadline);
+        let park_at =
+            Some(now() + PARK_AFTER).filter(|park_at| w.in_session >= 2 && *park_at < deadline);
         (w.last, deadline, park_at)
     }
 
@@ -293,13 +293,22 @@ impl HeadWaits {
     }
 }
 
+/// The time on tokio's clock, which the sleeps run on (and tests may pause).
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// hyper's timer for one connection: tokio's, and it tells the connection's [`HeadWaits`].
 /// hyper uses it for nothing but `header_read_timeout`.
 struct HeadTimer(Arc<HeadWaits>);
 
 impl hyper::rt::Timer for HeadTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(Instant::now() + duration)
+        self.sleep_until(now() + duration)
+    }
+
+    fn now(&self) -> Instant {
+        now()
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
