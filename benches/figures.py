@@ -17,7 +17,10 @@ What it measures (everything on 127.0.0.1, ephemeral ports):
                half-sent request head (`GET /v1/models HTTP/1.1\\r\\nHost: x\\r\\n`, then
                nothing), well inside header_read_timeout (10 s).
   6. idle      10,000 keep-alive connections, each answered once (GET /v1/models with the
-               key) and then held: keygate RSS before and after, in bytes per connection.
+               key) and then held: keygate RSS before and 25 s after the last answer (keygate
+               parks connections idle for a second; its allocator returns the freed pages
+               over 10 to 20 s), in bytes per connection; keygate runs with a 120 s
+               header_read_timeout for this figure, so that none is closed meanwhile.
   With --compare-nginx, figures 1, 2, 5 and 6 are repeated through nginx (1 worker, request
   and response buffering off, the same key check and injected header; RSS = master + worker;
   figure 6 with 3,000 connections, inside its 4,096 per worker).
@@ -558,12 +561,13 @@ class Proxy:
         return self.pids_fn()
 
 
-def start_keygate(binary: str, tmp: Path, origin_port: int, api_key: str, secret: str) -> tuple[Proxy, Path]:
+def start_keygate(binary: str, tmp: Path, origin_port: int, api_key: str, secret: str,
+                  header_read_timeout: str = "10s") -> tuple[Proxy, Path]:
     config = (
         "[server]\n"
         'listen = "127.0.0.1:0"\n'
         'max_request_body = "2GiB"\n'
-        'header_read_timeout = "10s"\n'
+        f'header_read_timeout = "{header_read_timeout}"\n'
         "max_connections = 20000\n"
         "[upstream]\n"
         'url = "http://127.0.0.1:8000"\n'
@@ -914,9 +918,16 @@ async def fig_probe(proxy: Proxy, held_n: int = 1000) -> dict:
     }
 
 
+IDLE_SETTLE_S = 25
+
+
 async def fig_idle(proxy: Proxy, api_key: str, n: int) -> dict:
     """n keep-alive connections, each answered once (GET /v1/models with the key; the origin
-    says 404) and then held open: RSS before and after, in bytes per connection."""
+    says 404) and then held open: RSS before and after, in bytes per connection. "After" is
+    IDLE_SETTLE_S after the last answer: keygate parks a connection idle for a second, and its
+    allocator gives the freed pages back to the system in steps over the next 10 to 20 s. The
+    proxy must keep idle connections open longer than that (keygate: header_read_timeout,
+    nginx: keepalive_timeout, 75 s by default); `still_open` counts those it kept."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = n + 2048
     if soft < need:
@@ -947,21 +958,35 @@ async def fig_idle(proxy: Proxy, api_key: str, n: int) -> dict:
             )
             errors += [repr(r) for r in res if isinstance(r, BaseException)]
         opened_s = time.monotonic() - t0
-        loaded = await idle_rss(pids, settle=0.5)
+        loaded = await idle_rss(pids, settle=IDLE_SETTLE_S)
+        still_open = sum(1 for c in held if is_open(c.sock))
     finally:
         for c in held:
             c.close()
     return {
-        "target": n, "held": len(held), "errors": errors[:3], "open_s": round(opened_s, 2),
+        "target": n, "held": len(held), "still_open": still_open, "errors": errors[:3],
+        "open_s": round(opened_s, 2),
         "rss_idle_mib": mib(idle), "rss_held_mib": mib(loaded),
         "bytes_per_conn": round((loaded - idle) * 1024 / max(1, len(held))),
-        "ok": len(held) == n,
+        "ok": len(held) == n and still_open == n,
     }
 
 
+def is_open(sock: socket.socket) -> bool:
+    """Whether the peer has not closed the connection (nothing to read, no end of stream)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 def line_idle(label: str, r: dict) -> str:
-    return (f"{label}: {r['held']}/{r['target']} keep-alive connections answered once and held"
-            f" (opened in {r['open_s']} s); RSS {r['rss_idle_mib']} -> {r['rss_held_mib']} MiB,"
+    return (f"{label}: {r['held']}/{r['target']} keep-alive connections answered once and held,"
+            f" {r['still_open']} still open at the end"
+            f" (opened in {r['open_s']} s); RSS {r['rss_idle_mib']} MiB before,"
+            f" {r['rss_held_mib']} MiB {IDLE_SETTLE_S} s after the last answer,"
             f" {r['bytes_per_conn']} bytes/conn; errors {r['errors']}")
 
 
@@ -1049,8 +1074,10 @@ async def run(args) -> dict:
         for ln in warn_lines[:10]:
             out(f"  log: {ln[:300]}")
 
-        # A fresh process, so that memory freed by the figures above does not hide the cost.
-        kg, _ = start_keygate(args.keygate, tmp, origin_port, api_key, secret)
+        # A fresh process, so that memory freed by the figures above does not hide the cost,
+        # keeping idle connections open longer than the figure waits.
+        kg, _ = start_keygate(args.keygate, tmp, origin_port, api_key, secret,
+                              header_read_timeout="120s")
         await wait_health(kg.port, kg.proc)
         r = k["idle"] = await fig_idle(kg, api_key, 10_000)
         out(line_idle("6. keygate idle (fresh process)", r))

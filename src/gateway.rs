@@ -323,7 +323,7 @@ impl Gateway {
     async fn forward(
         &self,
         peer: &Peer,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         request_id: &HeaderValue,
         log: &mut AccessLog,
         rates: &mut Option<RateHeaders>,
@@ -383,8 +383,7 @@ impl Gateway {
         let uri = self.upstream.uri(req.uri())?;
         // Only a request with a valid key may upgrade; any other loses its upgrade headers
         // with the hop-by-hop ones.
-        let websocket =
-            (key.is_some() && upgrade::wants_websocket(&req)).then(|| hyper::upgrade::on(&mut req));
+        let websocket = key.is_some() && upgrade::wants_websocket(&req);
         let (mut parts, body) = req.into_parts();
         let limits = inspect::Limits {
             max_request_body: self.max_request_body,
@@ -392,17 +391,9 @@ impl Gateway {
             metrics: &self.metrics,
         };
         let (key_ref, preset) = (key.as_ref(), self.preset.as_ref());
-        let (body, inspection) = inspect::read(
-            key_ref,
-            preset,
-            websocket.is_some(),
-            &mut parts,
-            body,
-            log,
-            &limits,
-        )
-        .await?;
-        if let (Some(queue), Some(key), None) = (&self.queue, &key, &websocket) {
+        let (body, inspection) =
+            inspect::read(key_ref, preset, websocket, &mut parts, body, log, &limits).await?;
+        if let (Some(queue), Some(key), false) = (&self.queue, &key, websocket) {
             log.held_upstream = Some(Box::new(self.wait_for_upstream(queue, key, log).await?));
         }
         let host = parts.headers.remove(HOST).or_else(|| {
@@ -420,7 +411,7 @@ impl Gateway {
                 request_id,
             },
         );
-        if websocket.is_some() {
+        if websocket {
             upgrade::restore_headers(&mut parts.headers);
         }
         parts.uri = uri;
@@ -436,13 +427,12 @@ impl Gateway {
         self.upstream_answered.store(true, Ordering::Relaxed);
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             match websocket {
-                Some(client) if upgrade::upgrade_is_websocket(response.headers()) => {
+                true if upgrade::upgrade_is_websocket(response.headers()) => {
                     let upstream = hyper::upgrade::on(&mut response);
                     let idle = self.upstream.idle_timeout;
                     // The key's concurrency slot stays taken for as long as the tunnel is open.
                     let slot = log.slot.take();
-                    peer.tunnel
-                        .put(upgrade::tunnel(client, upstream, idle, slot));
+                    peer.tunnel.put(upgrade::tunnel(upstream, idle, slot));
                     lease.into_tunnel();
                     return Ok((response, None, None));
                 }

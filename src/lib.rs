@@ -6,9 +6,10 @@
 //!    ([`listener::server`]), completes the TLS handshake when TLS is on
 //!    ([`listener::tls`]), picks the protocol (ALPN over TLS, otherwise HTTP/1.1 or h2c by
 //!    [`listener::preface`]) and hands each request to the [`gateway`]. An HTTP/2 connection
-//!    without open streams idles out ([`listener::streams`]); an HTTP/1.1 request whose
-//!    client hangs up before its response is dropped with its upstream attempt
-//!    ([`listener::hangup`]).
+//!    without open streams idles out ([`listener::streams`]); an idle HTTP/1.1 keep-alive
+//!    connection is parked, holding its socket and nothing more ([`listener::h1`]); an
+//!    HTTP/1.1 request whose client hangs up before its response is dropped with its
+//!    upstream attempt ([`listener::hangup`]).
 //! 2. [`gateway`] runs the request through [`policy`]: CORS preflights
 //!    ([`policy::cors`]), TRACE/CONNECT refused, the key-less routes ([`policy::route`]:
 //!    exact probe and public paths, GET/HEAD only), the credential and the constant-time key

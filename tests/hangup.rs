@@ -1,8 +1,10 @@
-//! A client that hangs up before its response is noticed at every stage, and its upstream
-//! attempt is dropped at once: while keygate connects to a slow-accepting origin, while the
-//! origin does not read the request body, while keygate waits for response headers; over
-//! plain HTTP/1.1, TLS and HTTP/2. `response_timeout` and `connect_timeout` are 600 s here,
-//! so only noticing the hang-up closes anything within the deadline.
+//! A client that hangs up before its response, or during a streamed one, is noticed at every
+//! stage, and its upstream attempt is dropped at once: while keygate connects to a
+//! slow-accepting origin, while the origin does not read the request body, while keygate
+//! waits for response headers, over plain HTTP/1.1, TLS and HTTP/2; and while a streamed
+//! response waits for its next bytes. `response_timeout` and `connect_timeout` are 600 s here
+//! (and `idle_timeout` for streams), so only noticing the hang-up closes anything within the
+//! deadline.
 //!
 //! What the kernel says about keygate's socket to the origin (`/proc/net/tcp`) is the
 //! condition where the origin cannot see it: a connect still in SYN_SENT, a connection whose
@@ -363,4 +365,78 @@ async fn hangup_while_waiting_for_response_headers_closes_the_upstream() {
     let rest = read_to_close(&mut upstream).await;
     assert!(rest.is_empty(), "nothing more reaches the origin");
     proxy.stop().await;
+}
+
+// ---------------------------------------------------------------- (d) the response body
+
+/// How the client goes away in the middle of an SSE stream.
+#[derive(Clone, Copy)]
+enum Leaving {
+    Close,
+    /// Shuts down its sending side and keeps reading: it counts as gone.
+    HalfClose,
+    /// Sends the head of a next request first: bytes keygate does not read during the
+    /// stream, in front of the FIN.
+    CloseBehindAPipelinedRequest,
+}
+
+/// A client that leaves while keygate waits for the stream's next event: the upstream
+/// connection closes at once (`idle_timeout` is 600 s, so nothing else closes it in time).
+async fn leave_mid_stream(leaving: Leaving) {
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let config = patient(upstream.addr).idle_timeout(Duration::from_secs(600));
+    let proxy = start_proxy_with(&config.text()).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.unwrap();
+    let mut sender = senders.recv().await.unwrap();
+    sender
+        .send_data(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(DEADLINE, async {
+        while !seen.windows(9).any(|w| w == b"data: 1\n\n") {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "keygate closed the stream");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the first event within the deadline");
+    assert_eq!(upstream.connections_closed(), 0);
+    match leaving {
+        Leaving::Close => drop(client),
+        Leaving::HalfClose => client.shutdown().await.unwrap(),
+        Leaving::CloseBehindAPipelinedRequest => {
+            client
+                .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            drop(client);
+        }
+    }
+    upstream
+        .wait_until("the upstream connection to close", |u| {
+            u.connections_closed() == 1
+        })
+        .await;
+    drop(sender);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn hangup_mid_stream_closes_the_upstream() {
+    leave_mid_stream(Leaving::Close).await;
+}
+
+#[tokio::test]
+async fn half_close_mid_stream_closes_the_upstream() {
+    leave_mid_stream(Leaving::HalfClose).await;
+}
+
+#[tokio::test]
+async fn hangup_behind_a_pipelined_request_mid_stream_closes_the_upstream() {
+    leave_mid_stream(Leaving::CloseBehindAPipelinedRequest).await;
 }

@@ -560,6 +560,35 @@ async fn upstream_declining_the_upgrade_is_answered_normally_on_a_usable_connect
     proxy.stop().await;
 }
 
+/// A WebSocket asked for on a keep-alive connection that keygate parked after its first
+/// request: the 101 ends a session that began with the parked socket, which the tunnel takes.
+#[tokio::test]
+async fn websocket_on_a_connection_parked_before_is_tunnelled() {
+    let upstream = start_ws_upstream().await;
+    let proxy = start_proxy_with(&TestConfig::new(upstream.addr).admin().text()).await;
+    let auth = bearer(KEY);
+    let (first, mut sender) =
+        send_upgradable(proxy.addr, get("/v1/models", &[("authorization", &auth)])).await;
+    assert_eq!(read_reply(first).await.text(), "ok");
+    wait_for_sample(&proxy, "keygate_connections_parked", 1.0).await;
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(keyed_websocket("/ws")))
+        .await
+        .expect("the 101 within the deadline")
+        .expect("the parked connection takes the request");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let upgraded = tokio::time::timeout(DEADLINE, hyper::upgrade::on(response))
+        .await
+        .expect("the upgrade within the deadline")
+        .expect("the client side upgrades");
+    let mut tunnel = Tunnel {
+        io: TokioIo::new(upgraded),
+        headers: HeaderMap::new(),
+    };
+    assert_eq!(tunnel.read_exact(GREETING.len()).await, GREETING);
+    tunnel.echo(b"after parking").await;
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn tunnel_traffic_keeps_it_open_and_silence_closes_it_after_idle_timeout() {
     let upstream = start_ws_upstream().await;

@@ -211,10 +211,24 @@ fn strip(headers: &mut HeaderMap, owned: impl Fn(&HeaderName) -> bool) {
         HOP_BY_HOP.contains(name)
             || named.contains(name)
             || owned(name)
-            || (name.as_str().contains('_') && dashed(name).is_some_and(|d| owned(&d)))
+            || (name.as_str().as_bytes().contains(&b'_') && dashed(name).is_some_and(|d| owned(&d)))
     };
-    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
-        headers.remove(&name);
+    // Removing a name reorders the map, so each pass starts over; a pass takes up to
+    // `found.len()` names, and a next one runs only if it found more (nearly never: a
+    // response usually has one, `Connection`).
+    loop {
+        let mut found: [Option<HeaderName>; 4] = Default::default();
+        let mut names = headers.keys().filter(|name| doomed(name));
+        for (slot, name) in found.iter_mut().zip(&mut names) {
+            *slot = Some(name.clone());
+        }
+        let more = names.next().is_some();
+        for name in found.iter().flatten() {
+            headers.remove(name);
+        }
+        if !more {
+            return;
+        }
     }
 }
 
@@ -244,9 +258,10 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 fn generate_request_id() -> HeaderValue {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    static PREFIX: OnceLock<u64> = OnceLock::new();
+    // The prefix's digits, written once.
+    static PREFIX: OnceLock<[u8; 16]> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
+    let prefix = PREFIX.get_or_init(|| {
         let mut seed = [0u8; 8];
         // Without OS randomness, fall back to the time: ids stay unique per process.
         if getrandom::fill(&mut seed).is_err() {
@@ -255,16 +270,22 @@ fn generate_request_id() -> HeaderValue {
                 .map_or(0, |d| d.as_nanos() as u64);
             seed = (nanos ^ u64::from(std::process::id())).to_le_bytes();
         }
-        u64::from_le_bytes(seed)
+        hex16(u64::from_le_bytes(seed))
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut hex = [0u8; 32];
+    let mut id = [0u8; 32];
+    id[..16].copy_from_slice(prefix);
+    id[16..].copy_from_slice(&hex16(n));
+    HeaderValue::from_bytes(&id).expect("hex digits are valid header text")
+}
+
+/// `n` as 16 lower-case hex digits.
+fn hex16(n: u64) -> [u8; 16] {
+    let mut hex = [0u8; 16];
     for (i, digit) in hex.iter_mut().enumerate() {
-        let word = if i < 16 { prefix } else { n };
-        let nibble = (word >> (60 - 4 * (i % 16))) & 0xf;
-        *digit = b"0123456789abcdef"[nibble as usize];
+        *digit = b"0123456789abcdef"[((n >> (60 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&hex).expect("hex digits are valid header text")
+    hex
 }
 
 #[cfg(test)]

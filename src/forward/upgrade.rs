@@ -28,8 +28,17 @@ const WEBSOCKET: HeaderValue = HeaderValue::from_static("websocket");
 const UPGRADE_TOKEN: HeaderValue = HeaderValue::from_static("upgrade");
 const TUNNEL_BUFFER: usize = 16 * 1024;
 
+/// The client's connection as the listener hands it over once the 101 response is written:
+/// the socket (or TLS stream), with any bytes the client sent after its request in front.
+pub trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
+
 /// A tunnel waiting for the connection to hand over its socket.
-pub type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub type Tunnel = Box<dyn FnOnce(Box<dyn ClientIo>) -> TunnelFuture + Send>;
+
+/// A running tunnel.
+pub type TunnelFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where the handler leaves a tunnel for the connection task to run once the 101 response is
 /// written. One per connection; only HTTP/1.1 connections ever fill it.
@@ -81,31 +90,32 @@ pub fn restore_headers(headers: &mut HeaderMap) {
 /// The tunnel between the client and the upstream once both have switched protocols. It
 /// holds the key's concurrency slot, if any, until it closes.
 pub fn tunnel(
-    client: OnUpgrade,
     upstream: OnUpgrade,
     idle_timeout: Duration,
     slot: Option<Box<dyn Any + Send + Sync>>,
 ) -> Tunnel {
-    Box::pin(async move {
-        let _slot = slot;
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(both) => both,
-            Err(e) => return debug!(error = %e, "upgrade did not complete"),
-        };
-        let (client_bytes, upstream_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
-        let ended = join(
-            TokioIo::new(client),
-            TokioIo::new(upstream),
-            idle_timeout,
-            [&client_bytes, &upstream_bytes],
-        )
-        .await;
-        debug!(
-            ended,
-            from_client = client_bytes.load(Ordering::Relaxed),
-            from_upstream = upstream_bytes.load(Ordering::Relaxed),
-            "websocket tunnel closed"
-        );
+    Box::new(move |client| {
+        Box::pin(async move {
+            let _slot = slot;
+            let upstream = match upstream.await {
+                Ok(upstream) => upstream,
+                Err(e) => return debug!(error = %e, "upgrade did not complete"),
+            };
+            let (client_bytes, upstream_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+            let ended = join(
+                client,
+                TokioIo::new(upstream),
+                idle_timeout,
+                [&client_bytes, &upstream_bytes],
+            )
+            .await;
+            debug!(
+                ended,
+                from_client = client_bytes.load(Ordering::Relaxed),
+                from_upstream = upstream_bytes.load(Ordering::Relaxed),
+                "websocket tunnel closed"
+            );
+        })
     })
 }
 

@@ -15,6 +15,14 @@
 //! that only half-closes (shuts down its sending side, still reading) counts as gone, as
 //! hyper already treats it once a request body has been read.
 //!
+//! On a plain connection the response body is watched as well ([`Watched`]): hyper runs
+//! there with `half_close`, so it does not read the socket while a response is under way
+//! (such a read reserved a fresh 8 KiB read buffer on every request, the one holding the
+//! request's head still being in use), and a client that hangs up during a stream, e.g. an
+//! SSE stream waiting for its next token, is seen by this watch instead: the body ends with
+//! [`ClientGone`], and hyper closes the connection and drops the upstream request. Over TLS
+//! hyper keeps reading (the TLS layer has its own end, `close_notify`), and watches for it.
+//!
 //! HTTP/2 needs none of this: its connection reads frames whatever the streams do, and hyper
 //! drops a stream's request when the stream is reset or the connection ends. Over TLS the
 //! hang-up is seen on the TCP socket under the TLS stream. A FIN queued at the client behind
@@ -29,10 +37,13 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll};
 
+use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
+
+use crate::error::BoxError;
 
 /// An accepted TCP socket, read and written like the socket itself, that a [`Hangup`] can
 /// watch at the same time.
@@ -144,64 +155,143 @@ impl Hangup {
         request: F,
     ) -> impl Future<Output = Result<F::Output, ClientGone>> + 'a {
         UnlessGone {
-            gone: self.wait(),
+            hangup: self,
+            unread: None,
             request,
         }
     }
 
-    /// Completes once the client has closed its side of the connection (or reset it), or
-    /// the connection is gone already.
-    pub async fn wait(&self) {
+    /// Waits for the client's next bytes and says how many wait, without taking them; 0 when
+    /// the client has closed its side (or the connection is gone).
+    pub async fn peek(&self) -> io::Result<usize> {
         let Some(stream) = self.0.upgrade() else {
-            return;
+            return Ok(0);
         };
-        // The common case: nothing waits in the socket, and the connection's own readiness
-        // says when the client closes it (or sends more).
-        match stream.ready(Interest::READABLE).await {
-            Ok(ready) if ready.is_read_closed() => return,
-            Ok(_) => {}
-            // Only when the runtime shuts down, which ends the request anyway.
-            Err(_) => return pending().await,
+        stream.peek(&mut [0u8; 1]).await
+    }
+
+    /// Whether the client has hung up, for a response body waiting for its next bytes; if
+    /// not, the task is woken at the socket's next readiness. `unread` keeps the watch of
+    /// [`behind_unread_bytes`] once bytes wait in the socket.
+    fn poll_gone(&self, cx: &mut Context<'_>, unread: &mut Option<Watch>) -> bool {
+        if let Some(watch) = unread {
+            return watch.as_mut().poll(cx).is_ready();
         }
-        // Bytes wait that hyper does not read yet (a request body held back while the
-        // upstream is slow). Taking them is hyper's job, and while they wait, the
-        // connection's readiness stays set; so a second registration of the same socket
-        // (a duplicate descriptor) watches, one that can clear its own readiness and wake
-        // only at the next arrival, the hang-up among them. Boxed: rare, and it would grow
-        // every request's future.
-        let watched = stream
-            .as_fd()
-            .try_clone_to_owned()
-            .and_then(|fd| TcpStream::from_std(fd.into()));
-        drop(stream);
-        match watched {
-            Ok(watched) => Box::pin(until_read_closed(watched)).await,
-            Err(e) => {
-                debug!(error = %e, "cannot watch the client for a hang-up");
-                pending().await
+        let Some(stream) = self.0.upgrade() else {
+            return true;
+        };
+        let mut byte = [0u8; 1];
+        match stream.poll_peek(cx, &mut ReadBuf::new(&mut byte)) {
+            Poll::Pending => false,
+            // FIN or reset.
+            Poll::Ready(Ok(0) | Err(_)) => true,
+            Poll::Ready(Ok(_)) => {
+                let mut watch: Watch = Box::pin(behind_unread_bytes(stream));
+                let gone = watch.as_mut().poll(cx).is_ready();
+                *unread = Some(watch);
+                gone
             }
         }
+    }
+}
+
+type Watch = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Completes once the client closes its side, while bytes it sent wait in the socket for
+/// hyper (a request body held back while the upstream is slow, a pipelined request). Taking
+/// them is hyper's job, and while they wait, the connection's readiness stays set; so a second
+/// registration of the same socket (a duplicate descriptor) watches, one that can clear its
+/// own readiness and wake only at the next arrival, the hang-up among them.
+async fn behind_unread_bytes(stream: Arc<TcpStream>) {
+    let watched = stream
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(|fd| TcpStream::from_std(fd.into()));
+    drop(stream);
+    match watched {
+        Ok(watched) => until_read_closed(watched).await,
+        Err(e) => {
+            debug!(error = %e, "cannot watch the client for a hang-up");
+            pending().await
+        }
+    }
+}
+
+pin_project! {
+    /// A response body on a plain HTTP/1.1 connection, ended with [`ClientGone`] when the
+    /// client hangs up while the body waits for more (see the module's doc). The socket is
+    /// only looked at when the body has nothing to send.
+    pub struct Watched<B> {
+        #[pin]
+        inner: B,
+        hangup: Option<Hangup>,
+        unread: Option<Watch>,
+    }
+}
+
+impl<B> Watched<B> {
+    /// `hangup`: the connection's watch; `None` passes the body through untouched.
+    pub fn new(inner: B, hangup: Option<Hangup>) -> Self {
+        Self {
+            inner,
+            hangup,
+            unread: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for Watched<B>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        match this.hangup {
+            Some(hangup) if hangup.poll_gone(cx, this.unread) => {
+                Poll::Ready(Some(Err(ClientGone.into())))
+            }
+            _ => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
 pin_project! {
     /// A request raced against its client's hang-up. A struct rather than `select!` in an
     /// async fn, which would hold the request future twice (as the argument and in its own
-    /// slot): hyper keeps this future's room allocated for the life of each connection.
-    struct UnlessGone<G, F> {
-        #[pin]
-        gone: G,
+    /// slot). The socket is watched through the connection's own registration (as
+    /// [`Watched`] does), which costs nothing while the client sends nothing.
+    struct UnlessGone<'a, F> {
+        hangup: &'a Hangup,
+        unread: Option<Watch>,
         #[pin]
         request: F,
     }
 }
 
-impl<G: Future<Output = ()>, F: Future> Future for UnlessGone<G, F> {
+impl<F: Future> Future for UnlessGone<'_, F> {
     type Output = Result<F::Output, ClientGone>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if this.gone.poll(cx).is_ready() {
+        if this.hangup.poll_gone(cx, this.unread) {
             return Poll::Ready(Err(ClientGone));
         }
         this.request.poll(cx).map(Ok)

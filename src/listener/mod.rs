@@ -1,9 +1,10 @@
 //! The edge: accepting connections under the connection limit, the TLS handshake, the choice
-//! of protocol (ALPN, or HTTP/1.1 and h2c by the connection preface), HTTP/2 idle handling,
-//! and the side listeners (admin endpoints, the plain-HTTP redirect). Each accepted request
-//! goes to the [`crate::gateway`].
+//! of protocol (ALPN, or HTTP/1.1 and h2c by the connection preface), parking idle HTTP/1.1
+//! connections, HTTP/2 idle handling, and the side listeners (admin endpoints, the plain-HTTP
+//! redirect). Each accepted request goes to the [`crate::gateway`].
 
 pub mod admin;
+pub mod h1;
 pub mod hangup;
 pub mod preface;
 pub mod redirect;

@@ -10,6 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
@@ -44,21 +45,38 @@ pub async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<(Protocol, 
 
 pin_project! {
     /// An I/O stream that first yields `prefix`, then reads from `io`. Writes go to `io`.
+    ///
+    /// The read that yields the prefix also takes what `io` has ready behind it: hyper's
+    /// first read then holds the whole request head, as on any other connection. Yielded
+    /// alone, the prefix made hyper read twice for the first head, and its second read
+    /// doubled the connection's read buffer to 16 KiB for the connection's life.
     pub struct Rewind<IO> {
-        prefix: Vec<u8>,
+        prefix: Bytes,
         consumed: usize,
+        failed: Option<io::Error>,
         #[pin]
         io: IO,
     }
 }
 
 impl<IO> Rewind<IO> {
-    pub fn new(prefix: Vec<u8>, io: IO) -> Self {
+    pub fn new(prefix: impl Into<Bytes>, io: IO) -> Self {
         Self {
-            prefix,
+            prefix: prefix.into(),
             consumed: 0,
+            failed: None,
             io,
         }
+    }
+
+    /// Whether some of the prefix is still to be read.
+    pub fn has_unread(&self) -> bool {
+        self.consumed < self.prefix.len()
+    }
+
+    /// The prefix bytes not yet read, and the stream.
+    pub fn into_parts(self) -> (Bytes, IO) {
+        (self.prefix.slice(self.consumed..), self.io)
     }
 }
 
@@ -69,6 +87,9 @@ impl<IO: AsyncRead> AsyncRead for Rewind<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.project();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Err(e));
+        }
         let rest = &this.prefix[*this.consumed..];
         if rest.is_empty() {
             return this.io.poll_read(cx, buf);
@@ -76,6 +97,18 @@ impl<IO: AsyncRead> AsyncRead for Rewind<IO> {
         let n = rest.len().min(buf.remaining());
         buf.put_slice(&rest[..n]);
         *this.consumed += n;
+        if buf.remaining() > 0 {
+            let mut behind = ReadBuf::new(buf.initialize_unfilled());
+            match this.io.poll_read(cx, &mut behind) {
+                Poll::Ready(Ok(())) => {
+                    let filled = behind.filled().len();
+                    buf.advance(filled);
+                }
+                // The prefix is this read's result; the error is the next one's.
+                Poll::Ready(Err(e)) => *this.failed = Some(e),
+                Poll::Pending => {}
+            }
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -126,6 +159,51 @@ mod tests {
         let mut head = [0u8; 16];
         replay.read_exact(&mut head).await.unwrap();
         assert_eq!(&head, b"GET / HTTP/1.1\r\n");
+    }
+
+    /// hyper's first read gets the whole head, not the sniffed bytes alone.
+    #[tokio::test]
+    async fn the_read_that_replays_the_prefix_takes_the_bytes_behind_it() {
+        let head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (mut client, mut server) = tokio::io::duplex(256);
+        tokio::io::AsyncWriteExt::write_all(&mut client, head)
+            .await
+            .unwrap();
+        let (protocol, prefix) = sniff(&mut server).await.unwrap();
+        assert_eq!(protocol, Protocol::Http1);
+        assert!(prefix.len() < head.len());
+        let mut replay = Rewind::new(prefix, server);
+        let mut buf = [0u8; 256];
+        let n = replay.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], head);
+    }
+
+    /// An I/O stream that is reset: its first read fails, later ones find its end, as a
+    /// socket's do.
+    struct Reset {
+        reported: bool,
+    }
+
+    impl AsyncRead for Reset {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if std::mem::replace(&mut self.reported, true) {
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_behind_the_prefix_comes_with_the_next_read() {
+        let mut replay = Rewind::new(b"GET".to_vec(), Reset { reported: false });
+        let mut buf = [0u8; 16];
+        assert_eq!(replay.read(&mut buf).await.unwrap(), 3);
+        let e = replay.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! The listener: accept under a connection limit, complete the TLS handshake when TLS is on,
 //! choose the protocol (ALPN over TLS; HTTP/1.1 or h2c by the first bytes otherwise), serve
-//! each connection with hyper, drop an HTTP/1.1 request whose client hangs up before its
-//! response ([`hangup`](crate::listener::hangup)), run a WebSocket tunnel once its connection hands it
-//! the socket, and drain gracefully when the shutdown future completes.
+//! each connection with hyper (HTTP/1.1 through [`h1`], which parks idle connections and
+//! hands a WebSocket tunnel its socket), drop an HTTP/1.1 request whose client hangs up
+//! before its response ([`hangup`](crate::listener::hangup)), and drain gracefully when the
+//! shutdown future completes.
 
 use std::future::Future;
 use std::io;
@@ -11,6 +12,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Response;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,14 +25,15 @@ use tracing::{debug, info, warn};
 
 use crate::config::secrets::ProcessSecrets;
 use crate::config::{self, Config};
+use crate::forward::body::Body;
 use crate::forward::rewrite::Peer;
 use crate::gateway::Gateway;
-use crate::listener::admin;
-use crate::listener::hangup::{ClientGone, ClientSocket, Hangup};
+use crate::listener::hangup::{ClientGone, ClientSocket, Hangup, Watched};
 use crate::listener::preface::{self, Protocol, Rewind};
 use crate::listener::redirect::Redirector;
 use crate::listener::streams::{Streams, Tracked};
 use crate::listener::tls::ServerTls;
+use crate::listener::{admin, h1};
 use crate::observe::access;
 use crate::observe::metrics::Metrics;
 use crate::policy::admission::Admission;
@@ -310,7 +314,11 @@ async fn housekeeping(
 struct Connections {
     gateway: Arc<Gateway>,
     tls: Option<Arc<ServerTls>>,
+    /// For TLS connections.
     http1: http1::Builder,
+    /// For plain connections: with `half_close`, since the response body watches for the
+    /// client's hang-up there ([`Watched`]).
+    http1_plain: http1::Builder,
     /// For connections over `max_connections`: one request, then close.
     http1_over_capacity: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
@@ -321,8 +329,11 @@ impl Connections {
     fn new(config: &Config, clock: Clock, admission: Admission) -> io::Result<Self> {
         let s: &config::Server = &config.server;
         let mut h1 = http1::Builder::new();
+        // `max_header_size` makes the limit exact: `max_buf_size` alone is checked only while
+        // a head is incomplete, and one read can take the buffer past it with a whole head.
         h1.timer(TokioTimer::new())
             .header_read_timeout(s.header_read_timeout)
+            .max_header_size(MAX_HEADER_BYTES)
             .max_buf_size(MAX_HEADER_BYTES);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
@@ -334,6 +345,8 @@ impl Connections {
             .keep_alive_timeout(H2_PING_TIMEOUT);
         let mut h1_over_capacity = h1.clone();
         h1_over_capacity.keep_alive(false);
+        let mut h1_plain = h1.clone();
+        h1_plain.half_close(true);
         let gateway = Arc::new(Gateway::new(config, clock, admission));
         let tls = match &s.tls {
             Some(t) => Some(Arc::new(
@@ -345,13 +358,14 @@ impl Connections {
             gateway,
             tls,
             http1: h1,
+            http1_plain: h1_plain,
             http1_over_capacity: h1_over_capacity,
             http2: h2,
             header_read_timeout: s.header_read_timeout,
         })
     }
 
-    async fn serve(&self, stream: TcpStream, mut client: Peer, draining: watch::Receiver<bool>) {
+    async fn serve(&self, stream: TcpStream, client: Peer, draining: watch::Receiver<bool>) {
         let peer = client.addr;
         let _open = OpenConnection::new(self.gateway.metrics());
         // Small SSE events must leave at once, never corked behind Nagle's algorithm.
@@ -359,22 +373,33 @@ impl Connections {
             debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
         let (mut stream, hangup) = ClientSocket::new(stream);
-        let Some(tls) = &self.tls else {
-            let sniffed =
-                tokio::time::timeout(self.header_read_timeout, preface::sniff(&mut stream));
-            let (protocol, prefix) = match sniffed.await {
-                Ok(Ok(sniffed)) => sniffed,
-                Ok(Err(e)) => {
-                    return debug!(%peer, error = %e, "connection closed before a request")
-                }
-                Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
-            };
-            let io = TokioIo::new(Rewind::new(prefix, stream));
-            // Boxed, like the TLS one below: inline, every connection's task would reserve
-            // room for the larger of the two (twice this one's size) for as long as it is open.
-            return Box::pin(self.serve_http(io, protocol, client, hangup, draining)).await;
+        if let Some(tls) = &self.tls {
+            // Boxed: the handshake's state is large, and inline every connection's task
+            // would keep room for it for as long as the connection is open.
+            return Box::pin(self.serve_tls(tls, stream, client, hangup, draining)).await;
+        }
+        let sniffed = tokio::time::timeout(self.header_read_timeout, preface::sniff(&mut stream));
+        let (protocol, prefix) = match sniffed.await {
+            Ok(Ok(sniffed)) => sniffed,
+            Ok(Err(e)) => return debug!(%peer, error = %e, "connection closed before a request"),
+            Err(_) => return debug!(%peer, "no request within header_read_timeout; closing"),
         };
-        // The handshake is bounded like a request head: a client that stalls in it is cut.
+        // Boxed, for the same reason.
+        let prefix = Bytes::from(prefix);
+        Box::pin(self.serve_http(stream, prefix, protocol, client, hangup, draining)).await;
+    }
+
+    /// The TLS handshake, bounded like a request head (a client that stalls in it is cut),
+    /// then HTTP on the protocol ALPN chose.
+    async fn serve_tls(
+        &self,
+        tls: &ServerTls,
+        stream: ClientSocket,
+        mut client: Peer,
+        hangup: Hangup,
+        draining: watch::Receiver<bool>,
+    ) {
+        let peer = client.addr;
         let handshake =
             tokio::time::timeout(self.header_read_timeout, tls.acceptor().accept(stream));
         let stream = match handshake.await {
@@ -393,17 +418,19 @@ impl Connections {
             _ => Protocol::Http1,
         };
         client.tls = true;
-        let io = TokioIo::new(stream);
-        Box::pin(self.serve_http(io, protocol, client, hangup, draining)).await;
+        self.serve_http(stream, Bytes::new(), protocol, client, hangup, draining)
+            .await;
     }
 
     /// Serves HTTP on an open connection until it closes, or, when draining starts, until its
-    /// requests in flight are answered; then runs the WebSocket tunnel the connection handed
-    /// over, if any. An HTTP/1.1 request whose client hangs up before its response is dropped
-    /// and the connection closed; HTTP/2 sees that by itself.
+    /// requests in flight are answered; an HTTP/1.1 connection may become a WebSocket tunnel
+    /// ([`h1::serve`]). `prefix` is what the protocol sniff read. An HTTP/1.1 request whose
+    /// client hangs up before its response is dropped and the connection closed; HTTP/2 sees
+    /// that by itself.
     async fn serve_http<I>(
         &self,
-        io: TokioIo<I>,
+        io: I,
+        prefix: Bytes,
         protocol: Protocol,
         client: Peer,
         hangup: Hangup,
@@ -415,68 +442,77 @@ impl Connections {
         let gateway = self.gateway.clone();
         let http1 = if client.over_capacity {
             &self.http1_over_capacity
-        } else {
+        } else if client.tls {
             &self.http1
+        } else {
+            &self.http1_plain
         };
         let client = Arc::new(client);
         let handler_client = client.clone();
         // HTTP/1.1 idles out by hyper's header timer; HTTP/2 by its open streams.
         let streams = (protocol == Protocol::Http2).then(Streams::new);
         let service_streams = streams.clone();
-        let hangup = (protocol == Protocol::Http1).then_some(hangup);
-        let service = service_fn(move |req| {
+        let request_hangup = (protocol == Protocol::Http1).then(|| hangup.clone());
+        let watch_body = !client.tls;
+        // Each request's future is boxed: hyper keeps room for one in every connection for as
+        // long as it is open, and parking an HTTP/1.1 connection needs it `Unpin`.
+        let service = service_fn(move |req| -> ServiceFuture {
             let gateway = gateway.clone();
             let client = handler_client.clone();
             let stream = service_streams.as_ref().map(Streams::opened);
-            let hangup = hangup.clone();
-            async move {
+            let hangup = request_hangup.clone();
+            Box::pin(async move {
                 let response = match &hangup {
                     Some(hangup) => hangup.unless_gone(gateway.handle(&client, req)).await?,
                     None => gateway.handle(&client, req).await,
                 };
-                Ok::<_, ClientGone>(response.map(|body| Tracked::new(body, stream)))
-            }
+                let hangup = hangup.filter(|_| watch_body);
+                Ok(response.map(|body| Tracked::new(Watched::new(body, hangup), stream)))
+            })
         });
-        let idle_timeout = self.header_read_timeout;
-        // Completes when the connection should close, with how long it may take to: a drain
-        // has the shutdown grace, an idle connection (maybe one that never finished its
-        // HTTP/2 handshake, which a graceful close would wait for) gets the idle timeout.
-        let drain = async move {
-            let draining = async {
-                let _ = draining.wait_for(|&draining| draining).await;
-            };
-            match streams {
-                Some(streams) => tokio::select! {
-                    () = draining => None,
-                    () = streams.idle(idle_timeout) => {
-                        debug!(%peer, "idle HTTP/2 connection; closing");
-                        Some(idle_timeout)
+        let served = match (protocol, streams) {
+            (Protocol::Http2, Some(streams)) => {
+                let idle_timeout = self.header_read_timeout;
+                // Completes when the connection should close, with how long it may take to: a
+                // drain has the shutdown grace, an idle connection (maybe one that never
+                // finished its HTTP/2 handshake, which a graceful close would wait for) gets
+                // the idle timeout.
+                let drain = async move {
+                    tokio::select! {
+                        _ = draining.wait_for(|&draining| draining) => None,
+                        () = streams.idle(idle_timeout) => {
+                            debug!(%peer, "idle HTTP/2 connection; closing");
+                            Some(idle_timeout)
+                        }
                     }
-                },
-                None => {
-                    draining.await;
-                    None
-                }
-            }
-        };
-        let served = match protocol {
-            Protocol::Http1 => {
-                let connection = http1.serve_connection(io, service).with_upgrades();
-                until_drained(connection, drain, |c| c.graceful_shutdown()).await
-            }
-            Protocol::Http2 => {
+                };
+                let io = TokioIo::new(Rewind::new(prefix, io));
                 let connection = self.http2.serve_connection(io, service);
-                until_drained(connection, drain, |c| c.graceful_shutdown()).await
+                // Boxed: inline, HTTP/2's state would make every HTTP/1.1 connection's future
+                // as large, parked ones included.
+                Box::pin(until_drained(connection, drain, |c| c.graceful_shutdown())).await
+            }
+            _ => {
+                let connection = h1::Connection {
+                    socket: &hangup,
+                    tunnel: &client.tunnel,
+                    metrics: self.gateway.metrics(),
+                    draining: &mut draining,
+                };
+                h1::serve(http1, io, prefix, service, connection).await
             }
         };
         if let Err(e) = served {
             debug!(%peer, error = %e, "connection ended with an error");
         }
-        if let Some(tunnel) = client.tunnel.take() {
-            tunnel.await;
-        }
     }
 }
+
+/// What the service answers: the gateway's response with its body watched (for the client's
+/// hang-up, HTTP/1.1) and tracked (for the idle timer, HTTP/2), or nothing when the client
+/// hung up before the response.
+type ServiceFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Tracked<Watched<Body>>>, ClientGone>> + Send>>;
 
 /// Drives a connection; once `drain` completes (shutdown, or an idle HTTP/2 connection), asks
 /// it to finish the requests it has and close, then waits for that, at most as long as

@@ -266,7 +266,7 @@ impl Fields<'_> {
         out.push_str(
             r#"","level":"INFO","message":"request","target":"keygate::access","method":"#,
         );
-        json_str(out, l.method.as_str());
+        json_plain(out, l.method.as_str());
         out.push_str(r#","path":"#);
         json_str(out, l.uri.path());
         out.push_str(r#","status":"#);
@@ -283,9 +283,9 @@ impl Fields<'_> {
         out.push_str(r#","key":"#);
         json_str(out, l.key.as_deref().unwrap_or("-"));
         out.push_str(r#","request_id":"#);
-        json_str(out, l.request_id.to_str().unwrap_or("-"));
+        json_plain(out, l.request_id.to_str().unwrap_or("-"));
         out.push_str(r#","client":"#);
-        json_str(out, l.client.to_str().unwrap_or("-"));
+        json_plain(out, l.client.to_str().unwrap_or("-"));
         out.push_str(r#","outcome":""#);
         out.push_str(self.outcome.as_str());
         out.push('"');
@@ -412,6 +412,19 @@ fn push_millis(out: &mut String, d: Duration) {
 
 fn push_int(out: &mut String, n: impl itoa::Integer) {
     out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// Appends `s` as a JSON string literal, for values that never need escaping: a method (an
+/// HTTP token), a request id (letters, digits and `-_.:+/=`, see `rewrite::request_id`), an
+/// IP address. Anything else goes through [`json_str`].
+fn json_plain(out: &mut String, s: &str) {
+    debug_assert!(
+        !s.bytes().any(|b| b == b'"' || b == b'\\' || b < b' '),
+        "{s:?}"
+    );
+    out.push('"');
+    out.push_str(s);
+    out.push('"');
 }
 
 /// Appends `s` as a JSON string literal. Logged values are nearly always plain ASCII, so

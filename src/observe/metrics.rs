@@ -87,6 +87,7 @@ pub struct Metrics {
     bytes_in: Counter,
     bytes_out: Counter,
     connections: Gauge,
+    parked: Gauge,
     in_flight: Gauge,
     tls_handshake_failures: Family<ReasonLabels, Counter>,
     certificate_expiry: Gauge,
@@ -134,6 +135,7 @@ impl Default for Metrics {
         let bytes_in = Counter::default();
         let bytes_out = Counter::default();
         let connections = Gauge::default();
+        let parked = Gauge::default();
         let in_flight = Gauge::default();
         let tls_handshake_failures = Family::default();
         let certificate_expiry = Gauge::default();
@@ -220,6 +222,11 @@ impl Default for Metrics {
             connections.clone(),
         );
         registry.register(
+            "connections_parked",
+            "Idle HTTP/1.1 keep-alive connections parked: holding their socket and nothing more",
+            parked.clone(),
+        );
+        registry.register(
             "requests_in_flight",
             "Requests and streams not yet finished",
             in_flight.clone(),
@@ -263,6 +270,7 @@ impl Default for Metrics {
             bytes_in,
             bytes_out,
             connections,
+            parked,
             in_flight,
             tls_handshake_failures,
             certificate_expiry,
@@ -511,6 +519,14 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.connections.dec();
+    }
+
+    pub fn connection_parked(&self) {
+        self.parked.inc();
+    }
+
+    pub fn connection_unparked(&self) {
+        self.parked.dec();
     }
 
     pub fn reloaded(&self, ok: bool) {
