@@ -114,6 +114,39 @@ async fn responses_to_an_allowed_origin_carry_the_allow_origin_header() {
 }
 
 #[tokio::test]
+async fn browser_code_can_read_the_request_id_and_the_rate_limit_headers() {
+    let upstream = start_upstream().await;
+    let key = Key::env("default", "API_KEY").requests_per_minute(1);
+    let config = TestConfig::new(upstream.addr).keys([key]).tables(CORS);
+    let proxy = start_proxy_with(&config.text()).await;
+    let auth = bearer(KEY);
+    let browser = [
+        ("authorization", auth.as_str()),
+        ("origin", "https://app.example"),
+    ];
+    let admitted = send(proxy.addr, get("/v1/models", &browser)).await;
+    let refused = send(proxy.addr, get("/v1/models", &browser)).await;
+    assert_eq!(admitted.status, StatusCode::OK);
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    for reply in [&admitted, &refused] {
+        let exposed: Vec<&str> = reply.headers["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .split(", ")
+            .collect();
+        let mut needed = vec!["x-request-id", "x-ratelimit-remaining-requests"];
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            needed.push("retry-after");
+        }
+        for name in needed {
+            assert!(reply.headers.contains_key(name), "{name} sent: {reply:?}");
+            assert!(exposed.contains(&name), "{name} exposed: {exposed:?}");
+        }
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
 async fn without_cors_a_preflight_is_an_ordinary_request_needing_a_key() {
     let upstream = start_upstream().await;
     let proxy = start_proxy(upstream.addr).await;

@@ -15,6 +15,14 @@ use http::header::{
 use http::{HeaderMap, HeaderValue, Method, Request};
 
 const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS";
+
+/// The response headers browser code may read beside the CORS-safelisted ones: the request
+/// id to quote in a report, and what a rate-limited client needs to wait (`Retry-After` and
+/// OpenAI's `x-ratelimit-*`, which the openai JavaScript client reads).
+const EXPOSED: &str = "x-request-id, retry-after, x-ratelimit-limit-requests, \
+x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, \
+x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens";
+
 /// Headers a browser may send when the preflight does not list its own.
 const ALLOW_HEADERS: &str = "authorization, x-api-key, content-type";
 /// How long a browser may cache a preflight answer, in seconds.
@@ -105,7 +113,7 @@ impl Cors {
             headers.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
             headers.insert(
                 ACCESS_CONTROL_EXPOSE_HEADERS,
-                HeaderValue::from_static("x-request-id"),
+                HeaderValue::from_static(EXPOSED),
             );
         }
     }
