@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
+use http_body_util::BodyExt;
 use support::redis_server::RedisServer;
 use support::*;
 
@@ -299,6 +300,74 @@ async fn a_response_that_crosses_the_token_budget_is_charged_in_full_and_the_key
         "{reset:?}"
     );
     assert_eq!(upstream.requests().len(), 1);
+    proxy.stop().await;
+}
+
+/// A stream its client hangs up on before the usage event is charged one token per event
+/// it carried, so cancelling near the end does not make generation free.
+#[tokio::test]
+async fn a_stream_cut_before_its_usage_is_charged_for_the_events_streamed() {
+    const STREAMED: usize = 40;
+    let (upstream, mut senders) = start_streaming_upstream().await;
+    let key = Key::env("default", "API_KEY").tokens_per_minute(60);
+    let proxy = start_proxy_with(&with_key(upstream.addr, key).text()).await;
+    let chat = request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(KEY))],
+        r#"{"model":"m","stream":true,"messages":[]}"#,
+    );
+    let mut response = open(proxy.addr, chat).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut sender = tokio::time::timeout(DEADLINE, senders.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let event = "data: {\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\n";
+    for _ in 0..STREAMED {
+        sender
+            .send_data(Bytes::from_static(event.as_bytes()))
+            .await
+            .unwrap();
+    }
+    let mut received = 0;
+    while received < STREAMED * event.len() {
+        let frame = tokio::time::timeout(DEADLINE, response.body_mut().frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        received += frame.data_ref().map_or(0, Bytes::len);
+    }
+    drop(response);
+    // 40 charged against 60 leaves 20, refilled at one per second: the budget stays under 45
+    // for at least 25 s after the charge. Uncharged, it stays at 60. The probe is a request
+    // keygate answers itself after admission (413), since this upstream only streams.
+    let probe = || {
+        request(
+            Method::POST,
+            "/v1/chat/completions",
+            &[
+                ("authorization", &bearer(KEY)),
+                ("content-length", "2000000"),
+            ],
+            "",
+        )
+    };
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = send(proxy.addr, probe()).await;
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let left: u64 = header(&reply.headers, "x-ratelimit-remaining-tokens")
+            .parse()
+            .unwrap();
+        if left <= 45 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing charged: {left} left");
+        tokio::task::yield_now().await;
+    }
+    drop(sender);
     proxy.stop().await;
 }
 

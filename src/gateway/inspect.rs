@@ -543,9 +543,16 @@ impl ResponseFilter for UsageFilter {
                 .clone()
                 .or_else(|| answered.map(Arc::from));
         }
-        if let Some(usage) = usage {
-            log.prompt_tokens = Some(usage.prompt_tokens);
-            log.completion_tokens = Some(usage.completion_tokens);
+        match (usage, &self.reader) {
+            (Some(usage), _) => {
+                log.prompt_tokens = Some(usage.prompt_tokens);
+                log.completion_tokens = Some(usage.completion_tokens);
+            }
+            (None, Reader::Sse(sse, _)) if sse.streamed_tokens() > 0 => {
+                log.completion_tokens = Some(sse.streamed_tokens());
+                log.tokens_estimated = true;
+            }
+            (None, _) => {}
         }
     }
 }

@@ -79,9 +79,13 @@ pub struct AccessLog {
     /// The model the request named (read from its body), or else the one the response named.
     pub model: Option<Arc<str>>,
     /// The tokens the response reported in its `usage`; `None` when it reported none that
-    /// could be read. Both are set together, before [`AccessLog::finish`].
+    /// could be read. Both are set together, before [`AccessLog::finish`], except for a
+    /// stream that ended before its usage event: then only `completion_tokens`, estimated
+    /// from the events streamed, with `tokens_estimated`. Only reported usage is counted in
+    /// `keygate_tokens_total`; the key's token budget is charged either way.
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    pub tokens_estimated: bool,
     /// Charges the usage to the key's token budget when the line is written; only for a
     /// key with `tokens_per_minute` whose request was admitted.
     pub debit: Option<Debit>,
@@ -131,6 +135,7 @@ impl AccessLog {
             sse_error_event: false,
             model: None,
             prompt_tokens: None,
+            tokens_estimated: false,
             completion_tokens: None,
             debit: None,
             metrics,
@@ -312,6 +317,9 @@ impl Fields<'_> {
             out.push_str(r#","completion_tokens":"#);
             push_int(out, n);
         }
+        if l.tokens_estimated {
+            out.push_str(r#","tokens_estimated":true"#);
+        }
         if let Some(e) = self.error() {
             out.push_str(r#","error":"#);
             json_str(out, &e.to_string());
@@ -363,6 +371,9 @@ impl Fields<'_> {
         }
         if let Some(n) = l.completion_tokens {
             let _ = write!(out, " completion_tokens={n}");
+        }
+        if l.tokens_estimated {
+            out.push_str(" tokens_estimated=true");
         }
         if let Some(e) = self.error() {
             let _ = write!(out, " error=\"{e}\"");
@@ -630,6 +641,18 @@ mod tests {
             text.ends_with(
                 " model=\"lora \\\"x\\\"\\u000a\" prompt_tokens=9 completion_tokens=0\n"
             ),
+            "{text}"
+        );
+        log.prompt_tokens = None;
+        log.completion_tokens = Some(40);
+        log.tokens_estimated = true;
+        let (json, text) = fields(&log);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["completion_tokens"], 40);
+        assert_eq!(v["tokens_estimated"], true);
+        assert!(v.get("prompt_tokens").is_none(), "{json}");
+        assert!(
+            text.ends_with(" completion_tokens=40 tokens_estimated=true\n"),
             "{text}"
         );
     }

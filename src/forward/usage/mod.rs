@@ -279,6 +279,11 @@ impl UsageFields {
     fn has_choices(&self) -> bool {
         matches!(self.choices, Choices::NonEmpty | Choices::Other)
     }
+
+    /// A top-level `choices` array with at least one element: an event carrying tokens.
+    fn has_nonempty_choices(&self) -> bool {
+        self.choices == Choices::NonEmpty
+    }
 }
 
 /// The usage of a JSON response body, read chunk by chunk.
@@ -656,6 +661,23 @@ mod tests {
         assert!(sse.push(&Bytes::from(stream)).is_empty());
         assert!(sse.finish().is_empty());
         assert_eq!(sse.stripped(), 1);
+    }
+
+    #[test]
+    fn streamed_tokens_count_the_events_with_choices() {
+        // vLLM: two role/content events and the one with `finish_reason`; llama.cpp: three.
+        for ((before, usage_event, after), events) in
+            [(vllm_stream("\n"), 4), (llamacpp_stream(), 3)]
+        {
+            let mut sse = SseUsage::stripping();
+            run(&mut sse, &[before.as_bytes()]);
+            assert_eq!(sse.streamed_tokens(), events, "{before}");
+            run(&mut sse, &[usage_event.as_bytes(), after.as_bytes()]);
+            assert_eq!(sse.streamed_tokens(), events, "usage and [DONE] add none");
+        }
+        let mut sse = SseUsage::counting();
+        run(&mut sse, &[b"data: {\"choices\":[{\"delta\":{}}]"]);
+        assert_eq!(sse.streamed_tokens(), 0, "an event the stream ends inside");
     }
 
     /// One SSE event of a random stream, and whether it is the usage-only one.

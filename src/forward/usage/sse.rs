@@ -141,6 +141,8 @@ pub struct SseUsage {
     /// The `model` of the event that carried `usage`.
     model: Option<String>,
     stripped: u32,
+    /// Complete events with a non-empty `choices`: the tokens streamed, one per event.
+    choice_events: u64,
 }
 
 impl SseUsage {
@@ -165,6 +167,7 @@ impl SseUsage {
             usage: None,
             model: None,
             stripped: 0,
+            choice_events: 0,
         }
     }
 
@@ -172,6 +175,13 @@ impl SseUsage {
     /// `continuous_usage_stats` carry a running total in every event; the last is the total.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// Completion tokens streamed so far, estimated as one per event with a non-empty
+    /// `choices` (vLLM and llama.cpp send one token per event): what a stream cut before its
+    /// usage event is charged.
+    pub fn streamed_tokens(&self) -> u64 {
+        self.choice_events
     }
 
     /// The `model` of the event whose usage [`SseUsage::usage`] reports, if it named one.
@@ -345,6 +355,9 @@ impl SseUsage {
             return;
         }
         let complete = self.event.complete();
+        if complete && self.event.fields.has_nonempty_choices() {
+            self.choice_events += 1;
+        }
         if complete {
             if let Some(u) = self.event.fields.usage() {
                 self.usage = Some(u);
