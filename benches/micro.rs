@@ -92,7 +92,7 @@ fn upstream_response() -> HeaderMap {
 
 fn auth_verify(c: &mut Criterion) {
     let mut group = c.benchmark_group("auth_verify");
-    for n in [1, 8, 64] {
+    for n in [1, 8, 64, 1024, 10_000] {
         let keys: Vec<String> = (0..n)
             .map(|_| auth::generate_key().expect("OS randomness"))
             .collect();
