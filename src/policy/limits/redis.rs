@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, RedisResult, Script, TlsCertificates};
+use redis::{AsyncConnectionConfig, Client, RedisResult, Script, TlsCertificates};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use super::bucket::Admission;
 use super::local::{caps, LocalLimiter};
 use super::{BackendState, Busy, Decision, KeyLimits, LimitsError, SlotLease, Source, Stats};
+use crate::config::limits;
 pub use crate::config::limits::OnError;
 use crate::config::secrets::Secret;
 
@@ -132,14 +133,7 @@ impl RedisLimiter {
                 "the redis URL or its CA does not work ({e}); write the URL as redis://[user:password@]host[:port][/db], or rediss://… for TLS, and the CA as PEM"
             ))
         })?;
-        let info = client.get_connection_info();
-        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-        let addr = format!(
-            "{}{} db {}",
-            info.addr(),
-            if tls { " (tls)" } else { "" },
-            info.redis_settings().db()
-        );
+        let addr = limits::address_of(client.get_connection_info());
         let replica = getrandom::u64()
             .map_err(|e| LimitsError(format!("no randomness for lease ids: {e}")))?;
         let shared = Arc::new(Shared {
@@ -331,15 +325,7 @@ impl RedisLimiter {
 impl fmt::Display for RedisLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.shared.options;
-        write!(
-            f,
-            "redis {}, prefix {:?}, timeout {}, slot lease {}, on error {}",
-            self.addr,
-            o.prefix,
-            humantime::format_duration(o.timeout),
-            humantime::format_duration(o.lease),
-            o.on_error.as_str()
-        )
+        limits::write_backend(f, &self.addr, &o.prefix, o.timeout, o.lease, o.on_error)
     }
 }
 
