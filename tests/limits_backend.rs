@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keygate::config::secrets::Secret;
-use keygate::policy::limits::{
-    BackendState, Busy, Decision, KeyLimits, Limiter, OnError, RedisOptions, Source, Verdict,
+use keygate::{
+    BackendState, Busy, Decision, KeyLimits, Limiter, OnError, RedisOptions, Secret, Source,
+    Verdict,
 };
 use support::redis_server::RedisServer;
 use support::tls::Ca;

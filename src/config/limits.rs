@@ -191,7 +191,7 @@ fn redis_address(url: &str) -> Result<String, String> {
 
 /// Where the Redis of `info` is, without credentials, e.g. `redis:6380 (tls) db 0`: in
 /// `keygate check`'s summary and in the limiter's startup line.
-pub fn address_of(info: &redis::ConnectionInfo) -> String {
+pub(crate) fn address_of(info: &redis::ConnectionInfo) -> String {
     let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
     format!(
         "{}{} db {}",
@@ -203,7 +203,7 @@ pub fn address_of(info: &redis::ConnectionInfo) -> String {
 
 /// Writes the shared backend under the config's names, as `keygate check` and the limiter's
 /// startup line show it: where Redis is (never its password) and how it is used.
-pub fn write_backend(
+pub(crate) fn write_backend(
     f: &mut fmt::Formatter<'_>,
     address: &str,
     prefix: &str,

@@ -256,7 +256,7 @@ fn digest_from_hex(hex: &str) -> Result<[u8; 32], String> {
 }
 
 /// The SHA-256 of `key` as the registry writes it: 64 lower-case hex characters.
-pub fn sha256_hex(key: &str) -> String {
+pub(crate) fn sha256_hex(key: &str) -> String {
     Sha256::digest(key.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -24,10 +24,10 @@
 //! 20 MB base64 image) are validated at memory speed and never copied.
 
 /// The deepest nesting accepted; a container inside the 128th is refused.
-pub const MAX_DEPTH: usize = 128;
+pub(crate) const MAX_DEPTH: usize = 128;
 
 /// Keys are decoded up to this many bytes: every key a handler asks about is shorter.
-pub const KEY_CAP: usize = 32;
+pub(crate) const KEY_CAP: usize = 32;
 
 /// Why bytes are not one JSON object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,14 +59,14 @@ impl ScanError {
 
 /// An object or an array.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Object,
     Array,
 }
 
 /// What a handler wants kept of the value that follows a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Capture {
+pub(crate) enum Capture {
     /// Nothing: the value is only validated.
     Skip,
     /// A string decoded (escapes resolved), or a number's text, up to `cap` bytes.
@@ -77,7 +77,7 @@ pub enum Capture {
 
 /// A captured (or skipped) string, number or raw value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Text<'a> {
+pub(crate) enum Text<'a> {
     /// Not asked for.
     Skipped,
     /// The whole text.
@@ -90,7 +90,7 @@ pub enum Text<'a> {
 
 /// A scalar value, reported when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scalar<'a> {
+pub(crate) enum Scalar<'a> {
     String(Text<'a>),
     Number(Text<'a>),
     Bool(bool),
@@ -100,7 +100,7 @@ pub enum Scalar<'a> {
 /// What a reader of the structure is told. Depths count containers: the top-level object is
 /// depth 1, its members' keys and scalar values are at depth 1, a container that is such a
 /// member opens at depth 2. `at` is the index of the bracket in the chunk being fed.
-pub trait Handler {
+pub(crate) trait Handler {
     /// A member's key, decoded up to [`KEY_CAP`] bytes; the answer applies to its value.
     fn key(&mut self, _depth: usize, _key: Text<'_>) -> Capture {
         Capture::Skip
@@ -120,10 +120,11 @@ mod bytes;
 mod capture;
 mod tokenizer;
 
-pub use tokenizer::Tokenizer;
+pub(crate) use tokenizer::Tokenizer;
 
-/// Validates a whole document at once (tests and small bodies).
-pub fn validate(bytes: &[u8]) -> Result<(), ScanError> {
+/// Validates a whole document at once.
+#[cfg(test)]
+pub(crate) fn validate(bytes: &[u8]) -> Result<(), ScanError> {
     struct Nothing;
     impl Handler for Nothing {}
     let mut t = Tokenizer::new();

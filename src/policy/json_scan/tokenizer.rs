@@ -77,7 +77,7 @@ impl Lit {
 
 /// The tokenizer's state between chunks. See the module documentation.
 #[derive(Debug)]
-pub struct Tokenizer {
+pub(crate) struct Tokenizer {
     state: State,
     depth: usize,
     /// Bit `d - 1` is set when the container at depth `d` is an array.
@@ -103,7 +103,7 @@ impl Default for Tokenizer {
 }
 
 impl Tokenizer {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             state: State::Start,
             depth: 0,
@@ -120,7 +120,7 @@ impl Tokenizer {
     }
 
     /// Ready for a new document; keeps the capture buffers' memory.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.state = State::Start;
         self.depth = 0;
         self.arrays = 0;
@@ -131,13 +131,8 @@ impl Tokenizer {
         self.error = None;
     }
 
-    /// Whether the top-level object has closed (only whitespace may follow).
-    pub fn ended(&self) -> bool {
-        self.state == State::End
-    }
-
     /// Reads `chunk`. After an error every later call returns the same error.
-    pub fn feed<H: Handler>(&mut self, chunk: &[u8], h: &mut H) -> Result<(), ScanError> {
+    pub(crate) fn feed<H: Handler>(&mut self, chunk: &[u8], h: &mut H) -> Result<(), ScanError> {
         if let Some(e) = self.error {
             return Err(e);
         }
@@ -149,7 +144,7 @@ impl Tokenizer {
     }
 
     /// The end of the document: an error unless exactly one whole object was read.
-    pub fn finish(&self) -> Result<(), ScanError> {
+    pub(crate) fn finish(&self) -> Result<(), ScanError> {
         match (self.error, self.state) {
             (Some(e), _) => Err(e),
             (None, State::End) => Ok(()),

@@ -32,11 +32,11 @@ use super::bucket::Admission;
 use super::local::{caps, LocalLimiter};
 use super::{BackendState, Busy, Decision, KeyLimits, LimitsError, SlotLease, Source, Stats};
 use crate::config::limits;
-pub use crate::config::limits::OnError;
+pub(crate) use crate::config::limits::OnError;
 use crate::config::secrets::Secret;
 
 /// `Retry-After` of a request refused because Redis did not answer under `"deny"`.
-pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 /// First wait of the probe after Redis went down; it doubles up to [`PROBE_MAX`].
 const PROBE_FIRST: Duration = Duration::from_millis(100);
 const PROBE_MAX: Duration = Duration::from_secs(2);
@@ -74,7 +74,7 @@ impl Default for RedisOptions {
 }
 
 /// The limits of every key, shared through Redis, with this process's own as the fallback.
-pub struct RedisLimiter {
+pub(crate) struct RedisLimiter {
     shared: Arc<Shared>,
     leases: mpsc::UnboundedSender<LeaseEvent>,
     /// Where Redis is, for `keygate check`; without credentials.
@@ -107,7 +107,7 @@ struct Link(MultiplexedConnection);
 
 impl RedisLimiter {
     /// See [`super::Limiter::redis`].
-    pub async fn new(url: &Secret, options: RedisOptions) -> Result<Self, LimitsError> {
+    pub(crate) async fn new(url: &Secret, options: RedisOptions) -> Result<Self, LimitsError> {
         if options.timeout.is_zero() {
             return Err(LimitsError(
                 "redis_timeout must be more than 0; the default is 50ms".to_owned(),
@@ -175,7 +175,7 @@ impl RedisLimiter {
         &self.shared.local
     }
 
-    pub async fn check(&self, key: &str, limits: &KeyLimits) -> Decision {
+    pub(crate) async fn check(&self, key: &str, limits: &KeyLimits) -> Decision {
         if limits.is_unlimited() {
             return Decision::unlimited(Source::Shared);
         }
@@ -219,7 +219,7 @@ impl RedisLimiter {
     }
 
     /// Charges `tokens` in Redis and, for the time this process may decide alone, here.
-    pub async fn debit_tokens(&self, key: &str, limits: &KeyLimits, tokens: u64) {
+    pub(crate) async fn debit_tokens(&self, key: &str, limits: &KeyLimits, tokens: u64) {
         let Some(tpm) = limits.tokens_per_minute else {
             return;
         };
@@ -251,7 +251,7 @@ impl RedisLimiter {
         }
     }
 
-    pub async fn acquire_slot(&self, key: &str, max: usize) -> Result<SlotLease, Busy> {
+    pub(crate) async fn acquire_slot(&self, key: &str, max: usize) -> Result<SlotLease, Busy> {
         let s = &self.shared;
         if let Some(link) = s.link() {
             let lease = Arc::new(LeaseId {
@@ -308,7 +308,7 @@ impl RedisLimiter {
         }
     }
 
-    pub fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         let s = &self.shared;
         Stats {
             state: if s.up.load(Ordering::Acquire) {

@@ -61,7 +61,7 @@
 //! # Usage on streamed requests
 //!
 //! A streamed completion reports its token usage only when asked with
-//! `stream_options.include_usage`. [`Inspected::usage_request`] says what to add when the client
+//! `stream_options.include_usage`. [`Inspected::usage_request`](request::Inspected::usage_request) says what to add when the client
 //! did not ask: one more top-level `stream_options` member, inserted before the held-back `}`,
 //! holding the client's own members followed by `"include_usage":true`. Python's `json` and
 //! nlohmann::json both keep the last duplicate key, so the added member replaces the client's
@@ -71,31 +71,33 @@
 //! without its `Content-Length`: chunked over HTTP/1.1, which uvicorn and cpp-httplib read.
 
 /// The longest model name read, in bytes after decoding; a longer one is undecidable.
-pub const MODEL_CAP: usize = 512;
+pub(crate) const MODEL_CAP: usize = 512;
 
 /// The longest client `stream_options` value kept, in bytes as written.
-pub const OPTIONS_CAP: usize = 1024;
+pub(crate) const OPTIONS_CAP: usize = 1024;
 
 /// The most whitespace accepted after the body's top-level object.
-pub const MAX_TRAILING: usize = 1024;
+pub(crate) const MAX_TRAILING: usize = 1024;
 
 /// The largest `GET /v1/models` response body that [`filter_model_list`] reads.
-pub const MODEL_LIST_CAP: usize = 4 << 20;
+pub(crate) const MODEL_LIST_CAP: usize = 4 << 20;
 
-mod hold_back;
-mod list;
-mod request;
+pub(crate) mod hold_back;
+pub(crate) mod list;
+pub(crate) mod request;
 mod usage_request;
 
-pub use hold_back::{Held, HoldBack};
-pub use list::{filter_model_list, ListError};
-pub use request::{Flag, Inspected, Scanner, Undecidable};
-pub use usage_request::UsageRequest;
+pub(crate) use hold_back::HoldBack;
+pub(crate) use list::filter_model_list;
+pub(crate) use request::{Scanner, Undecidable};
+pub(crate) use usage_request::UsageRequest;
 
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
 
+    use super::list::ListError;
+    use super::request::{Flag, Inspected};
     use super::*;
     use crate::config::models::Models;
     use crate::policy::json_scan::{self, ScanError};

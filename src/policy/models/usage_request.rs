@@ -14,7 +14,8 @@ pub enum UsageRequest {
     /// Streamed, and the client asked for the usage chunk itself: count it, pass it on.
     Asked,
     /// Streamed without the usage chunk: insert these bytes before the body's closing `}`
-    /// ([`Held::release`](super::Held::release)) and remove the usage-only event from the response.
+    /// ([`Held::release`](super::hold_back::Held::release)) and remove the usage-only event
+    /// from the response.
     Insert(Bytes),
     /// `stream` or `include_usage` has a value origins read differently (`1`, `"yes"`), or
     /// `stream_options` is not an object or over [`OPTIONS_CAP`](super::OPTIONS_CAP): whether
