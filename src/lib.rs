@@ -42,7 +42,6 @@
 //!
 //! Dependencies point one way: `listener` → `gateway` → `policy`, `forward` → `observe` →
 //! `config`; `error`, `headers`, `path` and `preset` are leaves that any module may use.
-
 //!
 //! # Public API
 //!
@@ -67,26 +66,31 @@ mod path;
 mod policy;
 mod preset;
 
+// The binary: the config and its secrets, the proxy's sockets and the proxy itself, the
+// key generator of `keygate keygen`.
+pub use config::problems::ConfigError;
+pub use config::registry::registry_entry;
+pub use config::secrets::ProcessSecrets;
+pub use config::{Config, LogFormat, Overrides};
+pub use listener::server::{run, Listeners};
+pub use policy::auth::generate_key;
+
+// The test and bench suites, beyond the above: configs from secrets in memory, the proxy on
+// a clock of their own, and the parts they drive directly.
 pub use config::key_policy::KeyLimits;
 pub use config::keys::KeySpec;
 pub use config::limits::OnError;
-/// The config: read, validated, with the secrets it names.
 pub use config::models::Models;
-pub use config::problems::ConfigError;
-pub use config::registry::registry_entry;
-pub use config::secrets::{MapSecrets, ProcessSecrets, Secret, SecretSource};
-pub use config::{Config, LogFormat, Overrides};
-/// The parts the test and bench suites drive directly.
+pub use config::secrets::{MapSecrets, Secret, SecretSource};
 pub use forward::rewrite::{request_id, Origin, Peer, Rules};
 pub use forward::usage::sse::SseUsage;
 pub use forward::usage::JsonUsage;
 pub use gateway::Gateway;
-/// The proxy: its sockets, bound before it runs, and the running proxy with its clock.
 pub use listener::h1::PARK_AFTER;
-pub use listener::server::{run, run_with_clock, Listeners};
+pub use listener::server::run_with_clock;
 pub use observe::model_labels::MODEL_LABELS_PER_KEY;
 pub use policy::admission::Admission;
-pub use policy::auth::{credential, generate_key, KeySet};
+pub use policy::auth::{credential, KeySet};
 pub use policy::fair::{FairQueue, Permit};
 pub use policy::limits::redis::RedisOptions;
 pub use policy::limits::{BackendState, Busy, Decision, Limiter, Source, Verdict};
@@ -98,7 +102,7 @@ pub use policy::scope::{Clock, Policy};
 pub use policy::throttle::{FAILURE_BURST, SLOWDOWN};
 pub use preset::{Class, Table, PRESETS, VLLM};
 
-/// The only writer of stdout: started by the binary before the proxy, flushed at exit.
+/// The only writer of stdout, for the binary: started before the proxy, flushed at exit.
 pub mod logging {
     pub use crate::observe::logging::{finish, init, FINISH_WITHIN};
 }
