@@ -31,10 +31,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use keygate::config::secrets::MapSecrets;
-use keygate::config::Overrides;
-use keygate::listener::h1::PARK_AFTER;
-use keygate::{Config, Listeners};
+use keygate::{Config, Listeners, MapSecrets, Overrides, PARK_AFTER};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;

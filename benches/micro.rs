@@ -23,17 +23,10 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use http::header::HOST;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
-use keygate::config::models::Models;
-use keygate::config::secrets::{MapSecrets, Secret};
-use keygate::config::{KeySpec, Overrides};
-use keygate::forward::rewrite::{self, Origin, Peer, Rules};
-use keygate::forward::usage::{JsonUsage, SseUsage};
-use keygate::policy::auth::{self, KeySet};
-use keygate::policy::fair::{FairQueue, Permit};
-use keygate::policy::models::{filter_model_list, HoldBack, Scanner};
-use keygate::policy::route::Routes;
-use keygate::policy::scope::Policy;
-use keygate::Config;
+use keygate::{
+    filter_model_list, Config, FairQueue, HoldBack, JsonUsage, KeySet, KeySpec, MapSecrets, Models,
+    Origin, Overrides, Peer, Permit, Policy, Routes, Rules, Scanner, Secret, SseUsage,
+};
 
 const KEY: &str = "bench-api-key-0123456789abcdef";
 const SECRET: &str = "bench-shared-secret-0123456789";
@@ -94,7 +87,7 @@ fn auth_verify(c: &mut Criterion) {
     let mut group = c.benchmark_group("auth_verify");
     for n in [1, 8, 64, 1024, 10_000] {
         let keys: Vec<String> = (0..n)
-            .map(|_| auth::generate_key().expect("OS randomness"))
+            .map(|_| keygate::generate_key().expect("OS randomness"))
             .collect();
         let last = keys.last().expect("at least one key").clone();
         let specs: Vec<KeySpec> = keys
@@ -108,7 +101,7 @@ fn auth_verify(c: &mut Criterion) {
             })
             .collect();
         let set = KeySet::new(&specs, |_| Arc::new(Policy::default()));
-        let wrong = auth::generate_key().expect("OS randomness");
+        let wrong = keygate::generate_key().expect("OS randomness");
         group.bench_with_input(BenchmarkId::new("last_key", n), &last, |b, token| {
             b.iter(|| set.verify(black_box(token.as_bytes())))
         });
@@ -122,7 +115,7 @@ fn auth_verify(c: &mut Criterion) {
 fn auth_credential(c: &mut Criterion) {
     let headers = client_request(KEY);
     c.bench_function("auth_credential/bearer", |b| {
-        b.iter(|| auth::credential(black_box(&headers)))
+        b.iter(|| keygate::credential(black_box(&headers)))
     });
 }
 
@@ -146,7 +139,7 @@ fn route_classify(c: &mut Criterion) {
 }
 
 fn preset_lookup(c: &mut Criterion) {
-    let table = keygate::preset::Table::new(&keygate::preset::VLLM);
+    let table = keygate::Table::new(&keygate::VLLM);
     let mut group = c.benchmark_group("preset_lookup_vllm");
     for (name, method, path) in [
         ("inference", Method::POST, "/v1/chat/completions"),
@@ -221,10 +214,10 @@ fn request_id(c: &mut Criterion) {
     );
     let mut group = c.benchmark_group("request_id");
     group.bench_function("client_sent", |b| {
-        b.iter(|| rewrite::request_id(black_box(&client_sent)))
+        b.iter(|| keygate::request_id(black_box(&client_sent)))
     });
     group.bench_function("generated", |b| {
-        b.iter(|| rewrite::request_id(black_box(&generated)))
+        b.iter(|| keygate::request_id(black_box(&generated)))
     });
     group.finish();
 }

@@ -81,7 +81,7 @@ pub enum ProxyError {
     ModelListUnreadable,
 }
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
@@ -379,7 +379,7 @@ impl fmt::Display for ProxyError {
 impl std::error::Error for ProxyError {}
 
 /// Displays an error and its `source()` chain on one line.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+pub(crate) struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

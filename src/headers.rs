@@ -7,39 +7,40 @@ use http::header::{
 };
 use http::HeaderMap;
 
-pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-pub const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-pub const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub(crate) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// OpenAI's rate-limit headers: `[requests, tokens]` of each.
-pub const X_RATELIMIT_LIMIT: [HeaderName; 2] = [
+pub(crate) const X_RATELIMIT_LIMIT: [HeaderName; 2] = [
     HeaderName::from_static("x-ratelimit-limit-requests"),
     HeaderName::from_static("x-ratelimit-limit-tokens"),
 ];
-pub const X_RATELIMIT_REMAINING: [HeaderName; 2] = [
+pub(crate) const X_RATELIMIT_REMAINING: [HeaderName; 2] = [
     HeaderName::from_static("x-ratelimit-remaining-requests"),
     HeaderName::from_static("x-ratelimit-remaining-tokens"),
 ];
-pub const X_RATELIMIT_RESET: [HeaderName; 2] = [
+pub(crate) const X_RATELIMIT_RESET: [HeaderName; 2] = [
     HeaderName::from_static("x-ratelimit-reset-requests"),
     HeaderName::from_static("x-ratelimit-reset-tokens"),
 ];
 
-pub const BEARER_CHALLENGE: &str = r#"Bearer realm="keygate""#;
-pub const BEARER_CHALLENGE_INVALID_TOKEN: &str = r#"Bearer realm="keygate", error="invalid_token""#;
+pub(crate) const BEARER_CHALLENGE: &str = r#"Bearer realm="keygate""#;
+pub(crate) const BEARER_CHALLENGE_INVALID_TOKEN: &str =
+    r#"Bearer realm="keygate", error="invalid_token""#;
 /// RFC 6750 §3.1: a valid token without the scope the request needs (403).
-pub const BEARER_CHALLENGE_INSUFFICIENT_SCOPE: &str =
+pub(crate) const BEARER_CHALLENGE_INSUFFICIENT_SCOPE: &str =
     r#"Bearer realm="keygate", error="insufficient_scope""#;
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1), plus the
 /// proxy-only authentication pair, which is meant for the hop it arrives on. A proxy removes
 /// them in both directions, together with every header the `Connection` header names.
-pub const HOP_BY_HOP: [HeaderName; 9] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -53,10 +54,10 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
 
 /// Request headers keygate sets itself or that must not pass to the upstream as the client sent
 /// them: `Host` is rewritten to the upstream authority, `Expect` is answered by keygate.
-pub const REQUEST_REPLACED: [HeaderName; 2] = [HOST, EXPECT];
+pub(crate) const REQUEST_REPLACED: [HeaderName; 2] = [HOST, EXPECT];
 
 /// The client-supplied forwarding headers: replaced unless the peer is a trusted proxy.
-pub const FORWARDING: [HeaderName; 4] = [
+pub(crate) const FORWARDING: [HeaderName; 4] = [
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
@@ -65,7 +66,7 @@ pub const FORWARDING: [HeaderName; 4] = [
 
 /// The comma-separated tokens of every `Connection` field, trimmed. Split as bytes: one odd
 /// byte in a field must not hide the valid tokens beside it.
-pub fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(CONNECTION)
         .iter()

@@ -42,17 +42,67 @@
 //!
 //! Dependencies point one way: `listener` → `gateway` → `policy`, `forward` → `observe` →
 //! `config`; `error`, `headers`, `path` and `preset` are leaves that any module may use.
+//!
+//! # Public API
+//!
+//! Every module is private to the crate. What the `keygate` binary (`src/main.rs`), the
+//! integration tests (`tests/`) and the benches (`benches/`) call is re-exported below, and
+//! nothing else: they build a [`Config`], bind [`Listeners`] and [`run`] the proxy, and the
+//! tests and benches also drive a few parts on their own (the key check, the header rules,
+//! the limiter, the body scanner, the fair queue).
 
-pub mod config;
-pub mod error;
-pub mod forward;
-pub mod gateway;
-pub mod headers;
-pub mod listener;
-pub mod observe;
-pub mod path;
-pub mod policy;
-pub mod preset;
+// The module map above and every doc comment are for maintainers: `cargo doc
+// --document-private-items` renders them, links to private items included.
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub use config::Config;
-pub use listener::server::{run, run_with_clock, Listeners};
+mod config;
+mod error;
+mod forward;
+mod gateway;
+mod headers;
+mod listener;
+mod observe;
+mod path;
+mod policy;
+mod preset;
+
+// The binary: the config and its secrets, the proxy's sockets and the proxy itself, the
+// key generator of `keygate keygen`.
+pub use config::problems::ConfigError;
+pub use config::registry::registry_entry;
+pub use config::secrets::ProcessSecrets;
+pub use config::{Config, LogFormat, Overrides};
+pub use listener::server::{run, Listeners};
+pub use policy::auth::generate_key;
+
+// The test and bench suites, beyond the above: configs from secrets in memory, the proxy on
+// a clock of their own, and the parts they drive directly.
+pub use config::key_policy::KeyLimits;
+pub use config::keys::KeySpec;
+pub use config::limits::OnError;
+pub use config::models::Models;
+pub use config::secrets::{MapSecrets, Secret, SecretSource};
+pub use forward::rewrite::{request_id, Origin, Peer, Rules};
+pub use forward::usage::sse::SseUsage;
+pub use forward::usage::JsonUsage;
+pub use gateway::Gateway;
+pub use listener::h1::PARK_AFTER;
+pub use listener::server::run_with_clock;
+pub use observe::model_labels::MODEL_LABELS_PER_KEY;
+pub use policy::admission::Admission;
+pub use policy::auth::{credential, KeySet};
+pub use policy::fair::{FairQueue, Permit};
+pub use policy::limits::redis::RedisOptions;
+pub use policy::limits::{BackendState, Busy, Decision, Limiter, Source, Verdict};
+pub use policy::models::hold_back::HoldBack;
+pub use policy::models::list::filter_model_list;
+pub use policy::models::request::Scanner;
+pub use policy::route::Routes;
+pub use policy::scope::{Clock, Policy};
+pub use policy::throttle::{FAILURE_BURST, SLOWDOWN};
+pub use preset::{Class, Table, PRESETS, VLLM};
+
+/// The only writer of stdout, for the binary: started before the proxy, flushed at exit.
+pub mod logging {
+    pub use crate::observe::logging::{finish, init, FINISH_WITHIN};
+}

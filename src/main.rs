@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use keygate::config::secrets::ProcessSecrets;
-use keygate::config::{ConfigError, LogFormat, Overrides};
-use keygate::Config;
+use keygate::{Config, ConfigError, LogFormat, Overrides, ProcessSecrets};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// jemalloc, with its background threads purging what a burst freed: glibc keeps freed
@@ -112,7 +110,7 @@ fn main() -> ExitCode {
 /// Prints a new key on its own line; with a name, then the key's registry entry, which
 /// holds its digest only: the key itself is shown this once and kept nowhere.
 fn keygen(name: Option<&str>) -> ExitCode {
-    let key = match keygate::policy::auth::generate_key() {
+    let key = match keygate::generate_key() {
         Ok(key) => key,
         Err(e) => {
             eprintln!("keygate: no randomness from the operating system: {e}");
@@ -123,7 +121,7 @@ fn keygen(name: Option<&str>) -> ExitCode {
         println!("{key}");
         return ExitCode::SUCCESS;
     };
-    match keygate::config::registry_entry(name, &key) {
+    match keygate::registry_entry(name, &key) {
         Ok(entry) => {
             println!("{key}\n{entry}");
             eprintln!(
@@ -140,7 +138,7 @@ fn keygen(name: Option<&str>) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    if let Err(e) = keygate::observe::logging::init(&config.log) {
+    if let Err(e) = keygate::logging::init(&config.log) {
         eprintln!("keygate: cannot start the log writer thread: {e}");
         return ExitCode::FAILURE;
     }
@@ -180,7 +178,7 @@ fn serve(config: Config) -> ExitCode {
             }
         }
     });
-    keygate::observe::logging::finish(keygate::observe::logging::FINISH_WITHIN);
+    keygate::logging::finish(keygate::logging::FINISH_WITHIN);
     code
 }
 
@@ -232,7 +230,7 @@ impl Signals {
                 _ = self.interrupt.recv() => {},
             }
             tracing::warn!("second shutdown signal: exiting now");
-            keygate::observe::logging::finish(EXIT_NOW_LOG_WAIT);
+            keygate::logging::finish(EXIT_NOW_LOG_WAIT);
             std::process::exit(1);
         });
     }

@@ -6,7 +6,7 @@
 /// and no percent-encoded `.`, `/` or `\`. Paths that are not plain could mean one route to
 /// keygate and another to a server that normalises them, so they never match a preset route
 /// or a key's `path_prefix`.
-pub fn plain_path(path: &str) -> bool {
+pub(crate) fn plain_path(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };

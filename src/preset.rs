@@ -186,7 +186,7 @@ pub const VLLM: Preset = Preset {
 /// and `/metrics*` through by prefix and marks its admin routes `ADMIN_OPTIONAL`: open to the
 /// ordinary `--api-key` unless an `--admin-api-key` is set. The admin rows below are those
 /// routes, plus server information and monitoring.
-pub const SGLANG: Preset = Preset {
+pub(crate) const SGLANG: Preset = Preset {
     name: "sglang",
     source:
         "SGLang 0.5.23: python/sglang/srt/entrypoints/http_server.py, v1_loads.py, elastic_ep.py",
@@ -290,7 +290,7 @@ pub const SGLANG: Preset = Preset {
 /// web UI; the admin rows are what lets one client change or read the server for all:
 /// server properties, LoRA adapters, the slots (other clients' prompts), router-mode model
 /// loading, the MCP CORS proxy and server-side tools.
-pub const LLAMACPP: Preset = Preset {
+pub(crate) const LLAMACPP: Preset = Preset {
     name: "llamacpp",
     source: "llama.cpp commit 0c1e57098 (as vendored by llama-cpp-python 0.3.36): tools/server/server.cpp",
     probe: "/health",

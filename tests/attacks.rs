@@ -756,13 +756,13 @@ async fn odd_bytes_in_headers_and_paths_neither_panic_nor_pass() {
 fn debug_output_of_request_path_types_never_shows_a_secret() {
     let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
     let config = parse_config(&config_text(upstream, ""));
-    let rules = keygate::forward::rewrite::Rules::new(&config);
-    let keys = keygate::policy::auth::KeySet::new(&config.auth.keys, |_| Default::default());
+    let rules = keygate::Rules::new(&config);
+    let keys = keygate::KeySet::new(&config.auth.keys, |_| Default::default());
     let matched = keys.verify(KEY.as_bytes()).unwrap();
     let specs = &config.auth.keys;
     let mut headers = http::HeaderMap::new();
     headers.insert("authorization", bearer(KEY).parse().unwrap());
-    let credential = keygate::policy::auth::credential(&headers);
+    let credential = keygate::credential(&headers);
     let debug = format!("{rules:?} {matched:?} {credential:?} {specs:?}");
     // The key as text, and as the list of bytes a derived Debug prints for `&[u8]`.
     let as_bytes = format!("{:?}", KEY.as_bytes());

@@ -6,7 +6,7 @@ mod support;
 use std::net::SocketAddr;
 
 use http::{Method, StatusCode};
-use keygate::policy::throttle::{FAILURE_BURST, SLOWDOWN};
+use keygate::{FAILURE_BURST, SLOWDOWN};
 use support::*;
 
 fn assert_refused(reply: &Reply, token_presented: bool) {

@@ -84,15 +84,12 @@ async fn probe_answers_503_once_draining_has_begun() {
     // the handler is driven directly over an in-memory connection.
     let upstream = start_upstream().await;
     let config = parse_config(&config_text(upstream.addr, ""));
-    let gateway = std::sync::Arc::new(keygate::gateway::Gateway::new(
+    let gateway = std::sync::Arc::new(keygate::Gateway::new(
         &config,
-        keygate::policy::scope::Clock::system(),
-        keygate::policy::admission::Admission::local(),
+        keygate::Clock::system(),
+        keygate::Admission::local(),
     ));
-    let peer = std::sync::Arc::new(keygate::forward::rewrite::Peer::new(
-        "127.0.0.1:1".parse().unwrap(),
-        false,
-    ));
+    let peer = std::sync::Arc::new(keygate::Peer::new("127.0.0.1:1".parse().unwrap(), false));
     let (client_io, server_io) = tokio::io::duplex(4096);
     let service_gateway = gateway.clone();
     let service = hyper::service::service_fn(move |req| {

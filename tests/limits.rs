@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
-use keygate::policy::scope::Clock;
+use keygate::Clock;
 use support::process::{Running, TempDir, ENV};
 use support::*;
 

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keygate::config::secrets::Secret;
-use keygate::policy::limits::{
-    BackendState, Busy, Decision, KeyLimits, Limiter, OnError, RedisOptions, Source, Verdict,
+use keygate::{
+    BackendState, Busy, Decision, KeyLimits, Limiter, OnError, RedisOptions, Secret, Source,
+    Verdict,
 };
 use support::redis_server::RedisServer;
 use support::tls::Ca;
@@ -554,7 +554,7 @@ async fn the_backend_shows_where_redis_is_but_never_its_password() {
     let shown = l.to_string();
     assert_eq!(
         shown,
-        "redis 127.0.0.1:1 (tls) db 3, prefix \"keygate:\", timeout 50ms, slot lease 30s, on error local"
+        "redis 127.0.0.1:1 (tls) db 3, prefix \"keygate:\", redis_timeout 50ms, slot_lease 30s, on_redis_error local"
     );
     assert!(!format!("{l:?}").contains("hunter2"));
     let bad = Limiter::redis(&Secret::new("http://x".to_owned()), RedisOptions::default()).await;

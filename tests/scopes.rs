@@ -5,7 +5,7 @@
 mod support;
 
 use http::{Method, StatusCode};
-use keygate::preset::{Class, PRESETS};
+use keygate::{Class, PRESETS};
 use support::*;
 
 /// The test config with an admin listener and `keys`, the inline tables of `[auth] keys`

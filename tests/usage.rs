@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use keygate::observe::metrics::MODEL_LABELS_PER_KEY;
+use keygate::MODEL_LABELS_PER_KEY;
 use support::process::{Running, TempDir, ENV};
 use support::*;
 

@@ -65,7 +65,7 @@ impl KeyLimits {
 
 /// The largest `weight` a key may have: a thousand times the default share is beyond any
 /// real use, and keeps the fair queue's shares exact to within a tenth of a percent.
-pub const MAX_WEIGHT: u32 = 1000;
+pub(crate) const MAX_WEIGHT: u32 = 1000;
 
 /// One `allow` rule: the methods (any when empty) and the paths (any when `None`).
 #[derive(Debug, Clone)]

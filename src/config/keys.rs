@@ -349,13 +349,13 @@ pub(super) fn resolve_key(
 
 /// The keys in force: the config's keys with a value, and the registry as last read.
 #[derive(Debug, Clone)]
-pub struct LiveKeys {
+pub(crate) struct LiveKeys {
     pub configured: Vec<KeySpec>,
     pub registry: Option<Registry>,
 }
 
 impl LiveKeys {
-    pub fn new(auth: &Auth) -> Self {
+    pub(crate) fn new(auth: &Auth) -> Self {
         Self {
             configured: auth.keys.clone(),
             registry: auth.registry.clone(),
@@ -363,7 +363,7 @@ impl LiveKeys {
     }
 
     /// Every key as the key check sees it: its name, the SHA-256 of its value, its policy.
-    pub fn digests(&self) -> impl Iterator<Item = (&str, [u8; 32], &Arc<KeyPolicy>)> {
+    pub(crate) fn digests(&self) -> impl Iterator<Item = (&str, [u8; 32], &Arc<KeyPolicy>)> {
         let configured = self
             .configured
             .iter()
@@ -379,7 +379,7 @@ impl LiveKeys {
     /// The keys after re-reading the key files and the registry (SIGHUP or a changed file),
     /// checked together: names, values and digests. Any problem in either leaves `self` in
     /// force, and so does a set that would admit nobody.
-    pub fn reload(
+    pub(crate) fn reload(
         &self,
         file_keys: &[FileKey],
         secrets: &dyn SecretSource,
@@ -444,7 +444,7 @@ pub(super) fn reload_file_keys(
 
 /// Each later key that has the value of an earlier one, paired with the first such key.
 /// Runs at load and reload only, so it compares values plainly.
-pub fn same_values(keys: &[KeySpec]) -> Vec<SameValue> {
+pub(crate) fn same_values(keys: &[KeySpec]) -> Vec<SameValue> {
     keys.iter()
         .enumerate()
         .filter_map(|(i, later)| {
@@ -463,7 +463,7 @@ pub fn same_values(keys: &[KeySpec]) -> Vec<SameValue> {
 /// the rights of one of them, whichever the key check happens to pick, so a set with such
 /// a pair is refused, at start-up and on reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SameValue {
+pub(crate) struct SameValue {
     pub first: (String, String),
     pub second: (String, String),
 }

@@ -186,26 +186,50 @@ fn redis_address(url: &str) -> Result<String, String> {
     let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
         format!("is not a Redis URL ({e}); {EXAMPLE}; characters such as @ / # in a password are written %40 %2F %23")
     })?;
+    Ok(address_of(&info))
+}
+
+/// Where the Redis of `info` is, without credentials, e.g. `redis:6380 (tls) db 0`: in
+/// `keygate check`'s summary and in the limiter's startup line.
+pub(crate) fn address_of(info: &redis::ConnectionInfo) -> String {
     let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-    Ok(format!(
+    format!(
         "{}{} db {}",
         info.addr(),
         if tls { " (tls)" } else { "" },
         info.redis_settings().db()
-    ))
+    )
+}
+
+/// Writes the shared backend under the config's names, as `keygate check` and the limiter's
+/// startup line show it: where Redis is (never its password) and how it is used.
+pub(crate) fn write_backend(
+    f: &mut fmt::Formatter<'_>,
+    address: &str,
+    prefix: &str,
+    timeout: Duration,
+    slot_lease: Duration,
+    on_error: OnError,
+) -> fmt::Result {
+    write!(
+        f,
+        "redis {address}, prefix {prefix:?}, redis_timeout {}, slot_lease {}, on_redis_error {}",
+        humantime::format_duration(timeout),
+        humantime::format_duration(slot_lease),
+        on_error.as_str()
+    )
 }
 
 impl fmt::Display for SharedLimits {
     /// The backend as `keygate check` shows it; never the password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
+        write_backend(
             f,
-            "redis {}, prefix {:?}, redis_timeout {}, slot_lease {}, on_redis_error {}",
-            self.address,
-            self.prefix,
-            humantime::format_duration(self.timeout),
-            humantime::format_duration(self.slot_lease),
-            self.on_error.as_str()
+            &self.address,
+            &self.prefix,
+            self.timeout,
+            self.slot_lease,
+            self.on_error,
         )?;
         if let Some((path, _)) = &self.ca {
             write!(f, ", trusting {}", path.display())?;

@@ -7,16 +7,16 @@
 
 mod file;
 mod inject;
-pub mod key_policy;
-mod keys;
-pub mod limits;
-pub mod models;
-mod problems;
-mod registry;
-pub mod secrets;
+pub(crate) mod key_policy;
+pub(crate) mod keys;
+pub(crate) mod limits;
+pub(crate) mod models;
+pub(crate) mod problems;
+pub(crate) mod registry;
+pub(crate) mod secrets;
 mod server;
 mod summary;
-pub mod tls_files;
+pub(crate) mod tls_files;
 mod upstream;
 mod watch;
 
@@ -50,13 +50,15 @@ use registry::*;
 use server::*;
 use upstream::*;
 
-pub use keys::{same_values, FileKey, KeySpec, LiveKeys, SameValue};
-pub use problems::{ConfigError, Problem};
-pub use registry::{registry_entry, sha256_hex, Registry, RegistryKey};
-pub use watch::{FileStamp, WatchedFiles};
+pub(crate) use keys::{FileKey, KeySpec, LiveKeys, SameValue};
+pub(crate) use problems::{ConfigError, Problem};
+#[cfg(test)]
+pub(crate) use registry::sha256_hex;
+pub(crate) use registry::Registry;
+pub(crate) use watch::{FileStamp, WatchedFiles};
 
 /// Keys shorter than this are refused at start-up.
-pub const MIN_KEY_BYTES: usize = 16;
+pub(crate) const MIN_KEY_BYTES: usize = 16;
 
 // ---------------------------------------------------------------- the validated config
 

@@ -256,7 +256,7 @@ fn digest_from_hex(hex: &str) -> Result<[u8; 32], String> {
 }
 
 /// The SHA-256 of `key` as the registry writes it: 64 lower-case hex characters.
-pub fn sha256_hex(key: &str) -> String {
+pub(crate) fn sha256_hex(key: &str) -> String {
     Sha256::digest(key.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -295,14 +295,14 @@ mod tests {
             .with_file(REGISTRY, registry)
     }
 
+    /// The config `text` of test.toml read with `secrets`.
+    fn parse(text: &str, secrets: &MapSecrets) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text, &Overrides::default(), secrets)
+    }
+
     fn load(registry: &str) -> Result<Config, ConfigError> {
         let text = main_config("{ name = \"default\", env = \"API_KEY\" }");
-        Config::parse(
-            Path::new("test.toml"),
-            &text,
-            &Overrides::default(),
-            &secrets(registry),
-        )
+        parse(&text, &secrets(registry))
     }
 
     fn errors(registry: &str) -> String {
@@ -439,14 +439,9 @@ mod tests {
         let text = main_config(
             "{ name = \"default\", env = \"API_KEY\" }, { name = \"next\", env = \"NEXT\", optional = true }",
         );
-        let e = Config::parse(
-            Path::new("test.toml"),
-            &text,
-            &Overrides::default(),
-            &secrets(&registry(&[entry("next", APP, "")])),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = parse(&text, &secrets(&registry(&[entry("next", APP, "")])))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("(name = \"next\"): the name is taken"), "{e}");
     }
 
@@ -492,14 +487,9 @@ mod tests {
     #[test]
     fn config_and_registry_problems_are_reported_together() {
         let text = "[server]\nlisten = \"nowhere\"\n[auth]\nkeys = [{ name = \"default\", env = \"API_KEY\" }]\nregistry = \"/reg/keys.toml\"\n";
-        let e = Config::parse(
-            Path::new("test.toml"),
-            text,
-            &Overrides::default(),
-            &secrets("keys = [{ name = \"app\" }]\n"),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = parse(text, &secrets("keys = [{ name = \"app\" }]\n"))
+            .unwrap_err()
+            .to_string();
         let lines: Vec<&str> = e.lines().collect();
         assert_eq!(lines.len(), 2, "{e}");
         assert!(
@@ -518,14 +508,9 @@ mod tests {
             "[auth]\nkeys = [{{ name = \"default\", sha256 = \"{}\" }}]\n",
             sha256_hex(KEY)
         );
-        let e = Config::parse(
-            Path::new("test.toml"),
-            &text,
-            &Overrides::default(),
-            &MapSecrets::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = parse(&text, &MapSecrets::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("test.toml:2:9: [auth] keys (name = \"default\"): sha256 belongs in the key registry"),
             "{e}"
@@ -535,29 +520,17 @@ mod tests {
     #[test]
     fn a_registry_may_hold_every_key_but_something_must_admit() {
         let text = main_config("");
-        let parse = |registry: &str| {
-            Config::parse(
-                Path::new("test.toml"),
-                &text,
-                &Overrides::default(),
-                &secrets(registry),
-            )
-        };
-        let c = parse(&registry(&[entry("app", APP, "")])).unwrap();
+        let with_registry = |registry: &str| parse(&text, &secrets(registry));
+        let c = with_registry(&registry(&[entry("app", APP, "")])).unwrap();
         assert!(c.auth.keys.is_empty());
-        let e = parse("keys = []\n").unwrap_err().to_string();
+        let e = with_registry("keys = []\n").unwrap_err().to_string();
         assert!(
             e.contains("the registry holds no key and [auth] keys has none"),
             "{e}"
         );
-        let e = Config::parse(
-            Path::new("test.toml"),
-            &text,
-            &Overrides::default(),
-            &MapSecrets::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = parse(&text, &MapSecrets::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(
                 "test.toml:3:12: [auth] registry: cannot read the key registry /reg/keys.toml"
@@ -604,13 +577,7 @@ mod tests {
     #[test]
     fn a_reload_that_leaves_no_key_keeps_the_keys() {
         let text = main_config("");
-        let c = Config::parse(
-            Path::new("test.toml"),
-            &text,
-            &Overrides::default(),
-            &secrets(&registry(&[entry("app", APP, "")])),
-        )
-        .unwrap();
+        let c = parse(&text, &secrets(&registry(&[entry("app", APP, "")]))).unwrap();
         let e = LiveKeys::new(&c.auth)
             .reload(&[], &secrets("keys = []\n"))
             .unwrap_err();

@@ -158,7 +158,7 @@ fn describe_expiry(not_after: i64, now: i64) -> String {
 
 /// The certificates in `path`, the only roots an `https://` upstream is trusted by (a private
 /// CA); each is checked to be usable as a trust anchor.
-pub fn ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

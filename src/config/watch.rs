@@ -26,21 +26,21 @@ impl FileStamp {
 /// Files watched for a change (a new inode, as when Kubernetes or cert-manager swaps a
 /// mounted Secret, a new modification time or length). Cheap: one `stat` per file and look.
 #[derive(Debug)]
-pub struct WatchedFiles {
+pub(crate) struct WatchedFiles {
     /// Each file, and what it looked like at the last look.
     files: Mutex<Vec<(PathBuf, Option<FileStamp>)>>,
 }
 
 impl WatchedFiles {
     /// Each path with its stamp from when the file was last read.
-    pub fn new(files: Vec<(PathBuf, Option<FileStamp>)>) -> Self {
+    pub(crate) fn new(files: Vec<(PathBuf, Option<FileStamp>)>) -> Self {
         Self {
             files: Mutex::new(files),
         }
     }
 
     /// Whether any of the files changed since the last look; this look counts as seen.
-    pub fn changed(&self) -> bool {
+    pub(crate) fn changed(&self) -> bool {
         let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
         let mut changed = false;
         for (path, seen) in files.iter_mut() {

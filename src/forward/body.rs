@@ -33,7 +33,7 @@ use crate::observe::metrics::Metrics;
 
 /// What the gateway does to a request body on its way upstream beyond counting it (reading
 /// it for its model, asking for token usage): it sees every chunk and says what to send.
-pub trait RequestFilter: Send {
+pub(crate) trait RequestFilter: Send {
     /// The bytes to send upstream now for `chunk`, possibly none. An error ends the body
     /// abnormally, which aborts the upstream request: the upstream never sees all of it.
     fn chunk(&mut self, chunk: Bytes) -> Result<Bytes, ProxyError>;
@@ -76,14 +76,14 @@ pin_project! {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(inner: Incoming, limit: u64, metrics: Arc<Metrics>) -> Self {
         Self::read_ahead(inner, limit, metrics, VecDeque::new(), None)
     }
 
     /// A body of which `ahead` was read already (and counted); `remaining` is what
     /// `max_request_body` still allows. With a `filter`, the body's length is not known
     /// until it ends, so it goes chunked.
-    pub fn read_ahead(
+    pub(crate) fn read_ahead(
         inner: Incoming,
         remaining: u64,
         metrics: Arc<Metrics>,

@@ -2,11 +2,11 @@
 //! their TLS client, both bodies streamed frame by frame, SSE keep-alives and error events,
 //! and WebSocket tunnels.
 
-pub mod body;
-pub mod replay;
-pub mod rewrite;
-pub mod sse;
-pub mod tls_client;
-pub mod upgrade;
-pub mod upstream;
-pub mod usage;
+pub(crate) mod body;
+pub(crate) mod replay;
+pub(crate) mod rewrite;
+pub(crate) mod sse;
+pub(crate) mod tls_client;
+pub(crate) mod upgrade;
+pub(crate) mod upstream;
+pub(crate) mod usage;

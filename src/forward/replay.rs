@@ -22,11 +22,11 @@ use crate::forward::body::RequestBody;
 
 /// The largest body kept for a resend; a larger one is not resent. Chat and completion
 /// requests are far below it.
-pub const REPLAY_LIMIT: usize = 64 * 1024;
+pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// The body sent upstream: the client's body as it comes, or, when it may be resent, first
 /// what a resend gives again and then the client's body, its frames kept on the tape.
-pub enum Outgoing {
+pub(crate) enum Outgoing {
     Direct(RequestBody),
     Taped {
         again: VecDeque<Bytes>,
@@ -37,7 +37,7 @@ pub enum Outgoing {
 impl Outgoing {
     /// The client's body, and the tape it is kept on if its declared length is within
     /// [`REPLAY_LIMIT`].
-    pub fn recording(body: RequestBody) -> (Self, Option<Arc<Mutex<Tape>>>) {
+    pub(crate) fn recording(body: RequestBody) -> (Self, Option<Arc<Mutex<Tape>>>) {
         let declared = http_body::Body::size_hint(&body).exact();
         if declared.is_none_or(|len| len > REPLAY_LIMIT as u64) {
             return (Self::Direct(body), None);
@@ -60,7 +60,7 @@ impl Outgoing {
 /// The client's body and what of it has been given out. The tape, not the request, owns the
 /// body, so a request that fails before its body was read to the end can still send the
 /// rest.
-pub struct Tape {
+pub(crate) struct Tape {
     body: RequestBody,
     kept: Vec<Bytes>,
     len: usize,
@@ -71,7 +71,7 @@ pub struct Tape {
 
 impl Tape {
     /// The body once more, from its start, unless it could not be kept.
-    pub fn replay(tape: &Arc<Mutex<Tape>>) -> Option<Outgoing> {
+    pub(crate) fn replay(tape: &Arc<Mutex<Tape>>) -> Option<Outgoing> {
         let locked = lock(tape);
         (!locked.spoilt).then(|| Outgoing::Taped {
             again: locked.kept.iter().cloned().collect(),

@@ -27,10 +27,10 @@ use crate::error::ProxyError;
 use crate::observe::metrics::SseCounters;
 
 /// The comment sent to keep a silent stream's connection busy.
-pub const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+pub(crate) const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 /// Whether a response is an SSE stream.
-pub fn is_event_stream(headers: &HeaderMap) -> bool {
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -9,7 +9,7 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::CertificateDer;
 
 /// Client settings trusting the CA certificates given, or the webpki roots without any.
-pub fn upstream_client(ca: Option<&[CertificateDer<'static>]>) -> ClientConfig {
+pub(crate) fn upstream_client(ca: Option<&[CertificateDer<'static>]>) -> ClientConfig {
     let mut roots = RootCertStore::empty();
     match ca {
         // Each was added to a store once already when the config was checked.
@@ -24,7 +24,7 @@ pub fn upstream_client(ca: Option<&[CertificateDer<'static>]>) -> ClientConfig {
 
 /// Client settings trusting exactly `roots`, with the same provider and versions as the
 /// listener.
-pub fn client_trusting(roots: RootCertStore) -> ClientConfig {
+pub(crate) fn client_trusting(roots: RootCertStore) -> ClientConfig {
     ClientConfig::builder_with_provider(Arc::new(default_provider()))
         .with_safe_default_protocol_versions()
         .expect("ring supports the default TLS versions")

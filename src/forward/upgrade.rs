@@ -35,10 +35,10 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> ClientIo for T {}
 
 /// A tunnel waiting for the connection to hand over its socket.
-pub type Tunnel = Box<dyn FnOnce(Box<dyn ClientIo>) -> TunnelFuture + Send>;
+pub(crate) type Tunnel = Box<dyn FnOnce(Box<dyn ClientIo>) -> TunnelFuture + Send>;
 
 /// A running tunnel.
-pub type TunnelFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type TunnelFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where the handler leaves a tunnel for the connection task to run once the 101 response is
 /// written. One per connection; only HTTP/1.1 connections ever fill it.
@@ -63,7 +63,7 @@ impl TunnelSlot {
 
 /// Whether the request asks for a WebSocket: HTTP/1.1 GET, `Connection` naming `upgrade`,
 /// and `Upgrade: websocket` alone.
-pub fn wants_websocket<B>(req: &Request<B>) -> bool {
+pub(crate) fn wants_websocket<B>(req: &Request<B>) -> bool {
     let h = req.headers();
     req.method() == Method::GET
         && req.version() == http::Version::HTTP_11
@@ -74,7 +74,7 @@ pub fn wants_websocket<B>(req: &Request<B>) -> bool {
 
 /// Whether `Upgrade` names WebSocket: asked for by the client, or, on the upstream's 101,
 /// switched to (the only protocol keygate asks for).
-pub fn upgrade_is_websocket(headers: &HeaderMap) -> bool {
+pub(crate) fn upgrade_is_websocket(headers: &HeaderMap) -> bool {
     headers
         .get(UPGRADE)
         .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
@@ -82,14 +82,14 @@ pub fn upgrade_is_websocket(headers: &HeaderMap) -> bool {
 
 /// Puts back the upgrade headers the hop-by-hop rule removed: on the request to the upstream,
 /// and on the 101 response to the client.
-pub fn restore_headers(headers: &mut HeaderMap) {
+pub(crate) fn restore_headers(headers: &mut HeaderMap) {
     headers.insert(CONNECTION, UPGRADE_TOKEN);
     headers.insert(UPGRADE, WEBSOCKET);
 }
 
 /// The tunnel between the client and the upstream once both have switched protocols. It
 /// holds the key's concurrency slot, if any, until it closes.
-pub fn tunnel(
+pub(crate) fn tunnel(
     upstream: OnUpgrade,
     idle_timeout: Duration,
     slot: Option<Box<dyn Any + Send + Sync>>,

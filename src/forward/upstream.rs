@@ -38,7 +38,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept at most; more are closed when they come back.
 const POOL_MAX_IDLE: usize = 1024;
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     connector: HttpsConnector<HttpConnector>,
     pool: Arc<Pool>,
     /// Scheme and authority only: what the connector dials.
@@ -52,7 +52,7 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &config::Upstream) -> Self {
+    pub(crate) fn new(config: &config::Upstream) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
@@ -93,7 +93,7 @@ impl Upstream {
     /// The request target for the upstream, in origin form: its path prefix, then the
     /// client's path and query unchanged. Asterisk-form (`OPTIONS *`) cannot be forwarded
     /// under a prefix and is refused.
-    pub fn uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
+    pub(crate) fn uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
         let path_and_query = target.path_and_query().map_or("/", PathAndQuery::as_str);
         if !path_and_query.starts_with('/') {
             return Err(ProxyError::BadRequest);
@@ -108,7 +108,7 @@ impl Upstream {
     }
 
     /// Whether a TCP connection to the upstream opens within `connect_timeout`.
-    pub async fn reachable(&self) -> bool {
+    pub(crate) async fn reachable(&self) -> bool {
         let default_port = if self.scheme == Scheme::HTTPS {
             443
         } else {
@@ -124,7 +124,7 @@ impl Upstream {
 
     /// Sends the request and waits for the response headers, at most `response_timeout`.
     /// The [`Lease`] is the connection, to be given back once the response body has ended.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), ProxyError> {

@@ -79,7 +79,7 @@ use crate::policy::models::{
 use crate::preset::{Class, Table};
 
 /// Bytes of a request body read before the request is sent upstream.
-pub const READ_AHEAD: usize = 64 * 1024;
+pub(super) const READ_AHEAD: usize = 64 * 1024;
 
 /// What one request needs.
 pub(super) enum Plan {

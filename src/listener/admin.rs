@@ -25,7 +25,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves the admin endpoints until the task is aborted (when `server::run` returns).
-pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
+pub(crate) async fn serve(listener: TcpListener, gateway: Arc<Gateway>) {
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, "admin endpoints: /metrics /livez /readyz");
     }

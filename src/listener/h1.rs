@@ -50,7 +50,7 @@ use crate::observe::metrics::Metrics;
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// What [`serve`] needs of a connection besides its stream and service.
-pub struct Connection<'a> {
+pub(crate) struct Connection<'a> {
     /// Watches the TCP socket under the stream.
     pub socket: &'a Hangup,
     /// Where the gateway leaves a WebSocket tunnel for the stream.
@@ -63,7 +63,7 @@ pub struct Connection<'a> {
 /// Serves `io` until the client or hyper closes it, keygate drains and the requests under
 /// way are answered, or it becomes a WebSocket tunnel (which then runs here). `prefix` is
 /// what was read from `io` before.
-pub async fn serve<IO, S, B>(
+pub(crate) async fn serve<IO, S, B>(
     builder: &http1::Builder,
     io: IO,
     prefix: Bytes,

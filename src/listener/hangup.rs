@@ -47,10 +47,10 @@ use crate::error::BoxError;
 
 /// An accepted TCP socket, read and written like the socket itself, that a [`Hangup`] can
 /// watch at the same time.
-pub struct ClientSocket(Arc<TcpStream>);
+pub(crate) struct ClientSocket(Arc<TcpStream>);
 
 impl ClientSocket {
-    pub fn new(stream: TcpStream) -> (Self, Hangup) {
+    pub(crate) fn new(stream: TcpStream) -> (Self, Hangup) {
         let stream = Arc::new(stream);
         let hangup = Hangup(Arc::downgrade(&stream));
         (Self(stream), hangup)
@@ -132,11 +132,11 @@ impl AsyncWrite for ClientSocket {
 
 /// Watches a [`ClientSocket`] for its client hanging up. It does not keep the socket open.
 #[derive(Clone)]
-pub struct Hangup(Weak<TcpStream>);
+pub(crate) struct Hangup(Weak<TcpStream>);
 
 /// The client hung up before its response: hyper closes the connection without one.
 #[derive(Debug)]
-pub struct ClientGone;
+pub(crate) struct ClientGone;
 
 impl std::fmt::Display for ClientGone {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,7 +150,7 @@ impl Hangup {
     /// Runs `request` unless the client hangs up first; then `request` is dropped at once.
     /// The hang-up is looked at first, so a request whose client is already gone (one that
     /// sent its request and closed at once) is never forwarded at all.
-    pub fn unless_gone<'a, F: Future + 'a>(
+    pub(crate) fn unless_gone<'a, F: Future + 'a>(
         &'a self,
         request: F,
     ) -> impl Future<Output = Result<F::Output, ClientGone>> + 'a {
@@ -163,7 +163,7 @@ impl Hangup {
 
     /// Waits for the client's next bytes and says how many wait, without taking them; 0 when
     /// the client has closed its side (or the connection is gone).
-    pub async fn peek(&self) -> io::Result<usize> {
+    pub(crate) async fn peek(&self) -> io::Result<usize> {
         let Some(stream) = self.0.upgrade() else {
             return Ok(0);
         };
@@ -231,7 +231,7 @@ pin_project! {
 
 impl<B> Watched<B> {
     /// `hangup`: the connection's watch; `None` passes the body through untouched.
-    pub fn new(inner: B, hangup: Option<Hangup>) -> Self {
+    pub(crate) fn new(inner: B, hangup: Option<Hangup>) -> Self {
         Self {
             inner,
             hangup,

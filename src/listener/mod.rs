@@ -3,11 +3,11 @@
 //! connections, HTTP/2 idle handling, and the side listeners (admin endpoints, the plain-HTTP
 //! redirect). Each accepted request goes to the [`crate::gateway`].
 
-pub mod admin;
-pub mod h1;
-pub mod hangup;
-pub mod preface;
-pub mod redirect;
-pub mod server;
-pub mod streams;
-pub mod tls;
+pub(crate) mod admin;
+pub(crate) mod h1;
+pub(crate) mod hangup;
+pub(crate) mod preface;
+pub(crate) mod redirect;
+pub(crate) mod server;
+pub(crate) mod streams;
+pub(crate) mod tls;

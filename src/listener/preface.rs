@@ -17,14 +17,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Http1,
     Http2,
 }
 
 /// The bytes read so far and what they say. Reads only until the bytes stop matching the
 /// HTTP/2 preface, so an HTTP/1.1 request usually costs one read of its first bytes.
-pub async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<(Protocol, Vec<u8>)> {
+pub(crate) async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO) -> io::Result<(Protocol, Vec<u8>)> {
     let mut buf = vec![0u8; H2_PREFACE.len()];
     let mut filled = 0;
     loop {
@@ -60,7 +60,7 @@ pin_project! {
 }
 
 impl<IO> Rewind<IO> {
-    pub fn new(prefix: impl Into<Bytes>, io: IO) -> Self {
+    pub(crate) fn new(prefix: impl Into<Bytes>, io: IO) -> Self {
         Self {
             prefix: prefix.into(),
             consumed: 0,
@@ -70,12 +70,12 @@ impl<IO> Rewind<IO> {
     }
 
     /// Whether some of the prefix is still to be read.
-    pub fn has_unread(&self) -> bool {
+    pub(crate) fn has_unread(&self) -> bool {
         self.consumed < self.prefix.len()
     }
 
     /// The prefix bytes not yet read, and the stream.
-    pub fn into_parts(self) -> (Bytes, IO) {
+    pub(crate) fn into_parts(self) -> (Bytes, IO) {
         (self.prefix.slice(self.consumed..), self.io)
     }
 }

@@ -24,14 +24,14 @@ use crate::forward::rewrite::{self, Peer};
 use crate::gateway::{error_response, Gateway};
 use crate::listener::server::serve_plain;
 
-pub struct Redirector {
+pub(crate) struct Redirector {
     gateway: Arc<Gateway>,
     https_port: u16,
     serves_probe: bool,
 }
 
 impl Redirector {
-    pub fn new(settings: &config::Redirect, gateway: Arc<Gateway>) -> Self {
+    pub(crate) fn new(settings: &config::Redirect, gateway: Arc<Gateway>) -> Self {
         Self {
             gateway,
             https_port: settings.https_port,
@@ -41,7 +41,7 @@ impl Redirector {
 
     /// Serves until the task is aborted (when `server::run` returns). `http1` is the proxy
     /// listener's builder: the same header limits and timeouts apply.
-    pub async fn serve(self, listener: TcpListener, http1: http1::Builder) {
+    pub(crate) async fn serve(self, listener: TcpListener, http1: http1::Builder) {
         if let Ok(addr) = listener.local_addr() {
             info!(listen = %addr, https_port = self.https_port, "redirecting plain HTTP to https");
         }

@@ -41,7 +41,7 @@ use crate::policy::scope::Clock;
 use crate::policy::throttle;
 
 /// Largest request head (request line and headers) accepted; over it, 431.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent streams per HTTP/2 connection.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Streams a client may reset before we accept them (rapid-reset protection).
@@ -54,7 +54,7 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connections accepted beyond `max_connections`, one request each, so that the probe stays
 /// answerable and other clients get a clear 503 instead of waiting in the listen backlog.
 /// Beyond these, new connections wait in the backlog.
-pub const OVERFLOW_CONNECTIONS: usize = 256;
+pub(crate) const OVERFLOW_CONNECTIONS: usize = 256;
 /// How often the key and certificate files are checked for changes.
 const FILE_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.

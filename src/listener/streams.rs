@@ -15,14 +15,14 @@ use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-pub struct Streams {
+pub(crate) struct Streams {
     open: AtomicUsize,
     /// When the connection opened or its last stream ended.
     quiet_since: Mutex<Instant>,
 }
 
 impl Streams {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             open: AtomicUsize::new(0),
             quiet_since: Mutex::new(Instant::now()),
@@ -30,13 +30,13 @@ impl Streams {
     }
 
     /// Counts a stream as open until the returned guard is dropped.
-    pub fn opened(self: &Arc<Self>) -> OpenStream {
+    pub(crate) fn opened(self: &Arc<Self>) -> OpenStream {
         self.open.fetch_add(1, Ordering::Relaxed);
         OpenStream(self.clone())
     }
 
     /// Completes once no stream has been open for `timeout`.
-    pub async fn idle(&self, timeout: Duration) {
+    pub(crate) async fn idle(&self, timeout: Duration) {
         loop {
             let since = *self
                 .quiet_since
@@ -56,7 +56,7 @@ impl Streams {
 }
 
 /// One open stream; dropping it (the response body ended or was dropped) ends the stream.
-pub struct OpenStream(Arc<Streams>);
+pub(crate) struct OpenStream(Arc<Streams>);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
@@ -79,7 +79,7 @@ pin_project! {
 }
 
 impl<B> Tracked<B> {
-    pub fn new(inner: B, stream: Option<OpenStream>) -> Self {
+    pub(crate) fn new(inner: B, stream: Option<OpenStream>) -> Self {
         Self { inner, stream }
     }
 }

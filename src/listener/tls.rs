@@ -23,7 +23,7 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// The certificate in force on the TLS listener, swapped whole by a reload: a handshake uses
 /// the one it started with, and connections already open are untouched.
-pub struct ServerTls {
+pub(crate) struct ServerTls {
     cert_path: PathBuf,
     key_path: PathBuf,
     current: ArcSwap<ServerConfig>,
@@ -36,7 +36,7 @@ pub struct ServerTls {
 impl ServerTls {
     /// The listener's TLS settings; fails only if rustls refuses what the config already
     /// checked.
-    pub fn new(
+    pub(crate) fn new(
         settings: &crate::config::Tls,
         metrics: Arc<Metrics>,
     ) -> Result<Self, rustls::Error> {
@@ -56,13 +56,13 @@ impl ServerTls {
         Ok(tls)
     }
 
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(self.current.load_full())
     }
 
     /// Re-reads the certificate and key. A file that cannot be used keeps the certificate in
     /// force and says why.
-    pub fn reload(&self) {
+    pub(crate) fn reload(&self) {
         self.files_changed();
         let loaded = Certificate::load(&self.cert_path, &self.key_path)
             .map_err(|problem| problem.to_string())
@@ -95,18 +95,18 @@ impl ServerTls {
     }
 
     /// Whether the certificate or key file changed since the last look.
-    pub fn files_changed(&self) -> bool {
+    pub(crate) fn files_changed(&self) -> bool {
         self.watched.changed()
     }
 
     /// Counts a failed handshake: logged at debug one by one, summed up in one warning per
     /// report interval, and counted in the metrics.
-    pub fn handshake_failed(&self, timed_out: bool) {
+    pub(crate) fn handshake_failed(&self, timed_out: bool) {
         self.failed_handshakes.record(timed_out);
         self.metrics.tls_handshake_failed(timed_out);
     }
 
-    pub fn report_failed_handshakes(&self) {
+    pub(crate) fn report_failed_handshakes(&self) {
         self.failed_handshakes.report();
     }
 }

@@ -27,7 +27,7 @@ use crate::error::ProxyError;
 use crate::observe::metrics::{Finished, Metrics};
 
 /// The target of access lines, so a filter can keep or drop them apart from diagnostics.
-pub const TARGET: &str = "keygate::access";
+pub(crate) const TARGET: &str = "keygate::access";
 
 /// How a response ended.
 #[derive(Debug, Clone, Copy)]
@@ -105,7 +105,7 @@ static PENDING: Mutex<String> = Mutex::new(String::new());
 const FLUSH_AT: usize = 32 * 1024;
 
 /// Longest time an access line waits before it is handed over.
-pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// A fresh batch's room: [`FLUSH_AT`] and the line that crosses it.
 const BATCH_CAPACITY: usize = FLUSH_AT + 4 * 1024;
@@ -235,7 +235,7 @@ const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
 
 /// Hands the pending access lines to the log writer now. `server::run` calls it every
 /// [`FLUSH_EVERY`] and once more when it returns.
-pub fn flush() {
+pub(crate) fn flush() {
     hand_over(&mut PENDING.lock().unwrap_or_else(PoisonError::into_inner));
 }
 

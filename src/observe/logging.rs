@@ -25,13 +25,13 @@ static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 /// Bytes of log waiting for stdout, beyond which new lines are dropped: about 13,000 access
 /// lines, a quarter of a second at the fastest rate measured and well over a second at
 /// ordinary ones. Memory is spent only while the reader lags.
-pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long [`finish`] waits for the queue to be written at exit.
 pub const FINISH_WITHIN: Duration = Duration::from_secs(2);
 
 /// The format chosen at start-up; JSON before `init` runs.
-pub fn format() -> LogFormat {
+pub(crate) fn format() -> LogFormat {
     FORMAT.get().copied().unwrap_or(LogFormat::Json)
 }
 
@@ -65,7 +65,7 @@ pub fn init(log: &Log) -> io::Result<()> {
 /// Hands whole lines (one or many, each ending in a newline) to the writer. Never waits on
 /// stdout: if the queue is full they are dropped and counted. Before `init`, nothing is
 /// written.
-pub fn write(lines: Vec<u8>) {
+pub(crate) fn write(lines: Vec<u8>) {
     if lines.is_empty() || !QUEUE.running.load(Ordering::Acquire) {
         return;
     }
@@ -95,7 +95,7 @@ pub fn finish(within: Duration) {
 }
 
 /// The count of log lines dropped since start-up, for `metrics` to serve.
-pub fn dropped_lines() -> Counter {
+pub(crate) fn dropped_lines() -> Counter {
     DROPPED.clone()
 }
 

@@ -20,7 +20,6 @@ use prometheus_client::registry::Registry;
 
 use crate::error::ProxyError;
 use crate::observe::model_labels::ModelLabels;
-pub use crate::observe::model_labels::MODEL_LABELS_PER_KEY;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -583,13 +582,13 @@ fn method_class(method: &Method) -> &'static str {
 
 /// A permit (a key's concurrency slot) counted in a gauge for as long as it is held.
 #[derive(Debug)]
-pub struct Held<P> {
+pub(crate) struct Held<P> {
     _permit: P,
     in_use: Gauge,
 }
 
 impl<P> Held<P> {
-    pub fn new(permit: P, in_use: Gauge) -> Self {
+    pub(crate) fn new(permit: P, in_use: Gauge) -> Self {
         in_use.inc();
         Self {
             _permit: permit,
@@ -613,6 +612,7 @@ pub struct SseCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observe::model_labels::MODEL_LABELS_PER_KEY;
 
     #[test]
     fn a_finished_request_is_counted_with_bounded_labels() {

@@ -14,18 +14,18 @@ pub const MODEL_LABELS_PER_KEY: usize = 32;
 
 /// The model label of a key's tokens beyond its [`MODEL_LABELS_PER_KEY`] models, and of a
 /// name that holds a control character.
-pub const OTHER_MODELS: &str = "(other)";
+pub(crate) const OTHER_MODELS: &str = "(other)";
 
 /// The model label values each key has minted so far.
 #[derive(Debug, Default)]
-pub struct ModelLabels(Mutex<HashMap<Arc<str>, Vec<Arc<str>>>>);
+pub(crate) struct ModelLabels(Mutex<HashMap<Arc<str>, Vec<Arc<str>>>>);
 
 impl ModelLabels {
     /// The label value for `model` among `key`'s, minted if the key has room for one more.
     /// The exposition format is written without escaping, so `\` and `"` are escaped here
     /// and a name with a control character (a line break would start a forged sample) is
     /// never a label.
-    pub fn label(&self, key: &Arc<str>, model: Option<&Arc<str>>) -> Arc<str> {
+    pub(crate) fn label(&self, key: &Arc<str>, model: Option<&Arc<str>>) -> Arc<str> {
         static OTHER: OnceLock<Arc<str>> = OnceLock::new();
         let other = || OTHER.get_or_init(|| Arc::from(OTHER_MODELS)).clone();
         let name = model.map_or("-", |m| &**m);

@@ -29,7 +29,7 @@ use crate::policy::limits::{
 };
 
 /// A held concurrency slot, counted in `keygate_key_requests_in_flight` while held.
-pub type Slot = Held<SlotLease>;
+pub(crate) type Slot = Held<SlotLease>;
 
 /// The limiter of every key, with what the gateway does with its answers.
 #[derive(Debug, Clone)]

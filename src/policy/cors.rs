@@ -30,21 +30,21 @@ const MAX_AGE: &str = "600";
 
 /// The allowed origins, fixed at start-up. Empty: CORS is off.
 #[derive(Debug, Clone, Default)]
-pub struct Cors {
+pub(crate) struct Cors {
     origins: Vec<HeaderValue>,
     any: bool,
 }
 
 /// keygate's answer to a preflight.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Preflight {
+pub(crate) enum Preflight {
     Allowed(HeaderMap),
     Refused,
 }
 
 impl Cors {
     /// `origins` are exact origins (`https://app.example.com`) or `*`.
-    pub fn new(origins: Vec<HeaderValue>) -> Self {
+    pub(crate) fn new(origins: Vec<HeaderValue>) -> Self {
         let any = origins.iter().any(|o| o == "*");
         Self { origins, any }
     }
@@ -59,7 +59,7 @@ impl Cors {
 
     /// keygate's answer when `req` is a CORS preflight (OPTIONS with `Origin` and
     /// `Access-Control-Request-Method`) and CORS is on; `None` otherwise.
-    pub fn preflight<B>(&self, req: &Request<B>) -> Option<Preflight> {
+    pub(crate) fn preflight<B>(&self, req: &Request<B>) -> Option<Preflight> {
         let headers = req.headers();
         if !self.enabled()
             || req.method() != Method::OPTIONS
@@ -94,7 +94,7 @@ impl Cors {
 
     /// Sets the CORS headers of a response to a request from `origin` (the request's
     /// `Origin` header), replacing any the upstream sent.
-    pub fn decorate(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+    pub(crate) fn decorate(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
         if !self.enabled() {
             return;
         }

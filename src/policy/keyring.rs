@@ -15,7 +15,7 @@ use crate::config::{Auth, FileKey, LiveKeys, WatchedFiles};
 use crate::policy::auth::KeySet;
 use crate::policy::scope::Policy;
 
-pub struct Keyring {
+pub(crate) struct Keyring {
     /// Swapped whole by a reload; a request holds the set it started with.
     keys: ArcSwap<KeySet>,
     /// What `keys` was built from: a reload starts from it.
@@ -34,7 +34,7 @@ struct State {
 }
 
 impl Keyring {
-    pub fn new(auth: &Auth) -> Self {
+    pub(crate) fn new(auth: &Auth) -> Self {
         let live = LiveKeys::new(auth);
         let mut policies = HashMap::new();
         let keys = build(&live, &mut policies);
@@ -55,24 +55,24 @@ impl Keyring {
     }
 
     /// The keys in force.
-    pub fn load(&self) -> Guard<Arc<KeySet>> {
+    pub(crate) fn load(&self) -> Guard<Arc<KeySet>> {
         self.keys.load()
     }
 
     /// The keys in force, to hold on to.
-    pub fn load_full(&self) -> Arc<KeySet> {
+    pub(crate) fn load_full(&self) -> Arc<KeySet> {
         self.keys.load_full()
     }
 
     /// Whether a key file or the registry changed since the last look.
-    pub fn changed(&self) -> bool {
+    pub(crate) fn changed(&self) -> bool {
         self.watched.changed()
     }
 
     /// Re-reads the key files and the registry, and puts the new set in force; on any
     /// problem, the keys in force stay and the error says why. Requests in flight keep the
     /// keys they were admitted with either way.
-    pub fn reload(&self, secrets: &dyn SecretSource) -> Result<Arc<KeySet>, String> {
+    pub(crate) fn reload(&self, secrets: &dyn SecretSource) -> Result<Arc<KeySet>, String> {
         // What this reload reads counts as seen, so a change is not reloaded twice.
         self.watched.changed();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);

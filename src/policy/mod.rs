@@ -5,14 +5,14 @@
 //! per-key rate limits and concurrency slots, in process or shared through Redis
 //! ([`limits`], the only part that performs I/O), taken for each request by [`admission`].
 
-pub mod admission;
-pub mod auth;
-pub mod cors;
-pub mod fair;
-pub mod json_scan;
-pub mod keyring;
-pub mod limits;
-pub mod models;
-pub mod route;
-pub mod scope;
-pub mod throttle;
+pub(crate) mod admission;
+pub(crate) mod auth;
+pub(crate) mod cors;
+pub(crate) mod fair;
+pub(crate) mod json_scan;
+pub(crate) mod keyring;
+pub(crate) mod limits;
+pub(crate) mod models;
+pub(crate) mod route;
+pub(crate) mod scope;
+pub(crate) mod throttle;

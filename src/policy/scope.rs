@@ -16,12 +16,12 @@ use std::time::{Duration, SystemTime};
 
 use http::Method;
 
-pub use crate::config::key_policy::{Classes, KeyPolicy, Paths, Rule};
+pub(crate) use crate::config::key_policy::{Classes, KeyPolicy, Paths, Rule};
 use crate::path::plain_path;
 use crate::preset::Class;
 
 /// How long before its `not_after` a key's coming expiry is logged.
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+pub(crate) const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// What one key may do ([`KeyPolicy`], read as a field of this), with the expiry notices
 /// already logged.

@@ -15,15 +15,15 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use crate::error::ProxyError;
 
 /// How often the failure summary is logged.
-pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Failures per second one address may have before it is slowed.
-pub const FAILURES_PER_SECOND: u32 = 10;
+pub(crate) const FAILURES_PER_SECOND: u32 = 10;
 /// Failures one address may have at once before it is slowed.
 pub const FAILURE_BURST: u32 = 20;
 /// How long a slowed refusal is held.
 pub const SLOWDOWN: Duration = Duration::from_secs(1);
 
-pub struct FailedAuth {
+pub(crate) struct FailedAuth {
     per_client: DefaultKeyedRateLimiter<IpAddr>,
     missing: AtomicU64,
     malformed: AtomicU64,
@@ -50,7 +50,7 @@ impl Default for FailedAuth {
 impl FailedAuth {
     /// Counts an authentication failure of `client` and says how long to hold the answer.
     /// Errors other than authentication failures are not counted.
-    pub fn record(&self, client: IpAddr, error: &ProxyError) -> Option<Duration> {
+    pub(crate) fn record(&self, client: IpAddr, error: &ProxyError) -> Option<Duration> {
         let counter = match error {
             ProxyError::MissingCredentials => {
                 self.missing.fetch_add(1, Ordering::Relaxed);
@@ -72,7 +72,7 @@ impl FailedAuth {
 
     /// Logs the counts since the last report, if any, and forgets addresses that have been
     /// quiet long enough to be allowed a full burst again.
-    pub fn report(&self) {
+    pub(crate) fn report(&self) {
         let take = |c: &AtomicU64| c.swap(0, Ordering::Relaxed);
         let (missing, malformed, invalid, expired, slowed) = (
             take(&self.missing),

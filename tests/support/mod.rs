@@ -7,6 +7,10 @@
     dead_code,
     reason = "each test file uses a different part of the harness"
 )]
+#![allow(
+    unreachable_pub,
+    reason = "compiled into each test crate, which exports nothing: `pub` marks what the test files use"
+)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,9 +25,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use keygate::config::secrets::{MapSecrets, ProcessSecrets, Secret, SecretSource};
-use keygate::config::Overrides;
-use keygate::Config;
+use keygate::{Config, MapSecrets, Overrides, ProcessSecrets, Secret, SecretSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -122,11 +124,11 @@ pub async fn start_proxy_with(toml: &str) -> Proxy {
 
 /// Runs keygate with a config the test has built or changed.
 pub async fn start_proxy_config(config: Config) -> Proxy {
-    start_proxy_clocked(config, keygate::policy::scope::Clock::system()).await
+    start_proxy_clocked(config, keygate::Clock::system()).await
 }
 
 /// Runs keygate with key expiry read from the test's own clock.
-pub async fn start_proxy_clocked(config: Config, clock: keygate::policy::scope::Clock) -> Proxy {
+pub async fn start_proxy_clocked(config: Config, clock: keygate::Clock) -> Proxy {
     let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = proxy.local_addr().unwrap();
     let admin = match config.admin {

@@ -46,12 +46,12 @@ use bytes::{Bytes, BytesMut};
 use crate::policy::json_scan::{Capture, Handler, Kind, Scalar, Text, Tokenizer};
 use crate::policy::models::MODEL_CAP;
 
-mod sse;
+pub(crate) mod sse;
 
-pub use self::sse::SseUsage;
+pub(crate) use self::sse::SseUsage;
 
 /// The most bytes of one event held back while it might be the usage-only event.
-pub const EVENT_HOLD_CAP: usize = 64 * 1024;
+pub(crate) const EVENT_HOLD_CAP: usize = 64 * 1024;
 
 /// The tokens one response reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -12,17 +12,17 @@ const MINUTE: f64 = 60_000_000.0;
 
 /// How far a debit may drive a budget below zero, in minutes of refill: one response that
 /// reports absurd usage makes its key wait at most this long.
-pub const MAX_DEBT_MINUTES: f64 = 1440.0;
+pub(super) const MAX_DEBT_MINUTES: f64 = 1440.0;
 
 /// A bucket's level at the time it was stored.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Bucket {
+pub(super) struct Bucket {
     pub level: f64,
     pub stamp: f64,
 }
 
 /// The level of a bucket of `cap` at `now`: full when it has no stored state.
-pub fn level(bucket: Option<Bucket>, cap: f64, now: f64) -> f64 {
+pub(super) fn level(bucket: Option<Bucket>, cap: f64, now: f64) -> f64 {
     match bucket {
         None => cap,
         Some(b) => (b.level + (now - b.stamp).max(0.0) * cap / MINUTE).min(cap),
@@ -31,23 +31,23 @@ pub fn level(bucket: Option<Bucket>, cap: f64, now: f64) -> f64 {
 
 /// The state to store for `level` at `now`; `None` once the bucket is full, which is the
 /// same as no state. A debt is bounded by [`MAX_DEBT_MINUTES`].
-pub fn store(level: f64, cap: f64, now: f64) -> Option<Bucket> {
+pub(super) fn store(level: f64, cap: f64, now: f64) -> Option<Bucket> {
     let level = level.max(-cap * MAX_DEBT_MINUTES);
     (reset(level, cap) > 0).then_some(Bucket { level, stamp: now })
 }
 
 /// Microseconds until a bucket at `level` is full.
-pub fn reset(level: f64, cap: f64) -> u64 {
+pub(super) fn reset(level: f64, cap: f64) -> u64 {
     whole(((cap - level) * MINUTE / cap).ceil())
 }
 
 /// Microseconds until a bucket at `level` holds one whole unit.
-pub fn wait(level: f64, cap: f64) -> u64 {
+pub(super) fn wait(level: f64, cap: f64) -> u64 {
     whole(((1.0 - level) * MINUTE / cap).ceil())
 }
 
 /// Whole units left at `level`.
-pub fn remaining(level: f64) -> u64 {
+pub(super) fn remaining(level: f64) -> u64 {
     whole(level.floor())
 }
 
@@ -62,7 +62,7 @@ fn whole(x: f64) -> u64 {
 
 /// The outcome of one admission, in the shape `rate.lua` returns it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admission {
+pub(super) struct Admission {
     pub allowed: bool,
     /// Microseconds until both rates would admit the request; 0 when allowed.
     pub retry: u64,
@@ -74,14 +74,14 @@ pub struct Admission {
 
 /// What an admission changed: the new request bucket, if it took a request.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Take {
+pub(super) enum Take {
     Nothing,
     Requests(Option<Bucket>),
 }
 
 /// Admits one request at `now` if the request bucket holds a whole request and the token
 /// budget at least one token, taking the request only then. `rpm`/`tpm` of 0: not limited.
-pub fn admit(
+pub(super) fn admit(
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
     rpm: f64,
@@ -126,7 +126,7 @@ pub fn admit(
 }
 
 /// The token budget after charging `tokens` at `now`.
-pub fn debit(tokens: Option<Bucket>, tpm: f64, amount: f64, now: f64) -> Option<Bucket> {
+pub(super) fn debit(tokens: Option<Bucket>, tpm: f64, amount: f64, now: f64) -> Option<Bucket> {
     store(level(tokens, tpm, now) - amount, tpm, now)
 }
 

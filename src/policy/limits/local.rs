@@ -17,7 +17,7 @@ use super::{Busy, Decision, KeyLimits, SlotLease, Source};
 
 /// The limits of every key, in this process.
 #[derive(Debug)]
-pub struct LocalLimiter {
+pub(crate) struct LocalLimiter {
     /// Times are microseconds since this instant, on the monotonic clock (Tokio's, so a
     /// test can pause and advance it).
     origin: Instant,
@@ -50,7 +50,7 @@ impl Default for LocalLimiter {
 }
 
 impl LocalLimiter {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             origin: Instant::now(),
             rates: Mutex::new(HashMap::new()),
@@ -62,7 +62,7 @@ impl LocalLimiter {
         self.origin.elapsed().as_micros() as f64
     }
 
-    pub fn check(&self, key: &str, limits: &KeyLimits) -> Decision {
+    pub(crate) fn check(&self, key: &str, limits: &KeyLimits) -> Decision {
         self.decide(key, limits, Source::Local)
     }
 
@@ -105,7 +105,7 @@ impl LocalLimiter {
         });
     }
 
-    pub fn debit_tokens(&self, key: &str, limits: &KeyLimits, tokens: u64) {
+    pub(crate) fn debit_tokens(&self, key: &str, limits: &KeyLimits, tokens: u64) {
         let Some(tpm) = limits.tokens_per_minute else {
             return;
         };
@@ -120,7 +120,7 @@ impl LocalLimiter {
         });
     }
 
-    pub fn acquire_slot(&self, key: &str, max: usize) -> Result<SlotLease, Busy> {
+    pub(crate) fn acquire_slot(&self, key: &str, max: usize) -> Result<SlotLease, Busy> {
         let slot = self.slot(key, max).ok_or(Busy::Full)?;
         Ok(SlotLease::local(slot, Source::Local))
     }
@@ -152,7 +152,7 @@ impl LocalLimiter {
     }
 
     /// Drops the state of keys whose buckets are full again and whose slots are all free.
-    pub fn prune(&self) {
+    pub(crate) fn prune(&self) {
         let now = self.now();
         lock(&self.rates).retain(|_, r| r.until > now);
         lock(&self.slots).retain(|_, c| Arc::strong_count(c) > 1 || c.load(Ordering::Acquire) > 0);
@@ -194,7 +194,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// One slot of a key counted in this process, given back when dropped.
 #[derive(Debug)]
-pub struct LocalSlot(Arc<AtomicUsize>);
+pub(crate) struct LocalSlot(Arc<AtomicUsize>);
 
 impl Drop for LocalSlot {
     fn drop(&mut self) {

@@ -17,8 +17,8 @@
 //! it line by line, and a test holds the two to the same answers.
 
 mod bucket;
-pub mod local;
-pub mod redis;
+pub(crate) mod local;
+pub(crate) mod redis;
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -27,9 +27,9 @@ use std::time::Duration;
 
 use crate::config::secrets::Secret;
 
-pub use self::local::LocalLimiter;
-pub use self::redis::{OnError, RedisLimiter, RedisOptions};
-pub use crate::config::key_policy::KeyLimits;
+pub(crate) use self::local::LocalLimiter;
+pub(crate) use self::redis::{RedisLimiter, RedisOptions};
+pub(crate) use crate::config::key_policy::KeyLimits;
 
 /// What [`Limiter::check`] decided, with the numbers for the response headers.
 #[derive(Debug, Clone, PartialEq, Eq)]

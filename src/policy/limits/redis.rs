@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, RedisResult, Script, TlsCertificates};
+use redis::{AsyncConnectionConfig, Client, RedisResult, Script, TlsCertificates};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -31,11 +31,12 @@ use tracing::{info, warn};
 use super::bucket::Admission;
 use super::local::{caps, LocalLimiter};
 use super::{BackendState, Busy, Decision, KeyLimits, LimitsError, SlotLease, Source, Stats};
-pub use crate::config::limits::OnError;
+use crate::config::limits;
+pub(crate) use crate::config::limits::OnError;
 use crate::config::secrets::Secret;
 
 /// `Retry-After` of a request refused because Redis did not answer under `"deny"`.
-pub const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 /// First wait of the probe after Redis went down; it doubles up to [`PROBE_MAX`].
 const PROBE_FIRST: Duration = Duration::from_millis(100);
 const PROBE_MAX: Duration = Duration::from_secs(2);
@@ -73,7 +74,7 @@ impl Default for RedisOptions {
 }
 
 /// The limits of every key, shared through Redis, with this process's own as the fallback.
-pub struct RedisLimiter {
+pub(crate) struct RedisLimiter {
     shared: Arc<Shared>,
     leases: mpsc::UnboundedSender<LeaseEvent>,
     /// Where Redis is, for `keygate check`; without credentials.
@@ -106,7 +107,7 @@ struct Link(MultiplexedConnection);
 
 impl RedisLimiter {
     /// See [`super::Limiter::redis`].
-    pub async fn new(url: &Secret, options: RedisOptions) -> Result<Self, LimitsError> {
+    pub(crate) async fn new(url: &Secret, options: RedisOptions) -> Result<Self, LimitsError> {
         if options.timeout.is_zero() {
             return Err(LimitsError(
                 "redis_timeout must be more than 0; the default is 50ms".to_owned(),
@@ -132,14 +133,7 @@ impl RedisLimiter {
                 "the redis URL or its CA does not work ({e}); write the URL as redis://[user:password@]host[:port][/db], or rediss://… for TLS, and the CA as PEM"
             ))
         })?;
-        let info = client.get_connection_info();
-        let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
-        let addr = format!(
-            "{}{} db {}",
-            info.addr(),
-            if tls { " (tls)" } else { "" },
-            info.redis_settings().db()
-        );
+        let addr = limits::address_of(client.get_connection_info());
         let replica = getrandom::u64()
             .map_err(|e| LimitsError(format!("no randomness for lease ids: {e}")))?;
         let shared = Arc::new(Shared {
@@ -181,7 +175,7 @@ impl RedisLimiter {
         &self.shared.local
     }
 
-    pub async fn check(&self, key: &str, limits: &KeyLimits) -> Decision {
+    pub(crate) async fn check(&self, key: &str, limits: &KeyLimits) -> Decision {
         if limits.is_unlimited() {
             return Decision::unlimited(Source::Shared);
         }
@@ -225,7 +219,7 @@ impl RedisLimiter {
     }
 
     /// Charges `tokens` in Redis and, for the time this process may decide alone, here.
-    pub async fn debit_tokens(&self, key: &str, limits: &KeyLimits, tokens: u64) {
+    pub(crate) async fn debit_tokens(&self, key: &str, limits: &KeyLimits, tokens: u64) {
         let Some(tpm) = limits.tokens_per_minute else {
             return;
         };
@@ -257,7 +251,7 @@ impl RedisLimiter {
         }
     }
 
-    pub async fn acquire_slot(&self, key: &str, max: usize) -> Result<SlotLease, Busy> {
+    pub(crate) async fn acquire_slot(&self, key: &str, max: usize) -> Result<SlotLease, Busy> {
         let s = &self.shared;
         if let Some(link) = s.link() {
             let lease = Arc::new(LeaseId {
@@ -314,7 +308,7 @@ impl RedisLimiter {
         }
     }
 
-    pub fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         let s = &self.shared;
         Stats {
             state: if s.up.load(Ordering::Acquire) {
@@ -331,15 +325,7 @@ impl RedisLimiter {
 impl fmt::Display for RedisLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = &self.shared.options;
-        write!(
-            f,
-            "redis {}, prefix {:?}, timeout {}, slot lease {}, on error {}",
-            self.addr,
-            o.prefix,
-            humantime::format_duration(o.timeout),
-            humantime::format_duration(o.lease),
-            o.on_error.as_str()
-        )
+        limits::write_backend(f, &self.addr, &o.prefix, o.timeout, o.lease, o.on_error)
     }
 }
 
