@@ -210,7 +210,11 @@ fn go_duration(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
     use super::*;
+    use crate::config::key_policy::KeyLimits;
+    use crate::policy::limits::Source;
 
     #[test]
     fn reset_times_are_written_as_go_durations_rounded_up_to_the_millisecond() {
@@ -279,5 +283,37 @@ mod tests {
         assert_eq!(headers["x-ratelimit-limit-tokens"], "200000");
         assert_eq!(headers["x-ratelimit-remaining-tokens"], "0");
         assert_eq!(headers["x-ratelimit-reset-tokens"], "6m0s");
+    }
+
+    #[test]
+    fn headers_report_whichever_rates_the_decision_has() {
+        let decision = |requests, tokens| Decision {
+            verdict: Verdict::Allowed,
+            requests,
+            tokens,
+            source: Source::Local,
+        };
+        assert_eq!(RateHeaders::of(&decision(None, None)), None);
+        let (requests, tokens) = (headroom(600, 598, 200), headroom(200_000, 0, 360_000));
+        for (requests, tokens) in [(requests, None), (None, tokens), (requests, tokens)] {
+            assert_eq!(
+                RateHeaders::of(&decision(requests, tokens)),
+                Some(RateHeaders { requests, tokens })
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pruning_reaches_the_limiter() {
+        let admission = Admission::local();
+        let rpm = KeyLimits {
+            requests_per_minute: NonZeroU32::new(60),
+            tokens_per_minute: None,
+        };
+        admission.limiter.check("a", &rpm).await;
+        assert_eq!(admission.limiter.held(), (1, 0));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        admission.prune();
+        assert_eq!(admission.limiter.held(), (0, 0), "the bucket is full again");
     }
 }

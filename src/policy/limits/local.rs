@@ -160,7 +160,7 @@ impl LocalLimiter {
 
     /// Keys with state held, for tests of [`Self::prune`].
     #[cfg(test)]
-    fn held(&self) -> (usize, usize) {
+    pub(super) fn held(&self) -> (usize, usize) {
         (lock(&self.rates).len(), lock(&self.slots).len())
     }
 }

@@ -245,6 +245,15 @@ impl Limiter {
             Backend::Redis(r) => r.local().prune(),
         }
     }
+
+    /// Keys with in-process state held (rate buckets, slot counters), for tests of pruning.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> (usize, usize) {
+        match &*self.0 {
+            Backend::Local(l) => l.held(),
+            Backend::Redis(r) => r.local().held(),
+        }
+    }
 }
 
 impl fmt::Display for Limiter {
