@@ -3,6 +3,7 @@
 //! connections, HTTP/2 idle handling, and the side listeners (admin endpoints, the plain-HTTP
 //! redirect). Each accepted request goes to the [`crate::gateway`].
 
+mod accept;
 pub mod admin;
 pub mod h1;
 pub mod hangup;
