@@ -1,10 +1,10 @@
 //! A client that hangs up before its response, or during a streamed one, is noticed at every
-//! stage, and its upstream attempt is dropped at once: while keygate connects to a
-//! slow-accepting origin, while the origin does not read the request body, while keygate
-//! waits for response headers, over plain HTTP/1.1, TLS and HTTP/2; and while a streamed
-//! response waits for its next bytes. `response_timeout` and `connect_timeout` are 600 s here
-//! (and `idle_timeout` for streams), so only noticing the hang-up closes anything within the
-//! deadline.
+//! stage, and its upstream attempt is dropped at once: before its head is read (nothing reaches
+//! the origin), while keygate connects to a slow-accepting origin, while the origin does not
+//! read the request body, while keygate waits for response headers, over plain HTTP/1.1, TLS
+//! and HTTP/2; and while a streamed response waits for its next bytes. `response_timeout` and
+//! `connect_timeout` are 600 s here (and `idle_timeout` for streams), so only noticing the
+//! hang-up closes anything within the deadline.
 //!
 //! What the kernel says about keygate's socket to the origin (`/proc/net/tcp`) is the
 //! condition where the origin cannot see it: a connect still in SYN_SENT, a connection whose
@@ -142,6 +142,50 @@ async fn accept(listener: &TcpListener) -> (TcpStream, u16) {
         .expect("keygate connects within the deadline")
         .unwrap();
     (stream, peer.port())
+}
+
+// ---------------------------------------------------------------- (0) before the head is read
+
+/// A keyed upload whose head, first `sent` body bytes and FIN are all in keygate's socket
+/// before keygate reads any of it: the request must not reach the origin at all. The client
+/// is a blocking socket, so keygate (tasks of this test's one-thread runtime) cannot run
+/// between its calls: it accepts the connection once everything is there.
+async fn gone_before_its_head_is_read(sent: usize) {
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    origin.set_nonblocking(true).unwrap();
+    let proxy = start_proxy_with(&patient(origin.local_addr().unwrap()).text()).await;
+    let mut client = std::net::TcpStream::connect(proxy.addr).unwrap();
+    std::io::Write::write_all(&mut client, upload_head(1_000_000).as_bytes()).unwrap();
+    std::io::Write::write_all(&mut client, &vec![b'b'; sent]).unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    client.set_nonblocking(true).unwrap();
+    let mut client = TcpStream::from_std(client).unwrap();
+    let mut reply = Vec::new();
+    // keygate closes without a response; with body bytes unread, its close is a reset.
+    let closed = tokio::time::timeout(DEADLINE, client.read_to_end(&mut reply)).await;
+    assert!(
+        closed.is_ok(),
+        "keygate keeps the connection of a gone client"
+    );
+    assert!(reply.is_empty(), "{}", String::from_utf8_lossy(&reply));
+    // A connect keygate made has completed its handshake (loopback) and waits in the
+    // origin's accept queue, even once keygate has closed it.
+    match origin.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("keygate connected to the origin for a client already gone: {other:?}"),
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_gone_before_its_head_is_read_is_not_forwarded() {
+    gone_before_its_head_is_read(2048).await;
+}
+
+/// Its FIN waits behind body bytes that hyper has not read.
+#[tokio::test]
+async fn a_client_gone_behind_unread_body_bytes_is_not_forwarded() {
+    gone_before_its_head_is_read(32 * 1024).await;
 }
 
 // ---------------------------------------------------------------- (a) connecting

@@ -8,12 +8,15 @@
 //!
 //! The listener wraps each accepted socket in a [`ClientSocket`], which serves the connection
 //! like the socket itself and leaves a [`Hangup`] behind. The listener races each HTTP/1.1
-//! request, from its head to its response headers, against [`Hangup::wait`]: once the client
-//! has closed its side (FIN or reset), the request is dropped with its upstream attempt
-//! (connect abandoned, upstream connection closed, nothing more sent) and the connection is
-//! closed without a response, as nginx does without `proxy_ignore_client_abort`. A client
-//! that only half-closes (shuts down its sending side, still reading) counts as gone, as
-//! hyper already treats it once a request body has been read.
+//! request, from its head to its response headers, against its client's hang-up
+//! ([`Hangup::unless_gone`]): once the client has closed its side (FIN or reset), the request
+//! is dropped with its upstream attempt (connect abandoned, upstream connection closed,
+//! nothing more sent) and the connection is closed without a response, as nginx does without
+//! `proxy_ignore_client_abort`. A client that only half-closes (shuts down its sending side,
+//! still reading) counts as gone, as hyper already treats it once a request body has been
+//! read. At the request's start the kernel is asked directly (`client_now`), so a client
+//! that sent its head and part of its body and closed before keygate read them (a FIN behind
+//! unread body bytes included) never costs an upstream connection.
 //!
 //! On a plain connection the response body is watched as well ([`Watched`]): hyper runs
 //! there with `half_close`, so it does not read the socket while a response is under way
@@ -39,6 +42,7 @@ use std::task::{ready, Context, Poll};
 
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
+use rustix::event::{PollFd, PollFlags, Timespec};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
@@ -156,6 +160,7 @@ impl Hangup {
     ) -> impl Future<Output = Result<F::Output, ClientGone>> + 'a {
         UnlessGone {
             hangup: self,
+            asked_kernel: false,
             unread: None,
             request,
         }
@@ -168,6 +173,24 @@ impl Hangup {
             return Ok(0);
         };
         stream.peek(&mut [0u8; 1]).await
+    }
+
+    /// Whether the client has hung up, by the kernel's word at this moment; `unread` starts
+    /// the watch of [`behind_unread_bytes`] when bytes wait in the socket. Costs a system
+    /// call, for the one moment where an early answer saves an upstream connection: the
+    /// request's start (see [`client_now`]).
+    fn gone_now(&self, unread: &mut Option<Watch>) -> bool {
+        let Some(stream) = self.0.upgrade() else {
+            return true;
+        };
+        match client_now(&stream) {
+            Client::Gone => true,
+            Client::Sent => {
+                *unread = Some(Box::pin(behind_unread_bytes(stream)));
+                false
+            }
+            Client::Quiet => false,
+        }
     }
 
     /// Whether the client has hung up, for a response body waiting for its next bytes; if
@@ -196,6 +219,39 @@ impl Hangup {
 }
 
 type Watch = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The client's side of its socket, as the kernel has it now.
+enum Client {
+    /// Closed (FIN, also behind bytes not yet read) or reset.
+    Gone,
+    /// Bytes wait to be read, and the client has not closed.
+    Sent,
+    Quiet,
+}
+
+/// Asks the kernel (`poll` with no wait) rather than the runtime, which learns of a FIN only
+/// from the I/O driver's next turn: an accepted socket is assumed readable before its first
+/// event, the read of the request head then finds no more bytes and clears that, and a
+/// request started before the event comes would open an upstream connection for a client
+/// that closed before its head was read. Also sees a FIN queued behind unread body bytes.
+fn client_now(stream: &TcpStream) -> Client {
+    let mut fds = [PollFd::new(stream, PollFlags::IN | PollFlags::RDHUP)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    if rustix::event::poll(&mut fds, Some(&now)).is_err() {
+        return Client::Quiet;
+    }
+    let seen = fds[0].revents();
+    if seen.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
+        Client::Gone
+    } else if seen.contains(PollFlags::IN) {
+        Client::Sent
+    } else {
+        Client::Quiet
+    }
+}
 
 /// Completes once the client closes its side, while bytes it sent wait in the socket for
 /// hyper (a request body held back while the upstream is slow, a pipelined request). Taking
@@ -280,6 +336,8 @@ pin_project! {
     /// [`Watched`] does), which costs nothing while the client sends nothing.
     struct UnlessGone<'a, F> {
         hangup: &'a Hangup,
+        // Whether `Hangup::gone_now` has been asked, at the first poll.
+        asked_kernel: bool,
         unread: Option<Watch>,
         #[pin]
         request: F,
@@ -291,6 +349,12 @@ impl<F: Future> Future for UnlessGone<'_, F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if !*this.asked_kernel {
+            *this.asked_kernel = true;
+            if this.hangup.gone_now(this.unread) {
+                return Poll::Ready(Err(ClientGone));
+            }
+        }
         if this.hangup.poll_gone(cx, this.unread) {
             return Poll::Ready(Err(ClientGone));
         }

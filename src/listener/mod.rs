@@ -3,6 +3,7 @@
 //! connections, HTTP/2 idle handling, and the side listeners (admin endpoints, the plain-HTTP
 //! redirect). Each accepted request goes to the [`crate::gateway`].
 
+mod accept;
 pub(crate) mod admin;
 pub(crate) mod h1;
 pub(crate) mod hangup;

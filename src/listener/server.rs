@@ -1,9 +1,9 @@
-//! The listener: accept under a connection limit, complete the TLS handshake when TLS is on,
-//! choose the protocol (ALPN over TLS; HTTP/1.1 or h2c by the first bytes otherwise), serve
-//! each connection with hyper (HTTP/1.1 through [`h1`], which parks idle connections and
-//! hands a WebSocket tunnel its socket), drop an HTTP/1.1 request whose client hangs up
-//! before its response ([`hangup`](crate::listener::hangup)), and drain gracefully when the
-//! shutdown future completes.
+//! The listener: accept under a connection limit (the loop is in `accept.rs`), complete the TLS
+//! handshake when TLS is on, choose the protocol (ALPN over TLS; HTTP/1.1 or h2c by the first
+//! bytes otherwise), serve each connection with hyper (HTTP/1.1 through [`h1`], which parks
+//! idle connections and hands a WebSocket tunnel its socket), drop an HTTP/1.1 request whose
+//! client hangs up before its response ([`hangup`](crate::listener::hangup)), and drain
+//! gracefully when the shutdown future completes.
 
 use std::future::Future;
 use std::io;
@@ -33,7 +33,7 @@ use crate::listener::preface::{self, Protocol, Rewind};
 use crate::listener::redirect::Redirector;
 use crate::listener::streams::{Streams, Tracked};
 use crate::listener::tls::ServerTls;
-use crate::listener::{admin, h1};
+use crate::listener::{accept, admin, h1};
 use crate::observe::access;
 use crate::observe::metrics::Metrics;
 use crate::policy::admission::Admission;
@@ -161,10 +161,7 @@ pub async fn run_with_clock(
         .await
         .map_err(io::Error::other)?;
     let server = Arc::new(Connections::new(&config, clock, admission)?);
-    let limit = Arc::new(Semaphore::new(settings.max_connections));
-    let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let (drain, draining) = watch::channel(false);
-    tokio::pin!(shutdown);
     let housekeeping = tokio::spawn(housekeeping(
         server.gateway.clone(),
         server.tls.clone(),
@@ -184,48 +181,26 @@ pub async fn run_with_clock(
         "http"
     };
     info!(listen = %listener.local_addr()?, scheme, "accepting connections");
-    // Every connection task lives in this set: finished ones are reaped as the loop goes, and
-    // those still open when the grace expires are aborted, so nothing outlives `run`.
-    let mut connections = JoinSet::new();
-    loop {
-        while connections.try_join_next().is_some() {}
-        let (permit, over_capacity) = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            permit = limit.clone().acquire_owned() => (permit, false),
-            permit = overflow.clone().acquire_owned() => (permit, true),
-        };
-        let Ok(permit) = permit else { break };
-        let (stream, peer) = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "accept failed; retrying shortly");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
-        if over_capacity {
-            debug!(%peer, "at max_connections: serving only the probe on this connection");
-        }
-        let server = server.clone();
-        let draining = draining.clone();
-        connections.spawn(async move {
-            server
-                .serve(stream, Peer::new(peer, over_capacity), draining)
-                .await;
-            drop(permit);
-        });
-        // One accept, then the connections' turn: accepting a whole burst first would turn
-        // the listen backlog into open descriptors faster than they are served or closed.
-        tokio::task::yield_now().await;
-    }
-    drop(listener);
+    // In a set, so that dropping `run` aborts the loop and, with it, its connections.
+    let mut accepting = JoinSet::new();
+    let serving = server.clone();
+    accepting.spawn(accept::accept(
+        listener,
+        settings.max_connections,
+        draining.clone(),
+        move |stream, peer, draining| {
+            let server = serving.clone();
+            async move { server.serve(stream, peer, draining).await }
+        },
+    ));
+    shutdown.await;
     server.gateway.start_draining();
     let _ = drain.send(true);
+    let mut connections = accepting
+        .join_next()
+        .await
+        .unwrap_or_else(|| Ok(JoinSet::new()))
+        .map_err(io::Error::other)?;
     info!(
         connections = connections.len(),
         grace_s = settings.shutdown_grace.as_secs_f64(),
