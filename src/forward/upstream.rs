@@ -34,7 +34,7 @@ use tracing::debug;
 use crate::config;
 use crate::error::ProxyError;
 use crate::forward::body::RequestBody;
-use crate::forward::replay::{Outgoing, Tape};
+use crate::forward::replay::Outgoing;
 use crate::forward::tls_client;
 
 /// How long an idle pooled upstream connection is kept.
@@ -143,7 +143,7 @@ impl Upstream {
         req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), ProxyError> {
         let (parts, body) = req.into_parts();
-        let (body, tape) = Outgoing::recording(body);
+        let (body, replay) = Outgoing::recording(body);
         let mut req = Request::from_parts(parts, body);
         let mut resent = false;
         loop {
@@ -178,7 +178,7 @@ impl Upstream {
                         let error = failed.into_error();
                         let again = head
                             .filter(|_| lost_with_the_connection(&error))
-                            .and_then(|head| Some((head, Tape::replay(tape.as_ref()?)?)));
+                            .and_then(|head| Some((head, replay.as_ref()?.again()?)));
                         let Some((head, body)) = again else {
                             return Err(classify(error));
                         };
