@@ -157,8 +157,9 @@ impl Upstream {
                 // each client connection.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            // What a resend would need: a reused connection's request is resent at most once.
-            let head = (reused && !resent).then(|| head_of(&req));
+            // What a resend would need: a reused connection's request is resent at most once,
+            // and only with a body that can be sent again.
+            let head = (reused && !resent && replay.is_some()).then(|| head_of(&req));
             match connection.sender.try_send_request(req).await {
                 Ok(response) => {
                     let lease = Lease {
