@@ -5,7 +5,9 @@
 //!
 //! keygate runs in this process on a current-thread runtime (as on one core), with its
 //! defaults and one key, in front of an origin that answers a 96-byte JSON document, or for
-//! `/sse` an event stream that sends one event and then waits. The origin and the clients run
+//! a streamed chat completion (`POST /v1/chat/completions` with `{}`, the request of
+//! `benches/memory.py`, so keygate reads its body and the stream's token usage) an event
+//! stream that sends one event and then waits. The origin and the clients run
 //! on their own threads with blocking sockets, every thread and buffer made before the first
 //! count, so what the allocator counts is keygate's (tokio and hyper included).
 //!
@@ -144,9 +146,11 @@ fn measure(proxy: SocketAddr, args: &Args, profiler: dhat::Profiler) -> Vec<Stri
     let request =
         format!("GET /v1/models HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n\r\n")
             .into_bytes();
-    let sse_request =
-        format!("GET /sse HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n\r\n")
-            .into_bytes();
+    let sse_request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: 2\r\n\r\n{{}}"
+    )
+    .into_bytes();
     let mut buf = vec![0u8; 64 * 1024];
     let mut held = Vec::with_capacity(args.idle.max(args.streams));
 
@@ -386,7 +390,16 @@ fn serve(mut c: TcpStream, buf: &mut [u8], json: &[u8]) {
                 Ok(n) => filled += n,
             }
         };
-        let answer = if buf[..head].starts_with(b"GET /sse ") {
+        let stream = buf[..head].starts_with(b"POST /v1/chat/completions ");
+        // The request body: only a stream's request has one.
+        let mut body = content_length(&buf[..head]).saturating_sub(filled - head - 4);
+        while body > 0 {
+            match c.read(&mut buf[..body.min(16 * 1024)]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body -= n,
+            }
+        }
+        let answer = if stream {
             let round = RELEASED.load(Ordering::Relaxed);
             if c.write_all(SSE_HEAD).is_err() {
                 return;

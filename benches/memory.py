@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import figures  # noqa: E402  (the sibling script: origin, clients, proxies, RSS sampling)
+import procs  # noqa: E402  (the process helpers: stop by PID, the processes started)
 
 DEADLINE_S = 300
 NGINX_IDLE = 3_000
@@ -51,13 +52,13 @@ async def measure(start, label: str, idle_n: int) -> dict:
     await figures.wait_health(proxy.port, proxy.proc)
     await asyncio.sleep(0.3)
     idle = await figures.fig_idle(proxy, KEY, idle_n)
-    figures.stop_process(proxy.proc)
+    procs.stop_process(proxy.proc)
     print(figures.line_idle(f"{label} idle", idle), flush=True)
     proxy, _ = start()
     await figures.wait_health(proxy.port, proxy.proc)
     await asyncio.sleep(0.3)
     sse = await figures.fig_sse(proxy, KEY)
-    figures.stop_process(proxy.proc)
+    procs.stop_process(proxy.proc)
     print(f"{label} sse: {sse['complete']}/{sse['streams']} streams complete; RSS idle"
           f" {sse['rss_idle_mib']} MiB, peak with all open {sse['rss_peak_all_open_mib']} MiB,"
           f" {sse['kib_per_stream']} KiB/stream; errors {sse['n_errors']}", flush=True)
@@ -87,8 +88,8 @@ async def run(args) -> dict:
                 lambda: figures.start_nginx(args.nginx, tmp, origin, KEY, SECRET),
                 "nginx", min(args.idle, NGINX_IDLE))
     finally:
-        for p in figures.STARTED:
-            figures.stop_process(p)
+        for p in procs.STARTED:
+            procs.stop_process(p)
         server.close()
         shutil.rmtree(tmp, ignore_errors=True)  # the nginx config holds the key
     return report
@@ -115,8 +116,8 @@ def main() -> int:
     try:
         report = asyncio.run(bounded())
     finally:
-        for p in figures.STARTED:
-            figures.stop_process(p)
+        for p in procs.STARTED:
+            procs.stop_process(p)
     print(json.dumps(report, separators=(",", ":")), flush=True)
     ok = all(r[f]["ok"] for r in report.values() for f in ("idle", "sse"))
     return 0 if ok else 1

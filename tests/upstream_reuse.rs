@@ -112,3 +112,21 @@ async fn a_body_over_the_replay_limit_is_not_sent_again() {
     );
     assert_eq!(dropped.load(Ordering::SeqCst), 2);
 }
+
+/// A request without a body (a GET, most often) keeps nothing for a resend and still goes
+/// out again when it is lost with a reused connection.
+#[tokio::test]
+async fn a_bodiless_request_lost_with_a_reused_upstream_connection_is_sent_again() {
+    let (origin, dropped) = one_answer_per_connection_origin().await;
+    let proxy = start_proxy(origin).await;
+    let auth = bearer(KEY);
+    for _ in 0..3 {
+        let reply = send(
+            proxy.addr,
+            request(Method::GET, "/v1/models", &[("authorization", &auth)], ""),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    assert_eq!(dropped.load(Ordering::SeqCst), 2);
+}

@@ -25,19 +25,41 @@ use crate::forward::body::RequestBody;
 pub(crate) const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// The body sent upstream: the client's body as it comes, or, when it may be resent, first
-/// what a resend gives again and then the client's body, its frames kept on the tape.
+/// what a resend gives again and then the client's body, its frames kept on the tape; or,
+/// resent, a body that had ended before the request first went out.
 pub(crate) enum Outgoing {
     Direct(RequestBody),
     Taped {
         again: VecDeque<Bytes>,
         tape: Arc<Mutex<Tape>>,
     },
+    Empty,
+}
+
+/// How a request's body is sent once more.
+pub(crate) enum Replay {
+    /// The body had ended before the request went out (a GET's, most often): nothing to keep.
+    Empty,
+    Taped(Arc<Mutex<Tape>>),
+}
+
+impl Replay {
+    /// The body once more, from its start, unless it could not be kept.
+    pub(crate) fn again(&self) -> Option<Outgoing> {
+        match self {
+            Self::Empty => Some(Outgoing::Empty),
+            Self::Taped(tape) => Tape::replay(tape),
+        }
+    }
 }
 
 impl Outgoing {
-    /// The client's body, and the tape it is kept on if its declared length is within
-    /// [`REPLAY_LIMIT`].
-    pub(crate) fn recording(body: RequestBody) -> (Self, Option<Arc<Mutex<Tape>>>) {
+    /// The client's body, and how to send it again: a body that has ended needs nothing
+    /// kept, another is kept on a tape if its declared length is within [`REPLAY_LIMIT`].
+    pub(crate) fn recording(body: RequestBody) -> (Self, Option<Replay>) {
+        if http_body::Body::is_end_stream(&body) {
+            return (Self::Direct(body), Some(Replay::Empty));
+        }
         let declared = http_body::Body::size_hint(&body).exact();
         if declared.is_none_or(|len| len > REPLAY_LIMIT as u64) {
             return (Self::Direct(body), None);
@@ -53,7 +75,7 @@ impl Outgoing {
             again: VecDeque::new(),
             tape: tape.clone(),
         };
-        (outgoing, Some(tape))
+        (outgoing, Some(Replay::Taped(tape)))
     }
 }
 
@@ -108,6 +130,7 @@ impl http_body::Body for Outgoing {
         let (again, tape) = match self.get_mut() {
             Self::Direct(body) => return Pin::new(body).poll_frame(cx),
             Self::Taped { again, tape } => (again, tape),
+            Self::Empty => return Poll::Ready(None),
         };
         if let Some(data) = again.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -136,6 +159,7 @@ impl http_body::Body for Outgoing {
                 let tape = lock(tape);
                 again.is_empty() && (tape.ended || tape.body.is_end_stream())
             }
+            Self::Empty => true,
         }
     }
 
@@ -143,6 +167,7 @@ impl http_body::Body for Outgoing {
         let (again, tape) = match self {
             Self::Direct(body) => return body.size_hint(),
             Self::Taped { again, tape } => (again, lock(tape)),
+            Self::Empty => return SizeHint::with_exact(0),
         };
         let again: u64 = again.iter().map(|b| b.len() as u64).sum();
         let rest = if tape.ended {
