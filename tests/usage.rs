@@ -196,6 +196,8 @@ async fn a_body_that_is_not_json_is_forwarded_unchanged_for_a_key_without_models
         "plain text".to_owned(),
         r#"{"stream":true,"stream":true} x"#.to_owned(),
         long,
+        // Found not to be JSON only at its end, where a key with models is refused.
+        r#"{"model":"named","messages":["#.to_owned(),
     ];
     for body in &bodies {
         let reply = send(proxy.addr, post("/v1/completions", KEY, body.clone())).await;
@@ -207,9 +209,63 @@ async fn a_body_that_is_not_json_is_forwarded_unchanged_for_a_key_without_models
         // Unread from its first bad byte, so its length stays known.
         assert_eq!(seen.headers["content-length"], body.len().to_string());
     }
-    // The answers carried usage and named their model, which the requests did not.
+    // The answers carried usage and named their model; a body that is not JSON names none,
+    // whatever it holds.
     let prompt = tokens("default", "Qwen/Qwen3-0.6B", "prompt");
-    wait_for_sample(&proxy, &prompt, 63.0).await;
+    let text = wait_for_sample(&proxy, &prompt, 84.0).await;
+    assert!(!text.contains(r#"model="named""#), "{text}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_goes_upstream_before_its_end() {
+    let upstream = start_upstream_with(|_| answer("application/json", VLLM_JSON)).await;
+    let proxy = proxy(&upstream).await;
+    let (mut tx, req) = upload("/v1/completions");
+    let addr = proxy.addr;
+    let client = tokio::spawn(async move { read_reply(open(addr, req).await).await });
+    tx.send_data(Bytes::from_static(b"plain text, "))
+        .await
+        .unwrap();
+    // The rest waits for the upstream: once the body cannot be JSON, keygate does not wait
+    // for the read-ahead to fill.
+    upstream
+        .wait_until("the upstream contacted", |u| u.connections_opened() == 1)
+        .await;
+    tx.send_data(Bytes::from_static(b"then the rest"))
+        .await
+        .unwrap();
+    drop(tx);
+    assert_eq!(client.await.unwrap().status, StatusCode::OK);
+    let seen = upstream.wait_for_requests(1).await;
+    assert_eq!(seen[0].body, "plain text, then the rest".as_bytes());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn only_a_post_that_is_not_a_form_is_read() {
+    let upstream = start_upstream_with(|_| answer("text/event-stream", EVENTS.concat())).await;
+    let proxy = proxy(&upstream).await;
+    // A streamed chat completion that would get `include_usage` asked for, were it read.
+    let body = r#"{"model":"m","stream":true}"#;
+    for (method, content_type) in [
+        ("PUT", "application/json"),
+        ("POST", "multipart/form-data; boundary=x"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri("/v1/chat/completions")
+            .header("host", "keygate.test")
+            .header("authorization", bearer(KEY))
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let reply = send(proxy.addr, req).await;
+        assert_eq!(reply.text(), EVENTS.concat(), "{method} {content_type}");
+    }
+    for seen in upstream.wait_for_requests(2).await {
+        assert_eq!(seen.body, body.as_bytes(), "{}", seen.method);
+    }
     proxy.stop().await;
 }
 
