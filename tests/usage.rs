@@ -220,7 +220,11 @@ async fn a_body_that_is_not_json_is_forwarded_unchanged_for_a_key_without_models
 #[tokio::test]
 async fn a_body_that_is_not_json_goes_upstream_before_its_end() {
     let upstream = start_upstream_with(|_| answer("application/json", VLLM_JSON)).await;
-    let proxy = proxy(&upstream).await;
+    // However slowly the rest of the body follows, the upstream waits for it.
+    let config = TestConfig::new(upstream.addr)
+        .response_timeout(6 * DEADLINE)
+        .keys([Key::env("default", "API_KEY")]);
+    let proxy = start_proxy_with(&config.text()).await;
     let (mut tx, req) = upload("/v1/completions");
     let addr = proxy.addr;
     let client = tokio::spawn(async move { read_reply(open(addr, req).await).await });
