@@ -290,7 +290,11 @@ async fn a_long_body_is_sent_on_while_read_and_a_refusal_aborts_it_upstream() {
 #[tokio::test]
 async fn a_long_body_that_cannot_be_json_is_refused_before_the_upstream_is_contacted() {
     let upstream = start_upstream().await;
-    let proxy = proxy(&upstream).await;
+    // Long enough that only an answer that waits for nothing more arrives by the deadline.
+    let config = TestConfig::new(upstream.addr)
+        .response_timeout(6 * DEADLINE)
+        .keys([Key::env("default", "API_KEY").models(&MODELS)]);
+    let proxy = start_proxy_with(&config.text()).await;
     // Exactly the read-ahead (64 KiB), not JSON from its first byte, and more to come: the
     // refusal reads the rest of the read-ahead and answers, without waiting for the end of
     // the body or sending any of it upstream.

@@ -379,6 +379,13 @@ fn the_access_line_carries_the_model_and_the_tokens() {
         )
         .await;
         assert_eq!(reply.status, StatusCode::OK);
+        // Longer than the read-ahead, its model last: refused while it is sent on.
+        let long = format!(
+            r#"{{"prompt":"{}","model":"secret"}}"#,
+            "x".repeat(200 * 1024)
+        );
+        let reply = send(keygate.addr, post("/v1/chat/completions", CI_KEY, long)).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
     });
     let (status, output) = keygate.terminate();
     assert!(status.success(), "{output}");
@@ -387,7 +394,7 @@ fn the_access_line_carries_the_model_and_the_tokens() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|e| e["target"] == "keygate::access")
         .collect();
-    assert_eq!(access.len(), 3, "{output}");
+    assert_eq!(access.len(), 4, "{output}");
     assert_eq!(access[0]["model"], "lora-a");
     assert_eq!(access[0]["prompt_tokens"], 21);
     assert_eq!(access[0]["completion_tokens"], 6);
@@ -396,4 +403,6 @@ fn the_access_line_carries_the_model_and_the_tokens() {
     assert_eq!(access[1]["prompt_tokens"], serde_json::Value::Null);
     // A request without a body names no model and reports no tokens.
     assert!(access[2].get("model").is_none() && access[2].get("prompt_tokens").is_none());
+    assert_eq!(access[3]["model"], "secret");
+    assert_eq!(access[3]["status"], 404);
 }
