@@ -350,6 +350,47 @@ async fn a_body_read_ahead_is_held_to_max_request_body_to_the_byte() {
     proxy.stop().await;
 }
 
+#[tokio::test]
+async fn a_refused_body_is_read_to_its_end() {
+    let upstream = start_upstream().await;
+    let proxy = proxy(&upstream).await;
+    // A form refused from its head, and a model refused from the body's first chunk, each in
+    // many small chunks and followed by a second request on the connection: the connection
+    // stays usable only if keygate read the refused body to its end.
+    let pieces = ["ab"; 20].join("");
+    for (path, content_type, first, status) in [
+        (
+            "/v1/audio/transcriptions",
+            "multipart/form-data; boundary=b",
+            "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n",
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            "application/json",
+            r#"{"model":"secret","x":""#,
+            404,
+        ),
+    ] {
+        let rest = format!("{pieces}\"}}");
+        let chunks: String = std::iter::once(first.to_owned())
+            .chain(
+                cut(&rest, 2)
+                    .iter()
+                    .map(|c| String::from_utf8_lossy(c).into_owned()),
+            )
+            .map(|c| format!("{:x}\r\n{c}\r\n", c.len()))
+            .collect();
+        let requests = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}0\r\n\r\nGET /props HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
+        );
+        let (answered, text) = raw(proxy.addr, requests.as_bytes()).await;
+        assert_eq!(answered, status, "{text}");
+        assert!(text.contains("HTTP/1.1 200 "), "{path}: {text}");
+    }
+    proxy.stop().await;
+}
+
 /// An upstream that never answers and reports, per connection, every byte it received
 /// until keygate closed the connection.
 async fn start_raw_upstream() -> (
