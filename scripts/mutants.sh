@@ -51,8 +51,8 @@ export CARGO_TARGET_DIR="$target_dir/mutants/target"
 
 # The suites of the second pass: the unit tests beside the code, and the integration suites
 # for authentication, key-less routes, header rules, scopes and presets, per-key limits and
-# expiry, models and rates, key reloads, the config summary, the "never" rules and the
-# attacks on them. Naming
+# expiry, models, token usage and rates, key reloads, the config summary, the "never" rules
+# and the attacks on them. Naming
 # the targets in every cargo call keeps the other suites out of each mutant's build.
 targets=(
   --lib
@@ -67,6 +67,7 @@ targets=(
   --test=rates
   --test=routing
   --test=scopes
+  --test=usage
 )
 
 # One cargo-mutants run over $file: output directory, then cargo targets, then extra

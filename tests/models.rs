@@ -287,6 +287,110 @@ async fn a_long_body_is_sent_on_while_read_and_a_refusal_aborts_it_upstream() {
     proxy.stop().await;
 }
 
+#[tokio::test]
+async fn a_long_body_that_cannot_be_json_is_refused_before_the_upstream_is_contacted() {
+    let upstream = start_upstream().await;
+    // Long enough that only an answer that waits for nothing more arrives by the deadline.
+    let config = TestConfig::new(upstream.addr)
+        .response_timeout(6 * DEADLINE)
+        .keys([Key::env("default", "API_KEY").models(&MODELS)]);
+    let proxy = start_proxy_with(&config.text()).await;
+    // Exactly the read-ahead (64 KiB), not JSON from its first byte, and more to come: the
+    // refusal reads the rest of the read-ahead and answers, without waiting for the end of
+    // the body or sending any of it upstream.
+    let body = format!("model=lora-a&prompt={}", "x".repeat(64 * 1024 - 20));
+    let (mut tx, req) = upload("/v1/chat/completions");
+    let feeding = tokio::spawn(async move {
+        for chunk in cut(&body, 16 * 1024) {
+            if tx.send_data(chunk).await.is_err() {
+                return None;
+            }
+        }
+        Some(tx)
+    });
+    let reply = tokio::time::timeout(DEADLINE, async {
+        read_reply(open(proxy.addr, req).await).await
+    })
+    .await
+    .expect("refused before the rest of the body");
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "model_undecidable");
+    drop(feeding.await.unwrap());
+    assert_eq!(upstream.connections_opened(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_read_ahead_is_held_to_max_request_body_to_the_byte() {
+    let upstream = start_upstream().await;
+    let config = TestConfig::new(upstream.addr)
+        .max_request_body("1KiB")
+        .keys([Key::env("default", "API_KEY").models(&MODELS)]);
+    let proxy = start_proxy_with(&config.text()).await;
+    // A JSON body of `len` bytes.
+    let body = |len: usize| {
+        let (head, tail) = (r#"{"model":"lora-a","prompt":""#, r#""}"#);
+        format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+    };
+    // The body in two HTTP/1.1 chunks, which reach keygate as frames of their own.
+    let request = |body: &str| {
+        let (a, b) = body.split_at(600);
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+            a.len(),
+            b.len()
+        )
+    };
+    let (status, text) = raw(proxy.addr, request(&body(1025)).as_bytes()).await;
+    assert_eq!(status, 413, "{text}");
+    assert!(upstream.requests().is_empty());
+    let (status, text) = raw(proxy.addr, request(&body(1024)).as_bytes()).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(upstream.wait_for_requests(1).await[0].body, body(1024));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_body_is_read_to_its_end() {
+    let upstream = start_upstream().await;
+    let proxy = proxy(&upstream).await;
+    // A form refused from its head, and a model refused from the body's first chunk, each in
+    // many small chunks and followed by a second request on the connection: the connection
+    // stays usable only if keygate read the refused body to its end.
+    let pieces = ["ab"; 20].join("");
+    for (path, content_type, first, status) in [
+        (
+            "/v1/audio/transcriptions",
+            "multipart/form-data; boundary=b",
+            "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n",
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            "application/json",
+            r#"{"model":"secret","x":""#,
+            404,
+        ),
+    ] {
+        let rest = format!("{pieces}\"}}");
+        let chunks: String = std::iter::once(first.to_owned())
+            .chain(
+                cut(&rest, 2)
+                    .iter()
+                    .map(|c| String::from_utf8_lossy(c).into_owned()),
+            )
+            .map(|c| format!("{:x}\r\n{c}\r\n", c.len()))
+            .collect();
+        let requests = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n{chunks}0\r\n\r\nGET /props HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
+        );
+        let (answered, text) = raw(proxy.addr, requests.as_bytes()).await;
+        assert_eq!(answered, status, "{text}");
+        assert!(text.contains("HTTP/1.1 200 "), "{path}: {text}");
+    }
+    proxy.stop().await;
+}
+
 /// An upstream that never answers and reports, per connection, every byte it received
 /// until keygate closed the connection.
 async fn start_raw_upstream() -> (

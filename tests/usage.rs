@@ -196,6 +196,8 @@ async fn a_body_that_is_not_json_is_forwarded_unchanged_for_a_key_without_models
         "plain text".to_owned(),
         r#"{"stream":true,"stream":true} x"#.to_owned(),
         long,
+        // Found not to be JSON only at its end, where a key with models is refused.
+        r#"{"model":"named","messages":["#.to_owned(),
     ];
     for body in &bodies {
         let reply = send(proxy.addr, post("/v1/completions", KEY, body.clone())).await;
@@ -207,9 +209,67 @@ async fn a_body_that_is_not_json_is_forwarded_unchanged_for_a_key_without_models
         // Unread from its first bad byte, so its length stays known.
         assert_eq!(seen.headers["content-length"], body.len().to_string());
     }
-    // The answers carried usage and named their model, which the requests did not.
+    // The answers carried usage and named their model; a body that is not JSON names none,
+    // whatever it holds.
     let prompt = tokens("default", "Qwen/Qwen3-0.6B", "prompt");
-    wait_for_sample(&proxy, &prompt, 63.0).await;
+    let text = wait_for_sample(&proxy, &prompt, 84.0).await;
+    assert!(!text.contains(r#"model="named""#), "{text}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_goes_upstream_before_its_end() {
+    let upstream = start_upstream_with(|_| answer("application/json", VLLM_JSON)).await;
+    // However slowly the rest of the body follows, the upstream waits for it.
+    let config = TestConfig::new(upstream.addr)
+        .response_timeout(6 * DEADLINE)
+        .keys([Key::env("default", "API_KEY")]);
+    let proxy = start_proxy_with(&config.text()).await;
+    let (mut tx, req) = upload("/v1/completions");
+    let addr = proxy.addr;
+    let client = tokio::spawn(async move { read_reply(open(addr, req).await).await });
+    tx.send_data(Bytes::from_static(b"plain text, "))
+        .await
+        .unwrap();
+    // The rest waits for the upstream: once the body cannot be JSON, keygate does not wait
+    // for the read-ahead to fill.
+    upstream
+        .wait_until("the upstream contacted", |u| u.connections_opened() == 1)
+        .await;
+    tx.send_data(Bytes::from_static(b"then the rest"))
+        .await
+        .unwrap();
+    drop(tx);
+    assert_eq!(client.await.unwrap().status, StatusCode::OK);
+    let seen = upstream.wait_for_requests(1).await;
+    assert_eq!(seen[0].body, "plain text, then the rest".as_bytes());
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn only_a_post_that_is_not_a_form_is_read() {
+    let upstream = start_upstream_with(|_| answer("text/event-stream", EVENTS.concat())).await;
+    let proxy = proxy(&upstream).await;
+    // A streamed chat completion that would get `include_usage` asked for, were it read.
+    let body = r#"{"model":"m","stream":true}"#;
+    for (method, content_type) in [
+        ("PUT", "application/json"),
+        ("POST", "multipart/form-data; boundary=x"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri("/v1/chat/completions")
+            .header("host", "keygate.test")
+            .header("authorization", bearer(KEY))
+            .header("content-type", content_type)
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let reply = send(proxy.addr, req).await;
+        assert_eq!(reply.text(), EVENTS.concat(), "{method} {content_type}");
+    }
+    for seen in upstream.wait_for_requests(2).await {
+        assert_eq!(seen.body, body.as_bytes(), "{}", seen.method);
+    }
     proxy.stop().await;
 }
 
@@ -319,6 +379,13 @@ fn the_access_line_carries_the_model_and_the_tokens() {
         )
         .await;
         assert_eq!(reply.status, StatusCode::OK);
+        // Longer than the read-ahead, its model last: refused while it is sent on.
+        let long = format!(
+            r#"{{"prompt":"{}","model":"secret"}}"#,
+            "x".repeat(200 * 1024)
+        );
+        let reply = send(keygate.addr, post("/v1/chat/completions", CI_KEY, long)).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND);
     });
     let (status, output) = keygate.terminate();
     assert!(status.success(), "{output}");
@@ -327,7 +394,7 @@ fn the_access_line_carries_the_model_and_the_tokens() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|e| e["target"] == "keygate::access")
         .collect();
-    assert_eq!(access.len(), 3, "{output}");
+    assert_eq!(access.len(), 4, "{output}");
     assert_eq!(access[0]["model"], "lora-a");
     assert_eq!(access[0]["prompt_tokens"], 21);
     assert_eq!(access[0]["completion_tokens"], 6);
@@ -336,4 +403,6 @@ fn the_access_line_carries_the_model_and_the_tokens() {
     assert_eq!(access[1]["prompt_tokens"], serde_json::Value::Null);
     // A request without a body names no model and reports no tokens.
     assert!(access[2].get("model").is_none() && access[2].get("prompt_tokens").is_none());
+    assert_eq!(access[3]["model"], "secret");
+    assert_eq!(access[3]["status"], 404);
 }

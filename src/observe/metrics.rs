@@ -1,17 +1,17 @@
 //! Prometheus metrics, served by `admin` on its own listener. Every label takes a bounded set
-//! of values: key names from the config, method classes, status codes and fixed reason words,
-//! and on `keygate_tokens_total` model names, bounded per key (see [`crate::observe::model_labels`]).
+//! of values: key names from the config, method classes, status codes and fixed reason words
+//! (see [`crate::observe::labels`]), and on `keygate_tokens_total` model names, bounded per key
+//! (see [`crate::observe::model_labels`]).
 //! No path, token or header value ever becomes a label.
 //!
 //! Requests are counted where their access line is written (`access`), so a metric and a log
 //! line always agree.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::Method;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -19,52 +19,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::error::ProxyError;
+use crate::observe::labels::{
+    key_label, method_class, BuildLabels, KeyLabels, KeyReasonLabels, KindLabels, OutcomeLabels,
+    ReasonLabels, RequestLabels, TokenLabels,
+};
 use crate::observe::model_labels::ModelLabels;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    key: Arc<str>,
-    method: &'static str,
-    status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KeyLabels {
-    key: Arc<str>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KeyReasonLabels {
-    key: Arc<str>,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TokenLabels {
-    key: Arc<str>,
-    model: Arc<str>,
-    kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
-    kind: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -559,25 +518,6 @@ impl Metrics {
 
 fn gauge_value(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// The `key` label: the key's name, or `-` for a request without one.
-fn key_label(key: Option<&Arc<str>>) -> &Arc<str> {
-    static NO_KEY: OnceLock<Arc<str>> = OnceLock::new();
-    key.unwrap_or_else(|| NO_KEY.get_or_init(|| Arc::from("-")))
-}
-
-fn method_class(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::HEAD => "HEAD",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
 }
 
 /// A permit (a key's concurrency slot) counted in a gauge for as long as it is held.

@@ -279,6 +279,7 @@ pub async fn start_upstream_with(
             let respond = respond.clone();
             tokio::spawn(async move {
                 record.connections_opened.fetch_add(1, Ordering::SeqCst);
+                record.changed.notify_waiters();
                 let service_record = record.clone();
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let record = service_record.clone();
