@@ -319,6 +319,29 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// A digest equal to the token's in some of its four words is no match: each word's
+    /// difference counts, and differences in two words cannot cancel out.
+    #[test]
+    fn a_digest_that_differs_in_any_words_is_no_match() {
+        let token = b"key-one-0123456789";
+        let exact: [u8; 32] = Sha256::digest(token).into();
+        for words_changed in 1u8..16 {
+            let mut digest = exact;
+            for word in 0..4 {
+                if words_changed & (1 << word) != 0 {
+                    digest[word * 8] ^= 0x5a;
+                }
+            }
+            let keys = KeySet::from_digests([("near", digest, Arc::default())]);
+            assert!(
+                keys.verify(token).is_none(),
+                "words changed: {words_changed:04b}"
+            );
+        }
+        let keys = KeySet::from_digests([("exact", exact, Arc::default())]);
+        assert_eq!(&*keys.verify(token).unwrap().name, "exact");
+    }
+
     #[test]
     fn keyset_debug_output_shows_names_only() {
         let keys = keyset(&[("ci", "super-secret-key-value")]);
