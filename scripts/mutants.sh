@@ -38,6 +38,7 @@ if [ ${#files[@]} -eq 0 ]; then
     src/path.rs
     src/gateway/inspect.rs
     src/policy/admission.rs
+    src/policy/models/request.rs
   )
 fi
 

@@ -242,6 +242,23 @@ mod tests {
         assert_eq!(s.feed(br#""model":"#), Err(Undecidable::DuplicateModel));
     }
 
+    /// A caller that finishes the scan of a refused body anyway still gets the refusal: a key
+    /// with `models` is never given a decided body without a model.
+    #[test]
+    fn finishing_a_refused_body_still_refuses_it() {
+        for (body, why) in [
+            (
+                &br#"{"model":"a","model":"b"}"#[..],
+                Undecidable::DuplicateModel,
+            ),
+            (br#"{"model":1}"#, Undecidable::ModelNotString),
+        ] {
+            let mut s = Scanner::requiring_model();
+            assert_eq!(s.feed(body), Err(why));
+            assert_eq!(s.finish(), Err(why), "{body:?}");
+        }
+    }
+
     #[test]
     fn models_elsewhere_than_the_top_level_are_ignored() {
         assert_eq!(
