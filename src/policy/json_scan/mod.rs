@@ -44,19 +44,6 @@ pub enum ScanError {
     Incomplete,
 }
 
-impl ScanError {
-    /// A short, stable reason for logs.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::Syntax => "invalid_json",
-            Self::Utf8 => "invalid_utf8",
-            Self::NotAnObject => "not_an_object",
-            Self::TooDeep => "too_deep",
-            Self::Incomplete => "incomplete_json",
-        }
-    }
-}
-
 /// An object or an array.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {

@@ -2,8 +2,6 @@
 //! top-level `model`, `stream` and `stream_options`, deciding the model or finding it
 //! undecidable. See the parent module for how `model` is read.
 
-use std::fmt;
-
 use super::{MAX_TRAILING, MODEL_CAP, OPTIONS_CAP};
 use crate::policy::json_scan::{Capture, Handler, Kind, Scalar, ScanError, Text, Tokenizer};
 
@@ -24,27 +22,6 @@ pub enum Undecidable {
     ModelLoneSurrogate,
     /// Two top-level `model` keys, however spelled.
     DuplicateModel,
-}
-
-impl Undecidable {
-    /// A short, stable reason for logs.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::Json(e) => e.reason(),
-            Self::TrailingWhitespace => "trailing_whitespace",
-            Self::MissingModel => "missing_model",
-            Self::ModelNotString => "model_not_string",
-            Self::ModelTooLong => "model_too_long",
-            Self::ModelLoneSurrogate => "model_lone_surrogate",
-            Self::DuplicateModel => "duplicate_model",
-        }
-    }
-}
-
-impl fmt::Display for Undecidable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.reason())
-    }
 }
 
 /// A top-level boolean member as the body has it (the last of duplicates).
