@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::StatusCode;
 use keygate::Clock;
 use support::process::{Running, TempDir, ENV};
 use support::*;
@@ -21,15 +20,6 @@ fn with_default_key(upstream: std::net::SocketAddr, key: Key) -> String {
         .admin()
         .keys([key, Key::env("ci", "CI_KEY")])
         .text()
-}
-
-fn chat(key: &str) -> http::Request<http_body_util::Full<Bytes>> {
-    request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("authorization", &bearer(key))],
-        r#"{"stream":true}"#,
-    )
 }
 
 #[tokio::test]
@@ -50,13 +40,13 @@ async fn max_concurrent_caps_parallel_streams_and_a_hangup_frees_the_slot() {
         2.0
     );
 
-    let over = send(proxy.addr, chat(KEY)).await;
+    let over = send(proxy.addr, stream_chat(KEY)).await;
     assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(over.headers["retry-after"], "1");
     let error = &over.json()["error"];
     assert_eq!(error["type"], "rate_limit_error");
     assert_eq!(error["code"], "concurrency_limit_exceeded");
-    let h2 = send_h2(proxy.addr, chat(KEY)).await;
+    let h2 = send_h2(proxy.addr, stream_chat(KEY)).await;
     assert_eq!(h2.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
         upstream.requests().len(),
@@ -64,7 +54,7 @@ async fn max_concurrent_caps_parallel_streams_and_a_hangup_frees_the_slot() {
         "refused requests are not forwarded"
     );
 
-    let other = open(proxy.addr, chat(CI_KEY)).await;
+    let other = open(proxy.addr, stream_chat(CI_KEY)).await;
     assert_eq!(
         other.status(),
         StatusCode::OK,
@@ -76,7 +66,7 @@ async fn max_concurrent_caps_parallel_streams_and_a_hangup_frees_the_slot() {
     drop(first);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let third = loop {
-        let response = open(proxy.addr, chat(KEY)).await;
+        let response = open(proxy.addr, stream_chat(KEY)).await;
         if response.status() == StatusCode::OK {
             break response;
         }
@@ -239,7 +229,7 @@ async fn a_reloaded_key_keeps_its_scope_and_its_slots() {
         .max_concurrent(1)
         .allow(&[], "/v1/chat/");
     let proxy = start_proxy_with(&with_default_key(upstream.addr, key)).await;
-    let held = open(proxy.addr, chat(OLD)).await;
+    let held = open(proxy.addr, stream_chat(OLD)).await;
     assert_eq!(held.status(), StatusCode::OK);
     let _held_sender = senders.recv().await.unwrap();
 
@@ -247,7 +237,7 @@ async fn a_reloaded_key_keeps_its_scope_and_its_slots() {
     proxy.reload();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let status = send(proxy.addr, chat(NEW)).await.status;
+        let status = send(proxy.addr, stream_chat(NEW)).await.status;
         if status != StatusCode::UNAUTHORIZED {
             assert_eq!(
                 status,
@@ -267,7 +257,7 @@ async fn a_reloaded_key_keeps_its_scope_and_its_slots() {
     assert_eq!(models.status, StatusCode::FORBIDDEN, "the scope is kept");
     drop(held);
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while open(proxy.addr, chat(NEW)).await.status() != StatusCode::OK {
+    while open(proxy.addr, stream_chat(NEW)).await.status() != StatusCode::OK {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the slot never came back"

@@ -22,6 +22,20 @@ fn models(key: &str) -> http::Request<http_body_util::Full<Bytes>> {
     get("/v1/models", &[("authorization", &bearer(key))])
 }
 
+/// A chat request declaring a body over `max_request_body` (1 MiB): keygate answers it 413
+/// itself, after admission, without reaching the upstream.
+fn over_max_request_body(key: &str) -> http::Request<http_body_util::Full<Bytes>> {
+    request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[
+            ("authorization", &bearer(key)),
+            ("content-length", "2000000"),
+        ],
+        "",
+    )
+}
+
 /// The test config with an admin listener and the keys `key` and `ci` (no limits).
 fn with_key(upstream: SocketAddr, key: Key) -> TestConfig {
     TestConfig::new(upstream)
@@ -202,19 +216,7 @@ async fn the_headers_are_on_every_response_to_the_key_whoever_answers_it() {
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     expect_all(&missing.headers, "98");
     // keygate's own answer after admission: a body over max_request_body (1 MiB).
-    let too_large = send(
-        proxy.addr,
-        request(
-            Method::POST,
-            "/v1/chat/completions",
-            &[
-                ("authorization", &bearer(KEY)),
-                ("content-length", "2000000"),
-            ],
-            "",
-        ),
-    )
-    .await;
+    let too_large = send(proxy.addr, over_max_request_body(KEY)).await;
     assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
     expect_all(&too_large.headers, "97");
     let unlimited = send(proxy.addr, models(CI_KEY)).await;
@@ -343,20 +345,9 @@ async fn a_stream_cut_before_its_usage_is_charged_for_the_events_streamed() {
     // 40 charged against 60 leaves 20, refilled at one per second: the budget stays under 45
     // for at least 25 s after the charge. Uncharged, it stays at 60. The probe is a request
     // keygate answers itself after admission (413), since this upstream only streams.
-    let probe = || {
-        request(
-            Method::POST,
-            "/v1/chat/completions",
-            &[
-                ("authorization", &bearer(KEY)),
-                ("content-length", "2000000"),
-            ],
-            "",
-        )
-    };
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let reply = send(proxy.addr, probe()).await;
+        let reply = send(proxy.addr, over_max_request_body(KEY)).await;
         assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
         let left: u64 = header(&reply.headers, "x-ratelimit-remaining-tokens")
             .parse()

@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use bytes::Bytes;
 use http::{Method, StatusCode};
 use sha2::{Digest, Sha256};
 use support::process::{run_to_end, Running, TempDir, ENV};
@@ -401,15 +400,6 @@ fn duplicate_names_and_digests_are_refused_on_reload() {
     assert!(!output.contains(CI_KEY), "{output}");
 }
 
-fn chat(key: &str) -> http::Request<http_body_util::Full<Bytes>> {
-    request(
-        Method::POST,
-        "/v1/chat/completions",
-        &[("authorization", &bearer(key))],
-        r#"{"stream":true}"#,
-    )
-}
-
 #[tokio::test]
 async fn a_key_keeps_its_slots_in_use_across_a_reload_that_changes_its_policy() {
     let (upstream, mut senders) = start_streaming_upstream().await;
@@ -417,11 +407,11 @@ async fn a_key_keeps_its_slots_in_use_across_a_reload_that_changes_its_policy() 
     let limited = |fields: &str| registry(&[entry("app", APP, fields)]);
     let path = dir.write("keys.toml", &limited(", max_concurrent = 1"));
     let proxy = start_proxy_with(&config(upstream.addr, &path).admin().text()).await;
-    let first = open(proxy.addr, chat(APP)).await;
+    let first = open(proxy.addr, stream_chat(APP)).await;
     assert_eq!(first.status(), StatusCode::OK);
     let _first_sender = senders.recv().await.unwrap();
     assert_eq!(
-        send(proxy.addr, chat(APP)).await.status,
+        send(proxy.addr, stream_chat(APP)).await.status,
         StatusCode::TOO_MANY_REQUESTS
     );
 
@@ -429,7 +419,7 @@ async fn a_key_keeps_its_slots_in_use_across_a_reload_that_changes_its_policy() 
     publish(&path, &limited(", max_concurrent = 1, weight = 3"));
     proxy.reload();
     wait_for_sample(&proxy, RELOADED, 1.0).await;
-    let refused = send(proxy.addr, chat(APP)).await;
+    let refused = send(proxy.addr, stream_chat(APP)).await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
         refused.json()["error"]["code"],
@@ -441,7 +431,7 @@ async fn a_key_keeps_its_slots_in_use_across_a_reload_that_changes_its_policy() 
     proxy.reload();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let second = loop {
-        let response = open(proxy.addr, chat(APP)).await;
+        let response = open(proxy.addr, stream_chat(APP)).await;
         if response.status() == StatusCode::OK {
             break response;
         }
@@ -453,7 +443,7 @@ async fn a_key_keeps_its_slots_in_use_across_a_reload_that_changes_its_policy() 
     };
     let _second_sender = senders.recv().await.unwrap();
     assert_eq!(
-        send(proxy.addr, chat(APP)).await.status,
+        send(proxy.addr, stream_chat(APP)).await.status,
         StatusCode::TOO_MANY_REQUESTS
     );
     let text = scrape(&proxy).await;

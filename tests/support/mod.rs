@@ -413,6 +413,16 @@ impl Reply {
     }
 }
 
+/// A streamed chat completion with the key `key`: what the concurrency tests hold open.
+pub fn stream_chat(key: &str) -> Request<Full<Bytes>> {
+    request(
+        Method::POST,
+        "/v1/chat/completions",
+        &[("authorization", &bearer(key))],
+        r#"{"stream":true}"#,
+    )
+}
+
 /// A GET with the given headers.
 pub fn get(path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
     request(Method::GET, path, headers, "")
